@@ -1,0 +1,87 @@
+//! What clients ask the cluster to do. A `Command` is what goes into the raft log, so it
+//! carries everything `apply` needs (including the leader's clock where time matters):
+//! applying the same commands in the same order gives the same state on every member.
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Encap, HostStatus};
+
+/// `network create`: everything not given is chosen by `apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub subnet: Ipv4Network,
+    /// Default: the first usable address of the subnet.
+    pub gateway: Option<Ipv4Addr>,
+    /// Default: the lowest VNI not in use, from `FIRST_AUTO_VNI` up.
+    pub vni: Option<u32>,
+    /// Default: the lowest registered host underlay MTU (1500 with no hosts) minus the
+    /// encapsulation overhead.
+    pub mtu: Option<u32>,
+    pub encap: Encap,
+    pub encrypted: bool,
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateNetwork(NetworkSpec),
+    RemoveNetwork {
+        name: String,
+    },
+    CreateEndpoint {
+        name: String,
+        host: String,
+        network: String,
+        ip: Option<Ipv4Addr>,
+        aliases: Vec<String>,
+    },
+    RemoveEndpoint {
+        name: String,
+    },
+    Connect {
+        network: String,
+        endpoint: String,
+        ip: Option<Ipv4Addr>,
+        aliases: Vec<String>,
+    },
+    Disconnect {
+        network: String,
+        endpoint: String,
+    },
+    AddRoute {
+        network: String,
+        destination: Ipv4Network,
+        via: String,
+    },
+    RemoveRoute {
+        network: String,
+        destination: Ipv4Network,
+    },
+    /// An agent (re)registering its host; marks it ready.
+    RegisterHost {
+        name: String,
+        underlay_ip: Ipv4Addr,
+        underlay_mtu: u32,
+        now_ms: u64,
+    },
+    RemoveHost {
+        name: String,
+    },
+    /// Written by the leader's liveness monitor on a status transition only.
+    SetHostStatus {
+        name: String,
+        status: HostStatus,
+        now_ms: u64,
+    },
+}
+
+impl Command {
+    /// True for commands only the system issues (not users through overlayctl).
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Command::SetHostStatus { .. })
+    }
+}
