@@ -133,10 +133,14 @@ async fn serve_udp(
     loop {
         sock.readable().await?;
         refresh(&mut current, &mut view);
+        let mut drained = false;
         for _ in 0..BATCH {
             let (n, peer) = match sock.try_recv_from(&mut buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => {
                     // e.g. an ICMP error for an earlier reply: not fatal
                     debug!(error = %e, "udp receive");
@@ -190,7 +194,10 @@ async fn serve_udp(
             }
         }
         while tasks.try_join_next().is_some() {}
-        tokio::task::yield_now().await;
+        if !drained {
+            // more packets are waiting: let other tasks on this worker run first
+            tokio::task::yield_now().await;
+        }
     }
 }
 
