@@ -617,13 +617,13 @@ pub struct ResponseSummary {
     /// The full rcode, extended bits from the OPT record included.
     pub rcode: u16,
     pub question: Option<(Name, u16)>,
-    pub answers: Vec<Answer>,
+    pub answers: Vec<Record>,
     pub edns: Option<Edns>,
 }
 
 /// One answer record of a [`ResponseSummary`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum Record {
     A(Ipv4Addr),
     /// A PTR target as dotted text.
     Ptr(String),
@@ -662,9 +662,9 @@ pub fn read_response(packet: &[u8]) -> Result<ResponseSummary, WireError> {
         let end = rdata + rdlen;
         let bytes = packet.get(rdata..end).ok_or(WireError::Truncated(rdata))?;
         answers.push(match (rtype, bytes) {
-            (TYPE_A, [a, b, c, d]) => Answer::A(Ipv4Addr::new(*a, *b, *c, *d)),
-            (TYPE_PTR, _) => Answer::Ptr(read_name(packet, rdata)?.0.to_dotted()),
-            (other, _) => Answer::Other(other),
+            (TYPE_A, [a, b, c, d]) => Record::A(Ipv4Addr::new(*a, *b, *c, *d)),
+            (TYPE_PTR, _) => Record::Ptr(read_name(packet, rdata)?.0.to_dotted()),
+            (other, _) => Record::Other(other),
         });
         pos = end;
     }
@@ -789,7 +789,7 @@ mod tests {
             r.question.map(|(n, t)| (n.to_dotted(), t)),
             Some(("web".into(), TYPE_A))
         );
-        assert_eq!(r.answers, vec![Answer::A(addrs[0]), Answer::A(addrs[1])]);
+        assert_eq!(r.answers, vec![Record::A(addrs[0]), Record::A(addrs[1])]);
         assert_eq!(r.edns.map(|e| e.udp_size), Some(ADVERTISED_UDP_SIZE));
     }
 
@@ -809,7 +809,7 @@ mod tests {
             &mut out,
         );
         let r = read_response(&out).expect("reads");
-        assert_eq!(r.answers, vec![Answer::Ptr("web.frontend".into())]);
+        assert_eq!(r.answers, vec![Record::Ptr("web.frontend".into())]);
         assert_eq!(r.edns, None);
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use overlay_dns::testutil::{catalog, AttSpec, EpSpec};
-use overlay_dns::wire::{Answer, TYPE_A, TYPE_AAAA, TYPE_PTR};
+use overlay_dns::wire::{Record, TYPE_A, TYPE_AAAA, TYPE_PTR};
 use overlay_dns::{serve, DnsView, Upstream};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{oneshot, watch};
@@ -81,7 +81,7 @@ fn a_records(r: &overlay_dns::wire::ResponseSummary) -> Vec<Ipv4Addr> {
         .answers
         .iter()
         .filter_map(|a| match a {
-            Answer::A(ip) => Some(*ip),
+            Record::A(ip) => Some(*ip),
             _ => None,
         })
         .collect();
@@ -103,7 +103,7 @@ async fn answers_local_names_over_udp() {
     let r = udp_query(s.addr, "web", TYPE_AAAA, None, WAIT).await;
     assert_eq!((r.rcode, r.answers.len()), (0, 0), "AAAA: NODATA");
     let r = udp_query(s.addr, "2.1.0.10.in-addr.arpa", TYPE_PTR, None, WAIT).await;
-    assert_eq!(r.answers, vec![Answer::Ptr("web.front".into())]);
+    assert_eq!(r.answers, vec![Record::Ptr("web.front".into())]);
 }
 
 #[tokio::test]
