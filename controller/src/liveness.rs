@@ -1,0 +1,158 @@
+//! Host liveness without writing heartbeats through raft.
+//!
+//! Agents heartbeat about once a second to any member; followers pass them on to the
+//! leader, which keeps the last-seen time of every host in memory. Only status
+//! *transitions* (ready → down after `timeout` of silence, down → ready on the next
+//! heartbeat) are proposed through raft. A new leader has seen nobody yet, so it gives
+//! every host a grace period of one `timeout` from the moment it took over.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use overlay_model::{Command, Host, HostStatus};
+use tracing::{info, warn};
+
+use crate::cluster::{Cluster, Role};
+
+/// The pure decision: which hosts change status now.
+pub fn transitions<'a>(
+    hosts: impl IntoIterator<Item = &'a Host>,
+    last_seen: &HashMap<String, Instant>,
+    leader_since: Instant,
+    now: Instant,
+    timeout: Duration,
+) -> Vec<(String, HostStatus)> {
+    let mut out = Vec::new();
+    for host in hosts {
+        let seen = last_seen.get(&host.name).copied();
+        let alive = match seen {
+            Some(t) => now.saturating_duration_since(t) <= timeout,
+            // Never seen by this leader: alive until the grace period is over.
+            None => now.saturating_duration_since(leader_since) <= timeout,
+        };
+        // A down host comes back only on a real heartbeat, not on the grace period.
+        let ready = alive && (host.status == HostStatus::Ready || seen.is_some());
+        let wanted = if ready { HostStatus::Ready } else { HostStatus::Down };
+        if wanted != host.status {
+            out.push((host.name.clone(), wanted));
+        }
+    }
+    out
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[derive(Default)]
+pub struct Liveness {
+    seen: Mutex<HashMap<String, (Instant, SystemTime)>>,
+}
+
+impl Liveness {
+    pub fn record(&self, host: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(host.to_string(), (Instant::now(), SystemTime::now()));
+    }
+
+    /// Unix ms of each host's last heartbeat seen by this member.
+    pub fn last_seen_ms(&self) -> HashMap<String, i64> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().map(|(h, (_, wall))| (h.clone(), unix_ms(*wall))).collect()
+    }
+
+    fn instants(&self) -> HashMap<String, Instant> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().map(|(h, (i, _))| (h.clone(), *i)).collect()
+    }
+
+    fn forget_all(&self) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// Runs forever: on the leader, checks every 250 ms and proposes status transitions.
+pub async fn monitor(cluster: Cluster, liveness: std::sync::Arc<Liveness>, timeout: Duration) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut leader_term: Option<(u64, Instant)> = None;
+    loop {
+        ticker.tick().await;
+        let status = cluster.status();
+        if status.role != Role::Leader {
+            leader_term = None;
+            continue;
+        }
+        let since = match leader_term {
+            Some((term, since)) if term == status.term => since,
+            _ => {
+                // Heartbeats seen while a follower may predate a gap; start fresh.
+                liveness.forget_all();
+                let now = Instant::now();
+                leader_term = Some((status.term, now));
+                info!(term = status.term, grace = ?timeout, "leading: host liveness grace period starts");
+                now
+            }
+        };
+        let changes = {
+            let state = cluster.read_state();
+            transitions(state.catalog.hosts.values(), &liveness.instants(), since, Instant::now(), timeout)
+        };
+        for (name, status) in changes {
+            let now_ms = unix_ms(SystemTime::now()) as u64;
+            info!(host = %name, status = %status, "host status changes");
+            if let Err(e) = cluster.propose(Command::SetHostStatus { name: name.clone(), status, now_ms }).await {
+                warn!(host = %name, error = %e, "could not record host status");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, status: HostStatus) -> Host {
+        Host {
+            name: name.into(),
+            underlay_ip: "192.0.2.1".parse().expect("ip"),
+            underlay_mtu: 1500,
+            status,
+            status_changed_ms: 0,
+        }
+    }
+
+    #[test]
+    fn silent_hosts_go_down_only_after_the_grace_period() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let hosts = [host("a", HostStatus::Ready)];
+        let seen = HashMap::new();
+        assert!(transitions(&hosts, &seen, t0, t0 + Duration::from_secs(4), timeout).is_empty());
+        assert_eq!(
+            transitions(&hosts, &seen, t0, t0 + Duration::from_secs(6), timeout),
+            vec![("a".to_string(), HostStatus::Down)]
+        );
+    }
+
+    #[test]
+    fn heartbeats_keep_hosts_ready_and_bring_them_back() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let hosts = [host("a", HostStatus::Ready), host("b", HostStatus::Down), host("c", HostStatus::Down)];
+        let now = t0 + Duration::from_secs(60);
+        let seen = HashMap::from([
+            ("a".to_string(), now - Duration::from_secs(1)),
+            ("b".to_string(), now - Duration::from_secs(1)),
+        ]);
+        // a stays ready, b comes back, c (never seen, grace long over) stays down.
+        assert_eq!(transitions(&hosts, &seen, t0, now, timeout), vec![("b".to_string(), HostStatus::Ready)]);
+    }
+
+    #[test]
+    fn a_down_host_is_not_revived_by_a_new_leaders_grace_period() {
+        let t0 = Instant::now();
+        let hosts = [host("b", HostStatus::Down)];
+        assert!(transitions(&hosts, &HashMap::new(), t0, t0, Duration::from_secs(5)).is_empty());
+    }
+}

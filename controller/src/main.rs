@@ -1,0 +1,3 @@
+//! overlay-controller (being written).
+mod raft;
+fn main() {}
