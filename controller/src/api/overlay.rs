@@ -1,0 +1,444 @@
+//! The public `Overlay` service. Writes become `Command`s proposed through the cluster
+//! handle; reads wait on a ReadIndex barrier (unless the caller asks for LOCAL) and are
+//! answered from this member's applied state.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
+use overlay_proto::convert;
+use overlay_proto::pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::cluster::{Cluster, ClusterError, Role};
+use crate::liveness::Liveness;
+use crate::watch::{HubEvent, Start};
+
+/// Changes per watch message while streaming a snapshot.
+const SNAPSHOT_CHUNK: usize = 512;
+
+pub struct OverlayApi {
+    pub cluster: Cluster,
+    pub liveness: Arc<Liveness>,
+}
+
+fn bad(e: overlay_model::ModelError) -> Status {
+    ClusterError::Rejected(e).into()
+}
+
+impl OverlayApi {
+    async fn read(&self, consistency: i32) -> Result<(), Status> {
+        if consistency == pb::ReadConsistency::Local as i32 {
+            return Ok(());
+        }
+        self.cluster.read_barrier().await.map_err(Status::from)
+    }
+
+    async fn write(&self, command: Command) -> Result<Applied, Status> {
+        self.cluster.propose(command).await.map_err(Status::from)
+    }
+
+    fn endpoint_of(applied: &Applied) -> Result<pb::Endpoint, Status> {
+        applied
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::PutEndpoint(e) => Some(pb::Endpoint::from(e)),
+                _ => None,
+            })
+            .ok_or_else(|| Status::internal("the write applied but returned no endpoint"))
+    }
+
+    fn network_pb(&self, name: &str) -> Result<pb::Network, Status> {
+        let state = self.cluster.read_state();
+        let network = state
+            .catalog
+            .networks
+            .get(name)
+            .ok_or_else(|| bad(overlay_model::ModelError::NetworkNotFound(name.to_string())))?;
+        Ok(convert::network_with_endpoints(network, state.catalog.endpoints_in(name)))
+    }
+
+    /// Last-seen times live in the leader's memory; ask it when we are not it.
+    async fn last_seen(&self) -> std::collections::HashMap<String, i64> {
+        let status = self.cluster.status();
+        if status.role == Role::Leader || status.leader == 0 {
+            return self.liveness.last_seen_ms();
+        }
+        let Some(mut client) = self.cluster.peers.client(status.leader) else {
+            return self.liveness.last_seen_ms();
+        };
+        let mut request = Request::new(pb::Empty {});
+        request.set_timeout(Duration::from_secs(1));
+        match client.last_seen(request).await {
+            Ok(resp) => resp.into_inner().last_seen_ms.into_iter().collect(),
+            Err(_) => self.liveness.last_seen_ms(),
+        }
+    }
+}
+
+fn aliases(list: &[String]) -> Result<Vec<String>, Status> {
+    for a in list {
+        names::validate_name(a).map_err(bad)?;
+    }
+    Ok(list.to_vec())
+}
+
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::overlay_server::Overlay for OverlayApi {
+    async fn create_network(&self, req: Request<pb::CreateNetworkRequest>) -> Result<Response<pb::Network>, Status> {
+        let r = req.into_inner();
+        names::validate_name(&r.name).map_err(bad)?;
+        let spec = NetworkSpec {
+            name: r.name.clone(),
+            subnet: parse::cidr(&r.subnet).map_err(bad)?,
+            gateway: parse::optional_ipv4(&r.gateway).map_err(bad)?,
+            vni: (r.vni != 0).then_some(r.vni),
+            mtu: (r.mtu != 0).then_some(r.mtu),
+            encap: if r.encap.is_empty() { Encap::Vxlan } else { r.encap.parse().map_err(bad)? },
+            encrypted: r.encrypted,
+            internal: r.internal,
+        };
+        self.write(Command::CreateNetwork(spec)).await?;
+        info!(network = %r.name, "network created");
+        Ok(Response::new(self.network_pb(&r.name)?))
+    }
+
+    async fn list_networks(&self, req: Request<pb::ListNetworksRequest>) -> Result<Response<pb::NetworkList>, Status> {
+        self.read(req.get_ref().consistency).await?;
+        let state = self.cluster.read_state();
+        let c = &state.catalog;
+        // One pass over endpoints instead of one per network.
+        let mut by_network: std::collections::BTreeMap<&str, Vec<_>> = Default::default();
+        for e in c.endpoints.values() {
+            for a in &e.attachments {
+                by_network.entry(a.network.as_str()).or_default().push((e, a));
+            }
+        }
+        let networks = c
+            .networks
+            .values()
+            .map(|n| convert::network_with_endpoints(n, by_network.remove(n.name.as_str()).unwrap_or_default()))
+            .collect();
+        Ok(Response::new(pb::NetworkList { networks, revision: c.revision }))
+    }
+
+    async fn inspect_network(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Network>, Status> {
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        Ok(Response::new(self.network_pb(&req.get_ref().name)?))
+    }
+
+    async fn remove_network(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+        let name = req.into_inner().name;
+        self.write(Command::RemoveNetwork { name: name.clone() }).await?;
+        info!(network = %name, "network removed");
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn connect_network(&self, req: Request<pb::ConnectRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        let r = req.into_inner();
+        let applied = self
+            .write(Command::Connect {
+                network: r.network,
+                endpoint: r.endpoint,
+                ip: parse::optional_ipv4(&r.ip).map_err(bad)?,
+                aliases: aliases(&r.aliases)?,
+            })
+            .await?;
+        Ok(Response::new(Self::endpoint_of(&applied)?))
+    }
+
+    async fn disconnect_network(&self, req: Request<pb::DisconnectRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        let r = req.into_inner();
+        let applied = self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
+        Ok(Response::new(Self::endpoint_of(&applied)?))
+    }
+
+    async fn create_endpoint(&self, req: Request<pb::CreateEndpointRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        let r = req.into_inner();
+        names::validate_name(&r.name).map_err(bad)?;
+        let applied = self
+            .write(Command::CreateEndpoint {
+                name: r.name.clone(),
+                host: r.host.clone(),
+                network: r.network,
+                ip: parse::optional_ipv4(&r.ip).map_err(bad)?,
+                aliases: aliases(&r.aliases)?,
+            })
+            .await?;
+        debug!(endpoint = %r.name, host = %r.host, "endpoint created");
+        Ok(Response::new(Self::endpoint_of(&applied)?))
+    }
+
+    async fn list_endpoints(&self, req: Request<pb::ListEndpointsRequest>) -> Result<Response<pb::EndpointList>, Status> {
+        self.read(req.get_ref().consistency).await?;
+        let state = self.cluster.read_state();
+        Ok(Response::new(pb::EndpointList {
+            endpoints: state.catalog.endpoints.values().map(pb::Endpoint::from).collect(),
+            revision: state.catalog.revision,
+        }))
+    }
+
+    async fn inspect_endpoint(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        let name = &req.get_ref().name;
+        let state = self.cluster.read_state();
+        let e = state
+            .catalog
+            .endpoints
+            .get(name)
+            .ok_or_else(|| bad(overlay_model::ModelError::EndpointNotFound(name.clone())))?;
+        Ok(Response::new(e.into()))
+    }
+
+    async fn remove_endpoint(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+        self.write(Command::RemoveEndpoint { name: req.into_inner().name }).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn add_route(&self, req: Request<pb::AddRouteRequest>) -> Result<Response<pb::Route>, Status> {
+        let r = req.into_inner();
+        let destination = parse::cidr(&r.destination).map_err(bad)?;
+        let applied =
+            self.write(Command::AddRoute { network: r.network.clone(), destination, via: r.via }).await?;
+        let route = applied
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::PutRoute(route) => Some(route.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::internal("the write applied but returned no route"))?;
+        let state = self.cluster.read_state();
+        Ok(Response::new(convert::route(&route, state.catalog.route_via_ip(&route))))
+    }
+
+    async fn list_routes(&self, req: Request<pb::ListRoutesRequest>) -> Result<Response<pb::RouteList>, Status> {
+        let r = req.into_inner();
+        self.read(r.consistency).await?;
+        let state = self.cluster.read_state();
+        let c = &state.catalog;
+        if !r.network.is_empty() && !c.networks.contains_key(&r.network) {
+            return Err(bad(overlay_model::ModelError::NetworkNotFound(r.network)));
+        }
+        let routes = c
+            .routes
+            .values()
+            .filter(|route| r.network.is_empty() || route.network == r.network)
+            .map(|route| convert::route(route, c.route_via_ip(route)))
+            .collect();
+        Ok(Response::new(pb::RouteList { routes, revision: c.revision }))
+    }
+
+    async fn remove_route(&self, req: Request<pb::RemoveRouteRequest>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let destination = parse::cidr(&r.destination).map_err(bad)?;
+        self.write(Command::RemoveRoute { network: r.network, destination }).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> Result<Response<pb::HostList>, Status> {
+        self.read(req.get_ref().consistency).await?;
+        let last_seen = self.last_seen().await;
+        let state = self.cluster.read_state();
+        let c = &state.catalog;
+        let counts = c.endpoint_counts_by_host();
+        let hosts = c
+            .hosts
+            .values()
+            .map(|h| {
+                let count = counts.get(h.name.as_str()).copied().unwrap_or(0) as u32;
+                convert::host(h, count, last_seen.get(&h.name).copied().unwrap_or(0))
+            })
+            .collect();
+        Ok(Response::new(pb::HostList { hosts, revision: c.revision }))
+    }
+
+    async fn register_host(&self, req: Request<pb::RegisterHostRequest>) -> Result<Response<pb::Host>, Status> {
+        let r = req.into_inner();
+        names::validate_name(&r.name).map_err(bad)?;
+        let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
+        let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
+        self.write(Command::RegisterHost { name: r.name.clone(), underlay_ip, underlay_mtu: r.underlay_mtu, now_ms })
+            .await?;
+        // Registration counts as a sign of life for the liveness monitor.
+        heartbeat(&self.cluster, &self.liveness, &r.name).await;
+        let state = self.cluster.read_state();
+        let host = state.catalog.hosts.get(&r.name).ok_or_else(|| Status::internal("host vanished after registration"))?;
+        info!(host = %r.name, underlay_ip = %underlay_ip, "host registered");
+        Ok(Response::new(convert::host(host, state.catalog.endpoints_on_host(&r.name) as u32, 0)))
+    }
+
+    async fn remove_host(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+        self.write(Command::RemoveHost { name: req.into_inner().name }).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let host = req.into_inner().host;
+        let status = {
+            let state = self.cluster.read_state();
+            match state.catalog.hosts.get(&host) {
+                Some(h) => h.status.to_string(),
+                None => return Err(bad(overlay_model::ModelError::HostNotFound(host))),
+            }
+        };
+        heartbeat(&self.cluster, &self.liveness, &host).await;
+        Ok(Response::new(pb::HeartbeatResponse { status }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let r = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            debug!(host = %r.host, from = r.from_revision, "watch started");
+            serve_watch(cluster, r.from_revision, tx).await;
+            debug!(host = %r.host, "watch ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let peers = self.cluster.peers.clone();
+        let mut members = Vec::new();
+        let asks = peers.addresses.iter().map(|(&id, addr)| {
+            let cluster = self.cluster.clone();
+            let addr = addr.clone();
+            async move {
+                if id == cluster.id {
+                    return super::peer::member_status(&cluster);
+                }
+                let unreachable = pb::Member {
+                    id,
+                    address: addr.clone(),
+                    role: "unreachable".into(),
+                    reachable: false,
+                    ..Default::default()
+                };
+                let Some(mut client) = cluster.peers.client(id) else { return unreachable };
+                let mut request = Request::new(pb::Empty {});
+                request.set_timeout(Duration::from_secs(1));
+                match tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await {
+                    Ok(Ok(resp)) => resp.into_inner().member.unwrap_or(unreachable),
+                    _ => unreachable,
+                }
+            }
+        });
+        for m in futures::future::join_all(asks).await {
+            members.push(m);
+        }
+        let leader = self.cluster.status().leader;
+        Ok(Response::new(pb::ClusterStatusResponse { leader, members }))
+    }
+}
+
+/// Records a heartbeat where the liveness monitor runs: here if we lead, else the leader.
+pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str) {
+    let status = cluster.status();
+    if status.role == Role::Leader || status.leader == 0 {
+        liveness.record(host);
+        return;
+    }
+    if let Some(mut client) = cluster.peers.client(status.leader) {
+        let mut request = Request::new(pb::HeartbeatBatch { hosts: vec![host.to_string()] });
+        request.set_timeout(Duration::from_secs(1));
+        if client.forward_heartbeats(request).await.is_err() {
+            debug!(host, "could not pass a heartbeat to the leader");
+        }
+    }
+}
+
+fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse> {
+    let changes: Vec<pb::Change> = catalog.snapshot_changes().iter().map(pb::Change::from).collect();
+    let mut chunks: Vec<Vec<pb::Change>> = changes.chunks(SNAPSHOT_CHUNK).map(|c| c.to_vec()).collect();
+    if chunks.is_empty() {
+        chunks.push(Vec::new());
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, changes)| pb::WatchResponse {
+            revision: catalog.revision,
+            reset: i == 0,
+            snapshot_done: i == last,
+            changes,
+        })
+        .collect()
+}
+
+fn change_message(applied: &Applied) -> pb::WatchResponse {
+    pb::WatchResponse {
+        revision: applied.revision,
+        reset: false,
+        snapshot_done: false,
+        changes: applied.changes.iter().map(pb::Change::from).collect(),
+    }
+}
+
+/// Streams one watcher: a starting point, then live changes in revision order. Falls
+/// back to a fresh snapshot whenever it lagged behind or the state was reset.
+async fn serve_watch(cluster: Cluster, mut from: u64, tx: mpsc::Sender<Result<pb::WatchResponse, Status>>) {
+    loop {
+        let (start, mut rx) = {
+            let state = cluster.read_state();
+            cluster.shared.hub.subscribe(from, &state)
+        };
+        match start {
+            Start::Snapshot(catalog) => {
+                for msg in snapshot_messages(&catalog) {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                from = catalog.revision;
+            }
+            Start::Replay(list) => {
+                for applied in list {
+                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                        return;
+                    }
+                    from = applied.revision;
+                }
+            }
+        }
+        // Live changes until the stream ends or we must start over.
+        loop {
+            match rx.recv().await {
+                Ok(HubEvent::Applied(applied)) => {
+                    if applied.revision <= from {
+                        continue;
+                    }
+                    if applied.revision != from + 1 {
+                        break; // a gap: cannot happen by construction, but never send one
+                    }
+                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                        return;
+                    }
+                    from = applied.revision;
+                }
+                Ok(HubEvent::Reset) => {
+                    from = 0;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    from = 0;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}

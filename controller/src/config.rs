@@ -1,0 +1,143 @@
+//! Flags and the TOML config file. Every flag can come from the file; flags win.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+
+const DEFAULT_CONFIG: &str = "/etc/overlay/controller.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "overlay-controller", version, about = "overlay control plane member (raft + gRPC)")]
+pub struct Flags {
+    /// This member's raft id (1, 2, 3, …), unique in the cluster.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Address for the client API and raft peer traffic.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where the raft log and snapshots live.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Every member, itself included: `1=IP:PORT,2=IP:PORT,3=IP:PORT`.
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// TOML config file (default /etc/overlay/controller.toml when present).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mark a host down after this many milliseconds without a heartbeat.
+    #[arg(long)]
+    pub host_down_after_ms: Option<u64>,
+    /// Snapshot and compact the raft log every this many entries.
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `overlay_controller=debug`.
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+/// The file's keys mirror the flags (snake_case).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub id: Option<u64>,
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub peers: Option<String>,
+    pub host_down_after_ms: Option<u64>,
+    pub snapshot_every: Option<u64>,
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub peers: BTreeMap<u64, String>,
+    pub host_down_after: Duration,
+    pub snapshot_every: u64,
+    pub log: Option<String>,
+}
+
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("invalid peer {part:?}: expected ID=IP:PORT"))?;
+        let id: u64 = id.trim().parse().ok().filter(|&i| i > 0).with_context(|| {
+            format!("invalid peer id {id:?} in {part:?}: expected a positive number")
+        })?;
+        let addr: SocketAddr =
+            addr.trim().parse().with_context(|| format!("invalid peer address {addr:?}: expected IP:PORT"))?;
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("peer id {id} is listed twice in --peers");
+        }
+    }
+    if peers.is_empty() {
+        bail!("--peers {s:?} lists no members");
+    }
+    Ok(peers)
+}
+
+impl Config {
+    pub fn load(flags: Flags) -> anyhow::Result<Config> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => read_file(Path::new(DEFAULT_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        let id = flags.id.or(file.id).unwrap_or(1);
+        if id == 0 {
+            bail!("invalid --id 0: member ids start at 1");
+        }
+        let listen = flags.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
+        let data_dir =
+            flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/overlay/controller"));
+        let peers = match flags.peers.or(file.peers) {
+            Some(p) => parse_peers(&p)?,
+            None => BTreeMap::from([(id, listen.to_string())]),
+        };
+        if !peers.contains_key(&id) {
+            bail!("--peers does not list this member's id {id}");
+        }
+        if ![1, 3, 5].contains(&peers.len()) {
+            tracing::warn!(members = peers.len(), "clusters of 1, 3 or 5 members are recommended");
+        }
+        let host_down_after = Duration::from_millis(flags.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000));
+        let snapshot_every = flags.snapshot_every.or(file.snapshot_every).unwrap_or(10_000).max(1);
+        Ok(Config { id, listen, data_dir, peers, host_down_after, snapshot_every, log: flags.log.or(file.log) })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_errors_name_the_bad_part() {
+        let p = parse_peers("1=127.0.0.1:7401, 2=127.0.0.1:7402").expect("valid");
+        assert_eq!(p.get(&2).map(String::as_str), Some("127.0.0.1:7402"));
+        let e = parse_peers("1=127.0.0.1:7401,x=1.2.3.4:5").expect_err("bad id").to_string();
+        assert!(e.contains("\"x\""), "{e}");
+        let e = parse_peers("1=nowhere").expect_err("bad addr").to_string();
+        assert!(e.contains("nowhere"), "{e}");
+        assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+    }
+
+    #[test]
+    fn file_keys_are_checked() {
+        assert!(toml::from_str::<FileConfig>("id = 2\nlisten = \"127.0.0.1:7400\"").is_ok());
+        assert!(toml::from_str::<FileConfig>("idd = 2").is_err());
+    }
+}
