@@ -167,7 +167,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(id: u64, peers: Peers, shared: Arc<Shared>, driver: mpsc::Sender<DriverMsg>) -> Self {
+    pub fn new(
+        id: u64,
+        peers: Peers,
+        shared: Arc<Shared>,
+        driver: mpsc::Sender<DriverMsg>,
+    ) -> Self {
         Cluster { id, peers, shared, driver }
     }
 
@@ -221,12 +226,15 @@ impl Cluster {
                 Err(ProposeError::NotLeader { .. }) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ClusterError::Unavailable(
-                            "no controller leader is available (is a majority of members up?)".into(),
+                            "no controller leader is available (is a majority of members up?)"
+                                .into(),
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(ProposeError::Unavailable(msg)) => return Err(ClusterError::OutcomeUnknown(msg)),
+                Err(ProposeError::Unavailable(msg)) => {
+                    return Err(ClusterError::OutcomeUnknown(msg))
+                }
             }
         }
     }
@@ -235,7 +243,8 @@ impl Cluster {
         let Some(mut client) = self.peers.client(leader) else {
             return Err(ProposeError::NotLeader { leader: 0 });
         };
-        let bytes = postcard::to_stdvec(command).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let bytes =
+            postcard::to_stdvec(command).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let mut request = tonic::Request::new(pb::ProposeRequest { command: bytes });
         request.set_timeout(PROPOSE_TIMEOUT);
         match client.propose(request).await {

@@ -12,7 +12,11 @@ use serde::Deserialize;
 const DEFAULT_CONFIG: &str = "/etc/overlay/controller.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "overlay-controller", version, about = "overlay control plane member (raft + gRPC)")]
+#[command(
+    name = "overlay-controller",
+    version,
+    about = "overlay control plane member (raft + gRPC)"
+)]
 pub struct Flags {
     /// This member's raft id (1, 2, 3, …), unique in the cluster.
     #[arg(long)]
@@ -73,8 +77,10 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
         let id: u64 = id.trim().parse().ok().filter(|&i| i > 0).with_context(|| {
             format!("invalid peer id {id:?} in {part:?}: expected a positive number")
         })?;
-        let addr: SocketAddr =
-            addr.trim().parse().with_context(|| format!("invalid peer address {addr:?}: expected IP:PORT"))?;
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("invalid peer address {addr:?}: expected IP:PORT"))?;
         if peers.insert(id, addr.to_string()).is_some() {
             bail!("peer id {id} is listed twice in --peers");
         }
@@ -96,9 +102,14 @@ impl Config {
         if id == 0 {
             bail!("invalid --id 0: member ids start at 1");
         }
-        let listen = flags.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
-        let data_dir =
-            flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/overlay/controller"));
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/overlay/controller"));
         let peers = match flags.peers.or(file.peers) {
             Some(p) => parse_peers(&p)?,
             None => BTreeMap::from([(id, listen.to_string())]),
@@ -109,14 +120,25 @@ impl Config {
         if ![1, 3, 5].contains(&peers.len()) {
             tracing::warn!(members = peers.len(), "clusters of 1, 3 or 5 members are recommended");
         }
-        let host_down_after = Duration::from_millis(flags.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000));
+        let host_down_after = Duration::from_millis(
+            flags.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000),
+        );
         let snapshot_every = flags.snapshot_every.or(file.snapshot_every).unwrap_or(10_000).max(1);
-        Ok(Config { id, listen, data_dir, peers, host_down_after, snapshot_every, log: flags.log.or(file.log) })
+        Ok(Config {
+            id,
+            listen,
+            data_dir,
+            peers,
+            host_down_after,
+            snapshot_every,
+            log: flags.log.or(file.log),
+        })
     }
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
 }
 

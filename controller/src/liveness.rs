@@ -96,12 +96,20 @@ pub async fn monitor(cluster: Cluster, liveness: std::sync::Arc<Liveness>, timeo
         };
         let changes = {
             let state = cluster.read_state();
-            transitions(state.catalog.hosts.values(), &liveness.instants(), since, Instant::now(), timeout)
+            transitions(
+                state.catalog.hosts.values(),
+                &liveness.instants(),
+                since,
+                Instant::now(),
+                timeout,
+            )
         };
         for (name, status) in changes {
             let now_ms = unix_ms(SystemTime::now()) as u64;
             info!(host = %name, status = %status, "host status changes");
-            if let Err(e) = cluster.propose(Command::SetHostStatus { name: name.clone(), status, now_ms }).await {
+            if let Err(e) =
+                cluster.propose(Command::SetHostStatus { name: name.clone(), status, now_ms }).await
+            {
                 warn!(host = %name, error = %e, "could not record host status");
             }
         }
@@ -139,14 +147,21 @@ mod tests {
     fn heartbeats_keep_hosts_ready_and_bring_them_back() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(5);
-        let hosts = [host("a", HostStatus::Ready), host("b", HostStatus::Down), host("c", HostStatus::Down)];
+        let hosts = [
+            host("a", HostStatus::Ready),
+            host("b", HostStatus::Down),
+            host("c", HostStatus::Down),
+        ];
         let now = t0 + Duration::from_secs(60);
         let seen = HashMap::from([
             ("a".to_string(), now - Duration::from_secs(1)),
             ("b".to_string(), now - Duration::from_secs(1)),
         ]);
         // a stays ready, b comes back, c (never seen, grace long over) stays down.
-        assert_eq!(transitions(&hosts, &seen, t0, now, timeout), vec![("b".to_string(), HostStatus::Ready)]);
+        assert_eq!(
+            transitions(&hosts, &seen, t0, now, timeout),
+            vec![("b".to_string(), HostStatus::Ready)]
+        );
     }
 
     #[test]

@@ -81,17 +81,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let state = match storage.snapshot_data() {
         Some((meta, data)) => {
-            let state = State::from_bytes(data).map_err(|e| anyhow::anyhow!("snapshot at index {} is unreadable: {e}", meta.index))?;
-            info!(index = meta.index, revision = state.catalog.revision, "restored state from snapshot");
+            let state = State::from_bytes(data).map_err(|e| {
+                anyhow::anyhow!("snapshot at index {} is unreadable: {e}", meta.index)
+            })?;
+            info!(
+                index = meta.index,
+                revision = state.catalog.revision,
+                "restored state from snapshot"
+            );
             state
         }
         None => State::new(),
     };
     let peers = Peers::new(config.peers.clone())?;
-    let recovering_until =
-        if storage.is_fresh() && config.peers.len() > 1 { existing_cluster_commit(&config, &peers).await } else { None };
+    let recovering_until = if storage.is_fresh() && config.peers.len() > 1 {
+        existing_cluster_commit(&config, &peers).await
+    } else {
+        None
+    };
     if let Some(commit) = recovering_until {
-        warn!(commit, "empty data dir but the cluster has data: not voting until caught up from the leader");
+        warn!(
+            commit,
+            "empty data dir but the cluster has data: not voting until caught up from the leader"
+        );
     }
 
     let (status_tx, _) = tokio_watch::channel(NodeStatus {
@@ -136,18 +148,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let peer = pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let peer =
+        pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut server_shutdown = shutdown_rx.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(overlay)
         .add_service(peer)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            let _ = server_shutdown.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = server_shutdown.changed().await;
+            },
+        );
     let mut server_task = tokio::spawn(server);
     info!(id = config.id, listen = %config.listen, members = config.peers.len(), data_dir = %config.data_dir.display(), "controller started");
     notify::notify("READY=1");
@@ -169,8 +185,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     notify::notify("STOPPING=1");
     let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), driver_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+    // A task that already finished was polled to completion by the select above.
+    if !driver_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver_task).await;
+    }
+    if !server_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+    }
     outcome
 }
 
@@ -185,7 +206,10 @@ fn lock_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     file.try_lock().map_err(|_| {
-        anyhow::anyhow!("data dir {} is in use by another overlay-controller", config.data_dir.display())
+        anyhow::anyhow!(
+            "data dir {} is in use by another overlay-controller",
+            config.data_dir.display()
+        )
     })?;
     let id_path = config.data_dir.join("member-id");
     match std::fs::read_to_string(&id_path) {
@@ -211,7 +235,9 @@ async fn existing_cluster_commit(config: &Config, peers: &Peers) -> Option<u64> 
         let Some(mut client) = peers.client(id) else { continue };
         let mut request = tonic::Request::new(pb::Empty {});
         request.set_timeout(Duration::from_secs(1));
-        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await {
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await
+        {
             if let Some(m) = resp.into_inner().member {
                 highest = highest.max(m.commit_index);
             }

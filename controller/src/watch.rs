@@ -82,13 +82,19 @@ impl WatchHub {
     }
 
     /// Called with the state read lock held (`state` is that guard's content).
-    pub fn subscribe(&self, from_revision: u64, state: &State) -> (Start, broadcast::Receiver<HubEvent>) {
+    pub fn subscribe(
+        &self,
+        from_revision: u64,
+        state: &State,
+    ) -> (Start, broadcast::Receiver<HubEvent>) {
         let rx = self.tx.subscribe();
         let h = self.history();
         let start = if from_revision == 0 || from_revision < h.base {
             Start::Snapshot(Box::new(state.catalog.clone()))
         } else {
-            Start::Replay(h.changes.iter().filter(|a| a.revision > from_revision).cloned().collect())
+            Start::Replay(
+                h.changes.iter().filter(|a| a.revision > from_revision).cloned().collect(),
+            )
         };
         (start, rx)
     }
@@ -111,7 +117,9 @@ mod tests {
         }
         let state = State::default();
         match hub.subscribe(3, &state).0 {
-            Start::Replay(v) => assert_eq!(v.iter().map(|a| a.revision).collect::<Vec<_>>(), [4, 5]),
+            Start::Replay(v) => {
+                assert_eq!(v.iter().map(|a| a.revision).collect::<Vec<_>>(), [4, 5])
+            }
             Start::Snapshot(_) => panic!("revision 3 is kept"),
         }
         assert!(matches!(hub.subscribe(1, &state).0, Start::Snapshot(_)));

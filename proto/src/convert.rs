@@ -128,7 +128,11 @@ impl TryFrom<&pb::Endpoint> for Endpoint {
         Ok(Endpoint {
             name: e.name.clone(),
             host: e.host.clone(),
-            attachments: e.attachments.iter().map(Attachment::try_from).collect::<Result<_, _>>()?,
+            attachments: e
+                .attachments
+                .iter()
+                .map(Attachment::try_from)
+                .collect::<Result<_, _>>()?,
         })
     }
 }

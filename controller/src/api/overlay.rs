@@ -88,11 +88,15 @@ fn aliases(list: &[String]) -> Result<Vec<String>, Status> {
     Ok(list.to_vec())
 }
 
-type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::overlay_server::Overlay for OverlayApi {
-    async fn create_network(&self, req: Request<pb::CreateNetworkRequest>) -> Result<Response<pb::Network>, Status> {
+    async fn create_network(
+        &self,
+        req: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let spec = NetworkSpec {
@@ -110,7 +114,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(self.network_pb(&r.name)?))
     }
 
-    async fn list_networks(&self, req: Request<pb::ListNetworksRequest>) -> Result<Response<pb::NetworkList>, Status> {
+    async fn list_networks(
+        &self,
+        req: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::NetworkList>, Status> {
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         let c = &state.catalog;
@@ -124,24 +131,38 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let networks = c
             .networks
             .values()
-            .map(|n| convert::network_with_endpoints(n, by_network.remove(n.name.as_str()).unwrap_or_default()))
+            .map(|n| {
+                convert::network_with_endpoints(
+                    n,
+                    by_network.remove(n.name.as_str()).unwrap_or_default(),
+                )
+            })
             .collect();
         Ok(Response::new(pb::NetworkList { networks, revision: c.revision }))
     }
 
-    async fn inspect_network(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Network>, Status> {
+    async fn inspect_network(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         Ok(Response::new(self.network_pb(&req.get_ref().name)?))
     }
 
-    async fn remove_network(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn remove_network(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         let name = req.into_inner().name;
         self.write(Command::RemoveNetwork { name: name.clone() }).await?;
         info!(network = %name, "network removed");
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn connect_network(&self, req: Request<pb::ConnectRequest>) -> Result<Response<pb::Endpoint>, Status> {
+    async fn connect_network(
+        &self,
+        req: Request<pb::ConnectRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
         let applied = self
             .write(Command::Connect {
@@ -154,13 +175,20 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
 
-    async fn disconnect_network(&self, req: Request<pb::DisconnectRequest>) -> Result<Response<pb::Endpoint>, Status> {
+    async fn disconnect_network(
+        &self,
+        req: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
-        let applied = self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
+        let applied =
+            self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
 
-    async fn create_endpoint(&self, req: Request<pb::CreateEndpointRequest>) -> Result<Response<pb::Endpoint>, Status> {
+    async fn create_endpoint(
+        &self,
+        req: Request<pb::CreateEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let applied = self
@@ -176,7 +204,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
 
-    async fn list_endpoints(&self, req: Request<pb::ListEndpointsRequest>) -> Result<Response<pb::EndpointList>, Status> {
+    async fn list_endpoints(
+        &self,
+        req: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::EndpointList>, Status> {
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         Ok(Response::new(pb::EndpointList {
@@ -185,7 +216,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
         }))
     }
 
-    async fn inspect_endpoint(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Endpoint>, Status> {
+    async fn inspect_endpoint(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         let name = &req.get_ref().name;
         let state = self.cluster.read_state();
@@ -197,16 +231,23 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(e.into()))
     }
 
-    async fn remove_endpoint(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn remove_endpoint(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         self.write(Command::RemoveEndpoint { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn add_route(&self, req: Request<pb::AddRouteRequest>) -> Result<Response<pb::Route>, Status> {
+    async fn add_route(
+        &self,
+        req: Request<pb::AddRouteRequest>,
+    ) -> Result<Response<pb::Route>, Status> {
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
-        let applied =
-            self.write(Command::AddRoute { network: r.network.clone(), destination, via: r.via }).await?;
+        let applied = self
+            .write(Command::AddRoute { network: r.network.clone(), destination, via: r.via })
+            .await?;
         let route = applied
             .changes
             .iter()
@@ -219,7 +260,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(convert::route(&route, state.catalog.route_via_ip(&route))))
     }
 
-    async fn list_routes(&self, req: Request<pb::ListRoutesRequest>) -> Result<Response<pb::RouteList>, Status> {
+    async fn list_routes(
+        &self,
+        req: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::RouteList>, Status> {
         let r = req.into_inner();
         self.read(r.consistency).await?;
         let state = self.cluster.read_state();
@@ -236,14 +280,20 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(pb::RouteList { routes, revision: c.revision }))
     }
 
-    async fn remove_route(&self, req: Request<pb::RemoveRouteRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn remove_route(
+        &self,
+        req: Request<pb::RemoveRouteRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
         self.write(Command::RemoveRoute { network: r.network, destination }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> Result<Response<pb::HostList>, Status> {
+    async fn list_hosts(
+        &self,
+        req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::HostList>, Status> {
         self.read(req.get_ref().consistency).await?;
         let last_seen = self.last_seen().await;
         let state = self.cluster.read_state();
@@ -260,27 +310,45 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(pb::HostList { hosts, revision: c.revision }))
     }
 
-    async fn register_host(&self, req: Request<pb::RegisterHostRequest>) -> Result<Response<pb::Host>, Status> {
+    async fn register_host(
+        &self,
+        req: Request<pb::RegisterHostRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
         let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
-        self.write(Command::RegisterHost { name: r.name.clone(), underlay_ip, underlay_mtu: r.underlay_mtu, now_ms })
-            .await?;
+        self.write(Command::RegisterHost {
+            name: r.name.clone(),
+            underlay_ip,
+            underlay_mtu: r.underlay_mtu,
+            now_ms,
+        })
+        .await?;
         // Registration counts as a sign of life for the liveness monitor.
         heartbeat(&self.cluster, &self.liveness, &r.name).await;
         let state = self.cluster.read_state();
-        let host = state.catalog.hosts.get(&r.name).ok_or_else(|| Status::internal("host vanished after registration"))?;
+        let host = state
+            .catalog
+            .hosts
+            .get(&r.name)
+            .ok_or_else(|| Status::internal("host vanished after registration"))?;
         info!(host = %r.name, underlay_ip = %underlay_ip, "host registered");
         Ok(Response::new(convert::host(host, state.catalog.endpoints_on_host(&r.name) as u32, 0)))
     }
 
-    async fn remove_host(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn remove_host(
+        &self,
+        req: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         self.write(Command::RemoveHost { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let host = req.into_inner().host;
         let status = {
             let state = self.cluster.read_state();
@@ -330,7 +398,12 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 let Some(mut client) = cluster.peers.client(id) else { return unreachable };
                 let mut request = Request::new(pb::Empty {});
                 request.set_timeout(Duration::from_secs(1));
-                match tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await {
+                match tokio::time::timeout(
+                    Duration::from_millis(1500),
+                    client.member_status(request),
+                )
+                .await
+                {
                     Ok(Ok(resp)) => resp.into_inner().member.unwrap_or(unreachable),
                     _ => unreachable,
                 }
@@ -361,8 +434,10 @@ pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str) {
 }
 
 fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse> {
-    let changes: Vec<pb::Change> = catalog.snapshot_changes().iter().map(pb::Change::from).collect();
-    let mut chunks: Vec<Vec<pb::Change>> = changes.chunks(SNAPSHOT_CHUNK).map(|c| c.to_vec()).collect();
+    let changes: Vec<pb::Change> =
+        catalog.snapshot_changes().iter().map(pb::Change::from).collect();
+    let mut chunks: Vec<Vec<pb::Change>> =
+        changes.chunks(SNAPSHOT_CHUNK).map(|c| c.to_vec()).collect();
     if chunks.is_empty() {
         chunks.push(Vec::new());
     }
@@ -390,7 +465,11 @@ fn change_message(applied: &Applied) -> pb::WatchResponse {
 
 /// Streams one watcher: a starting point, then live changes in revision order. Falls
 /// back to a fresh snapshot whenever it lagged behind or the state was reset.
-async fn serve_watch(cluster: Cluster, mut from: u64, tx: mpsc::Sender<Result<pb::WatchResponse, Status>>) {
+async fn serve_watch(
+    cluster: Cluster,
+    mut from: u64,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+) {
     loop {
         let (start, mut rx) = {
             let state = cluster.read_state();

@@ -41,7 +41,10 @@ pub fn member_status(cluster: &Cluster) -> pb::Member {
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerApi {
-    async fn raft(&self, req: Request<Streaming<pb::RaftMessage>>) -> Result<Response<pb::Empty>, Status> {
+    async fn raft(
+        &self,
+        req: Request<Streaming<pb::RaftMessage>>,
+    ) -> Result<Response<pb::Empty>, Status> {
         let mut stream = req.into_inner();
         while let Some(msg) = stream.message().await? {
             let m = match raft::prelude::Message::parse_from_bytes(&msg.data) {
@@ -58,24 +61,38 @@ impl pb::peer_server::Peer for PeerApi {
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+    async fn propose(
+        &self,
+        req: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
         let command: Command = postcard::from_bytes(&req.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
         Ok(Response::new(encode_propose_reply(self.cluster.propose_local(command).await)))
     }
 
-    async fn forward_heartbeats(&self, req: Request<pb::HeartbeatBatch>) -> Result<Response<pb::Empty>, Status> {
+    async fn forward_heartbeats(
+        &self,
+        req: Request<pb::HeartbeatBatch>,
+    ) -> Result<Response<pb::Empty>, Status> {
         for host in &req.get_ref().hosts {
             self.liveness.record(host);
         }
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn last_seen(&self, _req: Request<pb::Empty>) -> Result<Response<pb::LastSeenResponse>, Status> {
-        Ok(Response::new(pb::LastSeenResponse { last_seen_ms: self.liveness.last_seen_ms().into_iter().collect() }))
+    async fn last_seen(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::LastSeenResponse>, Status> {
+        Ok(Response::new(pb::LastSeenResponse {
+            last_seen_ms: self.liveness.last_seen_ms().into_iter().collect(),
+        }))
     }
 
-    async fn member_status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::MemberStatusResponse>, Status> {
+    async fn member_status(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::MemberStatusResponse>, Status> {
         Ok(Response::new(pb::MemberStatusResponse { member: Some(member_status(&self.cluster)) }))
     }
 }

@@ -65,6 +65,8 @@ pub struct Driver {
     /// See `NodeStatus::recovering`: no votes, no campaigns until caught up to this commit.
     recovering_until: Option<u64>,
     heard_leader: bool,
+    /// This process opened an empty data dir (first boot or a wiped member).
+    started_empty: bool,
 }
 
 impl Driver {
@@ -78,6 +80,7 @@ impl Driver {
         recovering_until: Option<u64>,
     ) -> anyhow::Result<Driver> {
         let raft_state = raft::Storage::initial_state(&storage)?;
+        let started_empty = storage.is_fresh();
         let applied = storage.snapshot_metadata().index;
         let raft_config = raft::Config {
             id: config.id,
@@ -92,7 +95,8 @@ impl Driver {
         };
         raft_config.validate()?;
         let node = RawNode::new(&raft_config, storage, &super::slog_bridge::logger())?;
-        let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let incarnation =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
         Ok(Driver {
             config,
             node,
@@ -112,6 +116,7 @@ impl Driver {
             conf_state: raft_state.conf_state,
             recovering_until,
             heard_leader: false,
+            started_empty,
         })
     }
 
@@ -159,17 +164,30 @@ impl Driver {
         match msg {
             DriverMsg::Raft(m) => self.step(*m),
             DriverMsg::Propose { command, reply } => {
-                if self.node.raft.state == StateRole::Leader && self.node.raft.lead_transferee.is_none() {
+                if self.node.raft.state == StateRole::Leader
+                    && self.node.raft.lead_transferee.is_none()
+                {
                     self.batch.push((command, reply));
                 } else {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader: self.node.raft.leader_id }));
+                    let _ = reply
+                        .send(Err(ProposeError::NotLeader { leader: self.node.raft.leader_id }));
                 }
             }
             DriverMsg::ReadIndex { reply } => self.reads.push(reply),
         }
     }
 
-    fn step(&mut self, m: Message) {
+    fn step(&mut self, mut m: Message) {
+        // A leader remembers how far a member's log reached before that member lost its
+        // disk, and its heartbeats may carry a commit index beyond the now-empty log,
+        // which raft-rs treats as a fatal invariant violation. The member can only commit
+        // what it holds, so cap it; entries arrive by the usual append probing.
+        if self.started_empty && m.get_msg_type() == MessageType::MsgHeartbeat {
+            let last = self.node.raft.raft_log.last_index();
+            if m.commit > last {
+                m.commit = last;
+            }
+        }
         if self.recovering_until.is_some() {
             match m.get_msg_type() {
                 // Votes are what a wiped member could give twice in one term.
@@ -210,7 +228,8 @@ impl Driver {
             Err(e) => {
                 warn!(error = %e, "proposal dropped");
                 for (_, reply) in waiters {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader: self.node.raft.leader_id }));
+                    let _ = reply
+                        .send(Err(ProposeError::NotLeader { leader: self.node.raft.leader_id }));
                 }
             }
         }
@@ -267,7 +286,10 @@ impl Driver {
         let meta = snapshot.get_metadata().clone();
         let state = State::from_bytes(snapshot.get_data())
             .map_err(|e| anyhow::anyhow!("snapshot from the leader is unreadable: {e}"))?;
-        self.node.mut_store().apply_snapshot(snapshot).context("persisting a snapshot from the leader")?;
+        self.node
+            .mut_store()
+            .apply_snapshot(snapshot)
+            .context("persisting a snapshot from the leader")?;
         let revision = state.catalog.revision;
         {
             let mut guard = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
@@ -288,29 +310,36 @@ impl Driver {
         let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
         for entry in entries {
             match entry.get_entry_type() {
-                EntryType::EntryNormal if !entry.data.is_empty() => match EntryBatch::decode(&entry.data) {
-                    Ok(batch) => {
-                        for p in batch.proposals {
-                            let result = state.apply(&p.command);
-                            if let Ok(applied) = &result {
-                                if !applied.changes.is_empty() {
-                                    self.shared.hub.publish(applied.clone());
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    match EntryBatch::decode(&entry.data) {
+                        Ok(batch) => {
+                            for p in batch.proposals {
+                                let result = state.apply(&p.command);
+                                if let Ok(applied) = &result {
+                                    if !applied.changes.is_empty() {
+                                        self.shared.hub.publish(applied.clone());
+                                    }
                                 }
-                            }
-                            if p.origin == self.config.id && p.incarnation == self.incarnation {
-                                if let Some(reply) = self.pending.remove(&p.seq) {
-                                    let _ = reply.send(result.map_err(ProposeError::Rejected));
+                                if p.origin == self.config.id && p.incarnation == self.incarnation {
+                                    if let Some(reply) = self.pending.remove(&p.seq) {
+                                        let _ = reply.send(result.map_err(ProposeError::Rejected));
+                                    }
                                 }
                             }
                         }
+                        // Every member decodes the same bytes the same way, so skipping keeps
+                        // replicas identical; this can only be a bug or a version skew.
+                        Err(e) => {
+                            error!(index = entry.index, error = %e, "skipping undecodable raft entry")
+                        }
                     }
-                    // Every member decodes the same bytes the same way, so skipping keeps
-                    // replicas identical; this can only be a bug or a version skew.
-                    Err(e) => error!(index = entry.index, error = %e, "skipping undecodable raft entry"),
-                },
+                }
                 EntryType::EntryNormal => {} // the empty entry a new leader appends
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    warn!(index = entry.index, "membership changes are not supported yet; entry ignored");
+                    warn!(
+                        index = entry.index,
+                        "membership changes are not supported yet; entry ignored"
+                    );
                 }
             }
             self.applied = entry.index;
@@ -329,8 +358,9 @@ impl Driver {
             return;
         }
         let applied = self.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.reads_confirmed).into_iter().partition(|(index, _)| *index <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_confirmed)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
         self.reads_confirmed = waiting;
         for (_, reply) in ready {
             let _ = reply.send(());

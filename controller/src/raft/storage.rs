@@ -76,11 +76,7 @@ pub enum StorageError {
          from the others",
         path.display()
     )]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     /// The files are individually valid but do not fit together (e.g. one was deleted).
     #[error(
         "raft storage: {} is inconsistent: {reason}; move the directory aside and re-add \
@@ -105,11 +101,7 @@ pub enum StorageError {
         "raft storage: cannot snapshot at index {index}: only committed entries may be \
          compacted (commit {commit}, last index {last_index})"
     )]
-    CompactUncommitted {
-        index: u64,
-        commit: u64,
-        last_index: u64,
-    },
+    CompactUncommitted { index: u64, commit: u64, last_index: u64 },
     /// A record could not be encoded (it exceeds the 4 GiB record limit).
     #[error("raft storage: cannot encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
@@ -174,10 +166,7 @@ impl DiskStorage {
                 if read_snapshot(&snapshot_path)?.get_metadata().index == 0 {
                     Self::init(dir, voters)
                 } else {
-                    Err(inconsistent(
-                        dir,
-                        "the snapshot exists but the log is missing",
-                    ))
+                    Err(inconsistent(dir, "the snapshot exists but the log is missing"))
                 }
             }
             (false, true) => Err(inconsistent(
@@ -223,14 +212,11 @@ impl DiskStorage {
         let replayed = replay_log(&log_path, &buf)?;
         let mut notes = Vec::new();
 
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err("open", &log_path))?;
+        let file =
+            OpenOptions::new().append(true).open(&log_path).map_err(io_err("open", &log_path))?;
         if replayed.valid_len < buf.len() {
             // Appending after the garbage would make the next replay stop at it again.
-            file.set_len(replayed.valid_len as u64)
-                .map_err(io_err("truncate", &log_path))?;
+            file.set_len(replayed.valid_len as u64).map_err(io_err("truncate", &log_path))?;
             file.sync_all().map_err(io_err("fsync", &log_path))?;
             notes.push(format!(
                 "dropped a torn tail of {} bytes at offset {} of {} (an unsynced write \
@@ -381,10 +367,7 @@ impl DiskStorage {
         let start = cmp::min(first.index, self.last_index() + 1);
         for (expected, e) in (start..).zip(entries) {
             if e.index != expected {
-                return Err(StorageError::LogGap {
-                    index: e.index,
-                    last_index: expected - 1,
-                });
+                return Err(StorageError::LogGap { index: e.index, last_index: expected - 1 });
             }
         }
         for e in entries {
@@ -392,8 +375,7 @@ impl DiskStorage {
                 e.write_to_vec(buf).map_err(|err| encode_err("entry", err))
             })?;
         }
-        self.entries
-            .truncate((first.index - self.base_index - 1) as usize);
+        self.entries.truncate((first.index - self.base_index - 1) as usize);
         self.entries.extend_from_slice(entries);
         Ok(())
     }
@@ -402,8 +384,7 @@ impl DiskStorage {
     pub fn set_hard_state(&mut self, hs: &HardState) -> Result<()> {
         self.check_poisoned()?;
         self.write_record(Kind::HardState, |buf| {
-            hs.write_to_vec(buf)
-                .map_err(|err| encode_err("hard state", err))
+            hs.write_to_vec(buf).map_err(|err| encode_err("hard state", err))
         })?;
         self.hard_state = hs.clone();
         Ok(())
@@ -490,10 +471,7 @@ impl DiskStorage {
         }
         let term = self.term_at(applied_index).ok_or_else(uncommitted)?;
 
-        let mut snapshot = Snapshot {
-            data: data.into(),
-            ..Default::default()
-        };
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
         let meta = snapshot.mut_metadata();
         meta.index = applied_index;
         meta.term = term;
@@ -547,10 +525,7 @@ impl DiskStorage {
     ) -> Result<()> {
         self.scratch.clear();
         encode_record(&mut self.scratch, kind, payload)?;
-        let result = self
-            .log
-            .write_all(&self.scratch)
-            .map_err(io_err("write to", &self.log_path));
+        let result = self.log.write_all(&self.scratch).map_err(io_err("write to", &self.log_path));
         self.poison_on_err(result)?;
         self.dirty = true;
         Ok(())
@@ -578,10 +553,7 @@ impl DiskStorage {
 
 impl raft::Storage for DiskStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(
-            self.hard_state.clone(),
-            self.conf_state().clone(),
-        ))
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state().clone()))
     }
 
     fn entries(
@@ -609,8 +581,7 @@ impl raft::Storage for DiskStorage {
         if idx < self.base_index {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
         }
-        self.term_at(idx)
-            .ok_or(raft::Error::Store(RaftStorageError::Unavailable))
+        self.term_at(idx).ok_or(raft::Error::Store(RaftStorageError::Unavailable))
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -623,9 +594,7 @@ impl raft::Storage for DiskStorage {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         if self.snapshot.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(self.snapshot.clone())
     }
@@ -648,10 +617,7 @@ fn replay_log(path: &Path, buf: &[u8]) -> Result<Replayed> {
     };
     if buf.get(..format::LOG_MAGIC.len()) != Some(&format::LOG_MAGIC[..]) {
         // The file only ever appears by rename after an fsync, so a bad header is damage.
-        return Err(corrupt(
-            0,
-            "not an overlay raft log (bad magic or version)".into(),
-        ));
+        return Err(corrupt(0, "not an overlay raft log (bad magic or version)".into()));
     }
     let mut pos = format::LOG_MAGIC.len();
     let mut base: Option<(u64, u64)> = None;
@@ -661,11 +627,7 @@ fn replay_log(path: &Path, buf: &[u8]) -> Result<Replayed> {
         let (kind, payload, next) = match format::next_record(buf, pos) {
             Scan::End | Scan::Torn => break,
             Scan::Corrupt(reason) => return Err(corrupt(pos, reason.into())),
-            Scan::Record {
-                kind,
-                payload,
-                next,
-            } => (kind, payload, next),
+            Scan::Record { kind, payload, next } => (kind, payload, next),
         };
         let kind = Kind::from_byte(kind)
             .ok_or_else(|| corrupt(pos, format!("unknown record kind {kind}")))?;
@@ -678,10 +640,7 @@ fn replay_log(path: &Path, buf: &[u8]) -> Result<Replayed> {
             }
             (Kind::Base, Some(_)) => return Err(corrupt(pos, "second base record".into())),
             (_, None) => {
-                return Err(corrupt(
-                    pos,
-                    "the log does not start with a base record".into(),
-                ))
+                return Err(corrupt(pos, "the log does not start with a base record".into()))
             }
             (Kind::Entry, Some((base_index, _))) => {
                 let entry = Entry::parse_from_bytes(payload)
@@ -711,13 +670,7 @@ fn replay_log(path: &Path, buf: &[u8]) -> Result<Replayed> {
     let Some((base_index, base_term)) = base else {
         return Err(corrupt(pos, "the log has no base record".into()));
     };
-    Ok(Replayed {
-        base_index,
-        base_term,
-        entries,
-        hard_state,
-        valid_len: pos,
-    })
+    Ok(Replayed { base_index, base_term, entries, hard_state, valid_len: pos })
 }
 
 fn encode_record(
@@ -763,9 +716,7 @@ fn write_log_file(
     }
     scratch.clear();
     encode_record(scratch, Kind::HardState, |buf| {
-        hard_state
-            .write_to_vec(buf)
-            .map_err(|err| encode_err("hard state", err))
+        hard_state.write_to_vec(buf).map_err(|err| encode_err("hard state", err))
     })?;
     w.write_all(scratch).map_err(&write_err)?;
     let file = w.into_inner().map_err(|e| write_err(e.into_error()))?;
@@ -785,9 +736,7 @@ fn write_snapshot_file(path: &Path, dir: &Path, snapshot: &Snapshot) -> Result<(
     let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, file);
     format::write_snapshot(&mut w, &meta, &snapshot.data).map_err(io_err("write to", &tmp))?;
-    let file = w
-        .into_inner()
-        .map_err(|e| io_err("write to", &tmp)(e.into_error()))?;
+    let file = w.into_inner().map_err(|e| io_err("write to", &tmp)(e.into_error()))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
@@ -813,9 +762,7 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
 
 /// A rename is only durable once the directory entry itself is synced.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -837,23 +784,13 @@ fn remove_if_exists(path: &Path) -> Result<()> {
 
 fn io_err(op: &'static str, path: &Path) -> impl Fn(io::Error) -> StorageError {
     let path = path.to_path_buf();
-    move |source| StorageError::Io {
-        op,
-        path: path.clone(),
-        source,
-    }
+    move |source| StorageError::Io { op, path: path.clone(), source }
 }
 
 fn encode_err(what: &'static str, err: protobuf::ProtobufError) -> StorageError {
-    StorageError::Encode {
-        what,
-        reason: err.to_string(),
-    }
+    StorageError::Encode { what, reason: err.to_string() }
 }
 
 fn inconsistent(dir: &Path, reason: impl Into<String>) -> StorageError {
-    StorageError::Inconsistent {
-        dir: dir.to_path_buf(),
-        reason: reason.into(),
-    }
+    StorageError::Inconsistent { dir: dir.to_path_buf(), reason: reason.into() }
 }

@@ -84,6 +84,10 @@ async fn peer_sender(self_id: u64, peer: u64, peers: Peers, mut queue: mpsc::Rec
         // Drop what queued up while the peer was away: it is stale by now.
         while queue.try_recv().is_ok() {}
         tokio::time::sleep(backoff).await;
-        backoff = if sent_any { Duration::from_millis(50) } else { (backoff * 2).min(Duration::from_secs(1)) };
+        backoff = if sent_any {
+            Duration::from_millis(50)
+        } else {
+            (backoff * 2).min(Duration::from_secs(1))
+        };
     }
 }

@@ -76,11 +76,7 @@ pub(super) type SnapshotDefect = (u64, &'static str);
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Scan<'a> {
     /// A well-framed record with a valid checksum; the next one starts at `next`.
-    Record {
-        kind: u8,
-        payload: &'a [u8],
-        next: usize,
-    },
+    Record { kind: u8, payload: &'a [u8], next: usize },
     /// Clean end of file.
     End,
     /// The rest of the file is an unfinished write: a crash hit before it was synced.
@@ -107,11 +103,7 @@ pub(super) fn next_record(buf: &[u8], pos: usize) -> Scan<'_> {
     };
     if len == 0 {
         // A body always holds at least the kind byte; zero length is unwritten space.
-        return if all_zero() {
-            Scan::Torn
-        } else {
-            Scan::Corrupt("record with zero length")
-        };
+        return if all_zero() { Scan::Torn } else { Scan::Corrupt("record with zero length") };
     }
     let end = match RECORD_HEADER.checked_add(len as usize) {
         Some(end) if end <= rest.len() => end,
@@ -125,11 +117,7 @@ pub(super) fn next_record(buf: &[u8], pos: usize) -> Scan<'_> {
             Scan::Corrupt("record checksum mismatch")
         };
     }
-    Scan::Record {
-        kind: body[0],
-        payload: &body[1..],
-        next: pos + end,
-    }
+    Scan::Record { kind: body[0], payload: &body[1..], next: pos + end }
 }
 
 /// Writes a complete snapshot file body: magic, lengths, metadata, data, checksum.
@@ -166,17 +154,11 @@ pub(super) fn decode_snapshot(buf: &[u8]) -> Result<(&[u8], &[u8]), SnapshotDefe
         .and_then(|n| n.checked_add(data_len))
         .and_then(|n| n.checked_add(SNAP_TRAILER as u64));
     if expected != Some(body.len() as u64) {
-        return Err((
-            SNAP_MAGIC.len() as u64,
-            "snapshot length does not match its header",
-        ));
+        return Err((SNAP_MAGIC.len() as u64, "snapshot length does not match its header"));
     }
     let (covered, trailer) = body.split_at(body.len() - SNAP_TRAILER);
     if read_u32(trailer, 0) != Some(crc32fast::hash(covered)) {
-        return Err((
-            buf.len() as u64 - SNAP_TRAILER as u64,
-            "snapshot checksum mismatch",
-        ));
+        return Err((buf.len() as u64 - SNAP_TRAILER as u64, "snapshot checksum mismatch"));
     }
     let (meta, data) = covered[SNAP_HEADER..].split_at(meta_len as usize);
     Ok((meta, data))
@@ -209,19 +191,11 @@ mod tests {
         buf.extend(record(Kind::HardState, b""));
         assert_eq!(
             next_record(&buf, 0),
-            Scan::Record {
-                kind: Kind::Entry as u8,
-                payload: b"abc",
-                next: second
-            }
+            Scan::Record { kind: Kind::Entry as u8, payload: b"abc", next: second }
         );
         assert_eq!(
             next_record(&buf, second),
-            Scan::Record {
-                kind: Kind::HardState as u8,
-                payload: b"",
-                next: buf.len()
-            }
+            Scan::Record { kind: Kind::HardState as u8, payload: b"", next: buf.len() }
         );
         assert_eq!(next_record(&buf, buf.len()), Scan::End);
     }
@@ -247,10 +221,7 @@ mod tests {
         let mut buf = record(Kind::Entry, b"payload");
         buf.extend(record(Kind::Entry, b"more"));
         buf[RECORD_HEADER + 2] ^= 0xff;
-        assert_eq!(
-            next_record(&buf, 0),
-            Scan::Corrupt("record checksum mismatch")
-        );
+        assert_eq!(next_record(&buf, 0), Scan::Corrupt("record checksum mismatch"));
     }
 
     #[test]

@@ -26,12 +26,7 @@ fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
 }
 
 fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
-    HardState {
-        term,
-        vote,
-        commit,
-        ..Default::default()
-    }
+    HardState { term, vote, commit, ..Default::default() }
 }
 
 fn voters(ids: &[u64]) -> ConfState {
@@ -90,15 +85,9 @@ fn append_and_read_back() {
     let s = filled(dir.path(), 5);
     assert_eq!((s.first_index(), s.last_index()), (1, 5));
     assert_eq!(all_entries(&s), entries(1..=5, 1));
-    assert_eq!(
-        Storage::entries(&s, 2, 4, None, ctx()).unwrap(),
-        entries(2..=3, 1)
-    );
+    assert_eq!(Storage::entries(&s, 2, 4, None, ctx()).unwrap(), entries(2..=3, 1));
     assert_eq!(Storage::term(&s, 3).unwrap(), 1);
-    assert_eq!(
-        store_err(Storage::term(&s, 6).unwrap_err()),
-        RaftStorageError::Unavailable
-    );
+    assert_eq!(store_err(Storage::term(&s, 6).unwrap_err()), RaftStorageError::Unavailable);
     assert_eq!(
         store_err(Storage::entries(&s, 2, 7, None, ctx()).unwrap_err()),
         RaftStorageError::Unavailable
@@ -114,17 +103,11 @@ fn conflicting_suffix_is_replaced_in_memory_and_on_disk() {
     s.sync().unwrap();
     assert!(matches!(
         s.append(&entries(2..=2, 2)),
-        Err(StorageError::OverwriteCommitted {
-            index: 2,
-            commit: 2
-        })
+        Err(StorageError::OverwriteCommitted { index: 2, commit: 2 })
     ));
     s.append(&entries(3..=4, 2)).unwrap();
     s.sync().unwrap();
-    let expected: Vec<Entry> = entries(1..=2, 1)
-        .into_iter()
-        .chain(entries(3..=4, 2))
-        .collect();
+    let expected: Vec<Entry> = entries(1..=2, 1).into_iter().chain(entries(3..=4, 2)).collect();
     assert_eq!(all_entries(&s), expected);
     assert_eq!(s.last_index(), 4);
     drop(s);
@@ -140,24 +123,15 @@ fn append_rejects_gaps_and_compacted_indexes() {
     let mut s = filled(dir.path(), 5);
     assert!(matches!(
         s.append(&entries(7..=8, 1)),
-        Err(StorageError::LogGap {
-            index: 7,
-            last_index: 5
-        })
+        Err(StorageError::LogGap { index: 7, last_index: 5 })
     ));
     let mut gappy = entries(6..=6, 1);
     gappy.push(entry(8, 1));
-    assert!(matches!(
-        s.append(&gappy),
-        Err(StorageError::LogGap { index: 8, .. })
-    ));
+    assert!(matches!(s.append(&gappy), Err(StorageError::LogGap { index: 8, .. })));
     s.compact(5, voters(&[1]), b"state".to_vec(), 0).unwrap();
     assert!(matches!(
         s.append(&entries(5..=6, 1)),
-        Err(StorageError::AppendCompacted {
-            index: 5,
-            first_index: 6
-        })
+        Err(StorageError::AppendCompacted { index: 5, first_index: 6 })
     ));
     // Nothing of the rejected batches reached memory.
     assert_eq!(s.last_index(), 5);
@@ -182,10 +156,7 @@ fn reopen_recovers_entries_hard_state_and_conf_state() {
     let state = s.initial_state().unwrap();
     assert_eq!(state.hard_state, hard_state(2, 0, 4));
     assert_eq!(state.conf_state, voters(&[1, 2, 3]));
-    let expected: Vec<Entry> = entries(1..=3, 1)
-        .into_iter()
-        .chain(entries(4..=4, 2))
-        .collect();
+    let expected: Vec<Entry> = entries(1..=3, 1).into_iter().chain(entries(4..=4, 2)).collect();
     assert_eq!(all_entries(&s), expected);
 }
 
@@ -208,10 +179,7 @@ fn torn_tail_is_truncated_and_the_rest_recovered() {
 
     let mut s = DiskStorage::open(dir.path(), &[1]).unwrap();
     let note = s.recovery_note().unwrap();
-    assert!(
-        note.contains(&format!("{} bytes", record.len() / 2)),
-        "{note}"
-    );
+    assert!(note.contains(&format!("{} bytes", record.len() / 2)), "{note}");
     assert_eq!(all_entries(&s), entries(1..=3, 1));
     assert_eq!(s.hard_state(), &hard_state(1, 1, 3));
     assert_eq!(fs::metadata(&log).unwrap().len(), clean_len);
@@ -265,8 +233,7 @@ fn compact_then_reopen() {
     let log = dir.path().join(LOG_FILE);
     let before = fs::metadata(&log).unwrap().len();
 
-    s.compact(80, voters(&[1, 2]), b"state at 80".to_vec(), 10)
-        .unwrap();
+    s.compact(80, voters(&[1, 2]), b"state at 80".to_vec(), 10).unwrap();
     let check = |s: &DiskStorage| {
         assert_eq!((s.first_index(), s.last_index()), (71, 100));
         let (meta, data) = s.snapshot_data().unwrap();
@@ -275,10 +242,7 @@ fn compact_then_reopen() {
         assert_eq!(s.conf_state(), &voters(&[1, 2]));
         assert_eq!(all_entries(s), entries(71..=100, 1));
         assert_eq!(Storage::term(s, 70).unwrap(), 1);
-        assert_eq!(
-            store_err(Storage::term(s, 69).unwrap_err()),
-            RaftStorageError::Compacted
-        );
+        assert_eq!(store_err(Storage::term(s, 69).unwrap_err()), RaftStorageError::Compacted);
         assert_eq!(
             store_err(Storage::entries(s, 70, 80, None, ctx()).unwrap_err()),
             RaftStorageError::Compacted
@@ -287,10 +251,7 @@ fn compact_then_reopen() {
     };
     check(&s);
     let after = fs::metadata(&log).unwrap().len();
-    assert!(
-        after * 2 < before,
-        "log did not shrink: {before} -> {after}"
-    );
+    assert!(after * 2 < before, "log did not shrink: {before} -> {after}");
     drop(s);
 
     let mut s = DiskStorage::open(dir.path(), &[1]).unwrap();
@@ -320,10 +281,7 @@ fn compact_without_tail_makes_the_snapshot_the_base() {
     s.compact(8, voters(&[1]), b"s".to_vec(), 0).unwrap();
     assert_eq!(s.first_index(), 9);
     assert_eq!(Storage::term(&s, 8).unwrap(), 2);
-    assert_eq!(
-        store_err(Storage::term(&s, 7).unwrap_err()),
-        RaftStorageError::Compacted
-    );
+    assert_eq!(store_err(Storage::term(&s, 7).unwrap_err()), RaftStorageError::Compacted);
     // A tail longer than the log keeps everything.
     s.compact(10, voters(&[1]), b"s".to_vec(), 1000).unwrap();
     assert_eq!(s.first_index(), 9);
@@ -356,28 +314,14 @@ fn entries_respects_max_size() {
     let s = filled(dir.path(), 10);
     let one = u64::from(entry(1, 1).compute_size());
     let two_and_a_bit = one * 2 + one / 2;
-    assert_eq!(
-        Storage::entries(&s, 1, 11, two_and_a_bit, ctx()).unwrap(),
-        entries(1..=2, 1)
-    );
+    assert_eq!(Storage::entries(&s, 1, 11, two_and_a_bit, ctx()).unwrap(), entries(1..=2, 1));
     // At least one entry even when it alone exceeds the limit.
-    assert_eq!(
-        Storage::entries(&s, 1, 11, 0, ctx()).unwrap(),
-        entries(1..=1, 1)
-    );
-    assert_eq!(
-        Storage::entries(&s, 1, 11, raft::NO_LIMIT, ctx())
-            .unwrap()
-            .len(),
-        10
-    );
+    assert_eq!(Storage::entries(&s, 1, 11, 0, ctx()).unwrap(), entries(1..=1, 1));
+    assert_eq!(Storage::entries(&s, 1, 11, raft::NO_LIMIT, ctx()).unwrap().len(), 10);
 }
 
 fn leader_snapshot(index: u64, term: u64, data: &[u8]) -> Snapshot {
-    let mut snap = Snapshot {
-        data: data.to_vec().into(),
-        ..Default::default()
-    };
+    let mut snap = Snapshot { data: data.to_vec().into(), ..Default::default() };
     let meta = snap.mut_metadata();
     meta.index = index;
     meta.term = term;
@@ -392,8 +336,7 @@ fn apply_snapshot_then_reopen() {
     s.append(&entries(1..=5, 1)).unwrap();
     s.set_hard_state(&hard_state(2, 3, 3)).unwrap();
     s.sync().unwrap();
-    s.apply_snapshot(leader_snapshot(20, 3, b"leader state"))
-        .unwrap();
+    s.apply_snapshot(leader_snapshot(20, 3, b"leader state")).unwrap();
     let check = |s: &DiskStorage| {
         assert_eq!((s.first_index(), s.last_index()), (21, 20));
         assert_eq!(Storage::term(s, 20).unwrap(), 3);
@@ -409,10 +352,7 @@ fn apply_snapshot_then_reopen() {
     s.sync().unwrap();
     assert!(matches!(
         s.apply_snapshot(leader_snapshot(10, 3, b"old")),
-        Err(StorageError::SnapshotOutOfDate {
-            index: 10,
-            current: 20
-        })
+        Err(StorageError::SnapshotOutOfDate { index: 10, current: 20 })
     ));
     drop(s);
     let s = DiskStorage::open(dir.path(), &[]).unwrap();
@@ -425,12 +365,8 @@ fn crash_between_snapshot_and_log_rewrite_is_finished_on_open() {
     let s = filled(dir.path(), 5);
     drop(s);
     // apply_snapshot writes the snapshot file first; simulate dying right after.
-    write_snapshot_file(
-        &dir.path().join(SNAPSHOT_FILE),
-        dir.path(),
-        &leader_snapshot(20, 3, b"x"),
-    )
-    .unwrap();
+    write_snapshot_file(&dir.path().join(SNAPSHOT_FILE), dir.path(), &leader_snapshot(20, 3, b"x"))
+        .unwrap();
     let mut s = DiskStorage::open(dir.path(), &[]).unwrap();
     assert!(s.recovery_note().is_some());
     assert_eq!((s.first_index(), s.last_index()), (21, 20));
@@ -449,10 +385,7 @@ fn missing_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     drop(filled(dir.path(), 3));
     fs::remove_file(dir.path().join(SNAPSHOT_FILE)).unwrap();
-    assert!(matches!(
-        DiskStorage::open(dir.path(), &[1]),
-        Err(StorageError::Inconsistent { .. })
-    ));
+    assert!(matches!(DiskStorage::open(dir.path(), &[1]), Err(StorageError::Inconsistent { .. })));
 }
 
 #[test]
@@ -466,20 +399,13 @@ fn errors_convert_to_raft_errors() {
 fn run_ready_loop(node: &mut RawNode<DiskStorage>) -> Vec<Vec<u8>> {
     let mut applied = Vec::new();
     let mut apply = |entries: Vec<Entry>| {
-        applied.extend(
-            entries
-                .into_iter()
-                .filter(|e| !e.data.is_empty())
-                .map(|e| e.data.to_vec()),
-        );
+        applied.extend(entries.into_iter().filter(|e| !e.data.is_empty()).map(|e| e.data.to_vec()));
     };
     while node.has_ready() {
         let mut rd = node.ready();
         assert!(rd.messages().is_empty(), "single node sends nothing");
         if !rd.snapshot().is_empty() {
-            node.mut_store()
-                .apply_snapshot(rd.snapshot().clone())
-                .unwrap();
+            node.mut_store().apply_snapshot(rd.snapshot().clone()).unwrap();
         }
         apply(rd.take_committed_entries());
         let store = node.mut_store();
@@ -520,21 +446,15 @@ fn raw_node_survives_restart() {
     assert_eq!(node.raft.state, raft::StateRole::Leader);
     let mut applied = Vec::new();
     for i in 0..5 {
-        node.propose(vec![], format!("cmd {i}").into_bytes())
-            .unwrap();
+        node.propose(vec![], format!("cmd {i}").into_bytes()).unwrap();
         applied.extend(run_ready_loop(&mut node));
     }
     assert_eq!(applied.len(), 5);
     // Snapshot the "state machine" after cmd 2, keeping a one-entry tail.
-    let cmd2 = all_entries(node.store())
-        .into_iter()
-        .find(|e| &e.data[..] == b"cmd 2")
-        .unwrap()
-        .index;
+    let cmd2 =
+        all_entries(node.store()).into_iter().find(|e| &e.data[..] == b"cmd 2").unwrap().index;
     let conf = node.raft.prs().conf().to_conf_state();
-    node.mut_store()
-        .compact(cmd2, conf, b"cmd 0..=2".to_vec(), 1)
-        .unwrap();
+    node.mut_store().compact(cmd2, conf, b"cmd 0..=2".to_vec(), 1).unwrap();
     let committed = node.store().hard_state().commit;
     drop(node);
 
@@ -569,8 +489,5 @@ fn batched_appends_are_fast_enough() {
     drop(s);
     let s = DiskStorage::open(dir.path(), &[1]).unwrap();
     assert_eq!(s.last_index(), 5000);
-    assert!(
-        elapsed < std::time::Duration::from_secs(10),
-        "5000 entries took {elapsed:?}"
-    );
+    assert!(elapsed < std::time::Duration::from_secs(10), "5000 entries took {elapsed:?}");
 }
