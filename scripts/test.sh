@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, as root, on a fresh Debian/Ubuntu machine: installs the
+# Debian packages the tests need, builds every binary (the end-to-end tests run them as
+# real processes in network namespaces), then runs the unit, multi-process and
+# multi-host tests. Fails loudly on the first failing step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: run as root: the end-to-end tests create network namespaces" >&2
+  exit 1
+fi
+
+packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo build (binaries for the end-to-end tests)"
+cargo build --workspace --bins --locked
+echo "==> cargo test"
+cargo test --workspace --locked -- --test-threads=2
