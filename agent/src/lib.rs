@@ -1,1 +1,17 @@
-//! The overlay host agent.
+//! The overlay host agent: reconciles this host's kernel data plane (bridges, VXLAN
+//! devices, veths, endpoint namespaces, FDB/neighbour/route state, the `inet overlay`
+//! nftables table and one DNS server per endpoint) to the controller's desired state.
+//!
+//! * [`desired`] (pure): catalog -> what this host should have.
+//! * [`observed`] + [`observe`]: what the kernel has, only objects we own.
+//! * [`plan`] (pure): desired vs observed -> a printable list of actions.
+//! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
+//!
+//! The agent must never touch a device or namespace it did not create: owned devices
+//! carry the `ovb-`/`ovx-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
+//! data directory.
+
+pub mod desired;
+pub mod firewall;
+pub mod observed;
+pub mod plan;

@@ -1,0 +1,448 @@
+//! What this host's kernel should look like, computed from the catalog (pure).
+//!
+//! [`desired_for_host`] turns the cluster-wide [`Catalog`] into [`HostDesired`]: plain
+//! data naming every device, address, forwarding entry, route and firewall rule this
+//! host must have. No I/O happens here, so it is tested with literal catalogs.
+//!
+//! ## How remote endpoints are reached: proxy ARP via static neighbours
+//!
+//! Every vxlan device is created with `nolearning proxy`, and the agent programs for
+//! every remote endpoint in the network
+//!
+//! * an FDB entry `MAC dst HOST_UNDERLAY_IP` (unicast frames go straight to its host),
+//! * a permanent neighbour entry `IP lladdr MAC` on the vxlan device, which the kernel
+//!   uses to answer ARP requests locally (`proxy`): ARP never crosses the underlay,
+//! * all-zero FDB entries `00:00:00:00:00:00 dst IP` for each remote host carrying the
+//!   network, so the remaining broadcast/multicast (not ARP) is replicated head-end.
+//!
+//! We chose proxy over replication-only because every host answers on the *same*
+//! gateway address: with ARP replicated, an endpoint's "who has GATEWAY?" would reach
+//! every host and be answered by all of them, and the endpoint could pick a remote
+//! host's bridge as its gateway. With proxy, the vxlan device swallows every ARP
+//! request (answering the ones it knows), so the gateway is always the local bridge,
+//! ARP costs no underlay traffic, and a new endpoint is reachable as soon as its
+//! entries are programmed (no stale negative ARP cache). The catalog knows every
+//! address, so nothing is lost by not flooding ARP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use overlay_model::{Catalog, Encap, Mac};
+
+/// Prefix of the per-network bridges (`ovb-<VNI>`).
+pub const BRIDGE_PREFIX: &str = "ovb-";
+/// Prefix of the per-network vxlan devices (`ovx-<VNI>`).
+pub const VXLAN_PREFIX: &str = "ovx-";
+/// Prefix of the host side of endpoint veths (`ovv<12 hex>`).
+pub const VETH_PREFIX: &str = "ovv";
+/// Prefix of the endpoint side of a veth while it is still in the host namespace
+/// (`ovp<12 hex>`); a leftover one is garbage from an interrupted create.
+pub const PEER_PREFIX: &str = "ovp";
+/// The VXLAN UDP port (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+/// What `/etc/netns/NAME/resolv.conf` says.
+pub const RESOLV_CONF: &str = "nameserver 127.0.0.11\n";
+
+/// This host as the agent knows it from its flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalHost {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+}
+
+/// One remote endpoint's MAC and the host it lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fdb {
+    pub mac: Mac,
+    pub dst: Ipv4Addr,
+}
+
+/// The all-zero MAC: FDB entries with it are the BUM flood list.
+pub const ZERO_MAC: Mac = Mac([0; 6]);
+
+/// A route inside an endpoint namespace: `dest via gateway`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteSpec {
+    pub dest: Ipv4Network,
+    pub via: Ipv4Addr,
+}
+
+/// One network as this host carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDesired {
+    pub name: String,
+    pub bridge: String,
+    pub vxlan: String,
+    pub vni: u32,
+    pub mtu: u32,
+    pub subnet: Ipv4Network,
+    /// The gateway address with the subnet's prefix, on the bridge.
+    pub gateway: Ipv4Network,
+    /// Same on every host so a cached gateway MAC never goes stale.
+    pub bridge_mac: Mac,
+    pub internal: bool,
+    /// Remote endpoints' MACs and the flood list (entries with [`ZERO_MAC`]).
+    pub fdb: BTreeSet<Fdb>,
+    /// Remote endpoint IP -> MAC, answered by the vxlan proxy.
+    pub neigh: BTreeMap<Ipv4Addr, Mac>,
+}
+
+/// One interface of a local endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfaceDesired {
+    /// `ethN` inside the namespace.
+    pub name: String,
+    /// `ovv…` in the host namespace, plugged into `bridge`.
+    pub host_name: String,
+    /// `ovp…`: the inside end's name before it moves into the namespace.
+    pub peer_tmp: String,
+    pub network: String,
+    pub bridge: String,
+    pub addr: Ipv4Network,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// One local endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointDesired {
+    /// Endpoint name = namespace name (`/var/run/netns/NAME`).
+    pub name: String,
+    pub interfaces: Vec<IfaceDesired>,
+    /// Default route (`0.0.0.0/0`) plus the catalog's routes.
+    pub routes: BTreeSet<RouteSpec>,
+    /// On when this endpoint is the `via` of some route.
+    pub ip_forward: bool,
+}
+
+/// The firewall's input: which bridges exist and what they may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallDesired {
+    /// (bridge, subnet) of non-internal networks: masqueraded when leaving the host.
+    pub external: Vec<(String, Ipv4Network)>,
+    /// Bridges of internal networks: nothing is forwarded in or out of them.
+    pub internal: Vec<String>,
+}
+
+/// Everything this host should have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostDesired {
+    pub networks: BTreeMap<String, NetDesired>,
+    pub endpoints: BTreeMap<String, EndpointDesired>,
+    pub firewall: FirewallDesired,
+    /// The host must forward (some non-internal network needs egress).
+    pub host_forwarding: bool,
+    /// Networks carried here that this build cannot realise (e.g. `--encap udp`).
+    pub unsupported: Vec<String>,
+    /// Local IP of the vxlan devices.
+    pub underlay_ip: Option<Ipv4Addr>,
+}
+
+/// `ovb-<VNI>`: at most 12 characters (VNIs are 24 bits), stable for a network's life.
+pub fn bridge_name(vni: u32) -> String {
+    format!("{BRIDGE_PREFIX}{vni}")
+}
+
+/// `ovx-<VNI>`.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("{VXLAN_PREFIX}{vni}")
+}
+
+/// 48 bits of FNV-1a over `endpoint/interface`, as 12 hex digits: with the 3-letter
+/// prefix, exactly the 15 characters Linux allows.
+fn short_hash(endpoint: &str, interface: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in endpoint.bytes().chain(std::iter::once(b'/')).chain(interface.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// Host-side veth name of an endpoint interface.
+pub fn veth_name(endpoint: &str, interface: &str) -> String {
+    format!("{VETH_PREFIX}{}", short_hash(endpoint, interface))
+}
+
+/// Temporary name of the inside end.
+pub fn peer_name(endpoint: &str, interface: &str) -> String {
+    format!("{PEER_PREFIX}{}", short_hash(endpoint, interface))
+}
+
+/// The bridge MAC of a network: locally administered, `06:6f:76:` + VNI, so it can
+/// never equal a controller-assigned endpoint MAC (those start with `02:`).
+pub fn bridge_mac(vni: u32) -> Mac {
+    let b = vni.to_be_bytes();
+    Mac([0x06, 0x6f, 0x76, b[1], b[2], b[3]])
+}
+
+/// The desired state of `local` given the whole catalog.
+pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
+    let mut out = HostDesired { underlay_ip: Some(local.underlay_ip), ..HostDesired::default() };
+    let host_ip = |host: &str| -> Option<Ipv4Addr> {
+        let ip = catalog.hosts.get(host)?.underlay_ip;
+        (ip != local.underlay_ip && host != local.name).then_some(ip)
+    };
+
+    let local_eps: Vec<_> = catalog.endpoints.values().filter(|e| e.host == local.name).collect();
+    let carried: BTreeSet<&str> =
+        local_eps.iter().flat_map(|e| e.attachments.iter().map(|a| a.network.as_str())).collect();
+
+    for name in &carried {
+        let Some(net) = catalog.networks.get(*name) else { continue };
+        if net.encap != Encap::Vxlan {
+            out.unsupported.push(net.name.clone());
+            continue;
+        }
+        let mut fdb = BTreeSet::new();
+        let mut neigh = BTreeMap::new();
+        for (ep, att) in catalog.endpoints_in(name) {
+            if ep.host == local.name {
+                continue;
+            }
+            let Some(dst) = host_ip(&ep.host) else { continue };
+            fdb.insert(Fdb { mac: att.mac, dst });
+            fdb.insert(Fdb { mac: ZERO_MAC, dst });
+            neigh.insert(att.ip, att.mac);
+        }
+        let gateway = Ipv4Network::new(net.gateway, net.subnet.prefix()).unwrap_or(net.subnet);
+        let nd = NetDesired {
+            name: net.name.clone(),
+            bridge: bridge_name(net.vni),
+            vxlan: vxlan_name(net.vni),
+            vni: net.vni,
+            mtu: net.mtu,
+            subnet: net.subnet,
+            gateway,
+            bridge_mac: bridge_mac(net.vni),
+            internal: net.internal,
+            fdb,
+            neigh,
+        };
+        if nd.internal {
+            out.firewall.internal.push(nd.bridge.clone());
+        } else {
+            out.firewall.external.push((nd.bridge.clone(), nd.subnet));
+            out.host_forwarding = true;
+        }
+        out.networks.insert(net.name.clone(), nd);
+    }
+
+    let vias: BTreeSet<&str> = catalog.routes.values().map(|r| r.via.as_str()).collect();
+    for ep in local_eps {
+        let mut interfaces = Vec::new();
+        let mut routes = BTreeSet::new();
+        let mut has_default = false;
+        for att in &ep.attachments {
+            let Some(nd) = out.networks.get(&att.network) else { continue };
+            let addr = Ipv4Network::new(att.ip, nd.subnet.prefix()).unwrap_or(nd.subnet);
+            interfaces.push(IfaceDesired {
+                name: att.interface.clone(),
+                host_name: veth_name(&ep.name, &att.interface),
+                peer_tmp: peer_name(&ep.name, &att.interface),
+                network: nd.name.clone(),
+                bridge: nd.bridge.clone(),
+                addr,
+                mac: att.mac,
+                mtu: nd.mtu,
+            });
+            if !nd.internal && !has_default {
+                has_default = true;
+                routes.insert(RouteSpec { dest: default_net(), via: nd.gateway.ip() });
+            }
+            for route in catalog.routes_in(&att.network) {
+                if route.via == ep.name {
+                    continue;
+                }
+                if let Some(via) = catalog.route_via_ip(route) {
+                    routes.insert(RouteSpec { dest: route.destination, via });
+                }
+            }
+        }
+        out.endpoints.insert(
+            ep.name.clone(),
+            EndpointDesired {
+                name: ep.name.clone(),
+                interfaces,
+                routes,
+                ip_forward: vias.contains(ep.name.as_str()),
+            },
+        );
+    }
+    out
+}
+
+/// `0.0.0.0/0`.
+pub fn default_net() -> Ipv4Network {
+    Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or_else(|_| unreachable!())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use overlay_model::{Attachment, Endpoint, Host, HostStatus, Network, Route};
+
+    pub fn net(name: &str, subnet: &str, vni: u32, internal: bool) -> Network {
+        let subnet: Ipv4Network = subnet.parse().unwrap();
+        Network {
+            name: name.into(),
+            subnet,
+            gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            vni,
+            mtu: 1450,
+            encap: Encap::Vxlan,
+            encrypted: false,
+            internal,
+        }
+    }
+
+    pub fn ep(name: &str, host: &str, atts: &[(&str, &str, u64)]) -> Endpoint {
+        Endpoint {
+            name: name.into(),
+            host: host.into(),
+            attachments: atts
+                .iter()
+                .enumerate()
+                .map(|(i, (n, ip, mac))| Attachment {
+                    network: n.to_string(),
+                    interface: format!("eth{i}"),
+                    ip: ip.parse().unwrap(),
+                    mac: Mac::from_counter(*mac),
+                    aliases: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    pub fn host(name: &str, ip: &str) -> Host {
+        Host {
+            name: name.into(),
+            underlay_ip: ip.parse().unwrap(),
+            underlay_mtu: 1500,
+            status: HostStatus::Ready,
+            status_changed_ms: 0,
+        }
+    }
+
+    /// Tutorial-like topology: front (h1: web, h2: api), back (internal; h2: db),
+    /// a gateway `gw` on h3 in front and back, routes both ways via gw.
+    pub fn catalog() -> Catalog {
+        let mut c = Catalog { revision: 7, ..Catalog::default() };
+        for h in [host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")] {
+            c.hosts.insert(h.name.clone(), h);
+        }
+        for n in [net("front", "10.1.0.0/24", 4096, false), net("back", "10.2.0.0/24", 4097, true)]
+        {
+            c.networks.insert(n.name.clone(), n);
+        }
+        for e in [
+            ep("web", "h1", &[("front", "10.1.0.2", 1)]),
+            ep("api", "h2", &[("front", "10.1.0.3", 2), ("back", "10.2.0.3", 3)]),
+            ep("db", "h2", &[("back", "10.2.0.2", 4)]),
+            ep("gw", "h3", &[("front", "10.1.0.9", 5), ("back", "10.2.0.9", 6)]),
+        ] {
+            c.endpoints.insert(e.name.clone(), e);
+        }
+        for r in [
+            Route {
+                network: "front".into(),
+                destination: "10.9.0.0/16".parse().unwrap(),
+                via: "gw".into(),
+            },
+            Route {
+                network: "back".into(),
+                destination: "10.8.0.0/16".parse().unwrap(),
+                via: "gw".into(),
+            },
+        ] {
+            c.routes.insert(r.key(), r);
+        }
+        c
+    }
+
+    fn local(name: &str, ip: &str) -> LocalHost {
+        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap() }
+    }
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        let v = veth_name("a-very-long-endpoint-name-that-goes-on-and-on", "eth12");
+        assert_eq!(v.len(), 15);
+        assert!(v.starts_with("ovv"));
+        assert_ne!(v, veth_name("a-very-long-endpoint-name-that-goes-on-and-on", "eth1"));
+        assert_eq!(bridge_name(16_777_215), "ovb-16777215");
+        assert!(bridge_name(16_777_215).len() <= 15);
+    }
+
+    #[test]
+    fn host_one_carries_front_only() {
+        let d = desired_for_host(&catalog(), &local("h1", "192.0.2.1"));
+        assert_eq!(d.networks.keys().collect::<Vec<_>>(), vec!["front"]);
+        let front = &d.networks["front"];
+        assert_eq!(front.bridge, "ovb-4096");
+        assert_eq!(front.vxlan, "ovx-4096");
+        assert_eq!(front.gateway, "10.1.0.1/24".parse().unwrap());
+        let h2: Ipv4Addr = "192.0.2.2".parse().unwrap();
+        let h3: Ipv4Addr = "192.0.2.3".parse().unwrap();
+        let expected: BTreeSet<Fdb> = [
+            Fdb { mac: ZERO_MAC, dst: h2 },
+            Fdb { mac: ZERO_MAC, dst: h3 },
+            Fdb { mac: Mac::from_counter(2), dst: h2 },
+            Fdb { mac: Mac::from_counter(5), dst: h3 },
+        ]
+        .into();
+        assert_eq!(front.fdb, expected);
+        assert_eq!(front.neigh.len(), 2);
+        assert_eq!(front.neigh[&"10.1.0.9".parse().unwrap()], Mac::from_counter(5));
+
+        let web = &d.endpoints["web"];
+        assert_eq!(web.interfaces.len(), 1);
+        assert_eq!(web.interfaces[0].addr, "10.1.0.2/24".parse().unwrap());
+        assert_eq!(web.interfaces[0].mtu, 1450);
+        let routes: Vec<_> =
+            web.routes.iter().map(|r| (r.dest.to_string(), r.via.to_string())).collect();
+        assert_eq!(
+            routes,
+            vec![
+                ("0.0.0.0/0".into(), "10.1.0.1".into()),
+                ("10.9.0.0/16".into(), "10.1.0.9".into())
+            ]
+        );
+        assert!(!web.ip_forward);
+        assert!(d.host_forwarding);
+        assert_eq!(d.firewall.external, vec![("ovb-4096".into(), "10.1.0.0/24".parse().unwrap())]);
+        assert!(d.firewall.internal.is_empty());
+    }
+
+    #[test]
+    fn internal_network_gets_no_default_route_and_gateway_forwards() {
+        let d = desired_for_host(&catalog(), &local("h2", "192.0.2.2"));
+        let db = &d.endpoints["db"];
+        let routes: Vec<_> =
+            db.routes.iter().map(|r| (r.dest.to_string(), r.via.to_string())).collect();
+        assert_eq!(routes, vec![("10.8.0.0/16".into(), "10.2.0.9".into())]);
+        // api: default via front (its first non-internal attachment) only.
+        let api = &d.endpoints["api"];
+        assert_eq!(
+            api.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["eth0", "eth1"]
+        );
+        assert_eq!(api.routes.iter().filter(|r| r.dest.prefix() == 0).count(), 1);
+        assert_eq!(d.firewall.internal, vec!["ovb-4097".to_string()]);
+
+        let d3 = desired_for_host(&catalog(), &local("h3", "192.0.2.3"));
+        let gw = &d3.endpoints["gw"];
+        assert!(gw.ip_forward);
+        // Routes via itself are skipped.
+        assert_eq!(gw.routes.len(), 1);
+    }
+
+    #[test]
+    fn a_host_without_endpoints_carries_nothing() {
+        let d = desired_for_host(&catalog(), &local("h9", "192.0.2.9"));
+        assert!(d.networks.is_empty() && d.endpoints.is_empty());
+        assert!(!d.host_forwarding);
+    }
+}

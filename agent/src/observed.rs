@@ -1,0 +1,98 @@
+//! What the kernel has now, restricted to objects the agent owns (plain data).
+//!
+//! [`crate::observe`] fills it from netlink; [`crate::plan`] compares it with
+//! [`crate::desired::HostDesired`]. Only devices whose names carry our prefixes
+//! (`ovb-`, `ovx-`, `ovv`, `ovp`) and namespaces the agent recorded as created by it
+//! appear here, so nothing a user made can ever be planned away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use overlay_model::Mac;
+
+use crate::desired::{Fdb, RouteSpec};
+
+/// The vxlan attributes the plan cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanObs {
+    pub vni: u32,
+    pub local: Option<Ipv4Addr>,
+    pub port: u16,
+    pub learning: bool,
+    pub proxy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    Vxlan(VxlanObs),
+    Veth,
+    Loopback,
+    Other(String),
+}
+
+/// One network device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkObs {
+    pub kind: LinkKind,
+    pub mtu: u32,
+    pub mac: Option<Mac>,
+    /// Name of the bridge it is plugged into.
+    pub master: Option<String>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    pub addrs: BTreeSet<Ipv4Network>,
+    /// vxlan only: permanent `self` FDB entries with a remote.
+    pub fdb: BTreeSet<Fdb>,
+    /// vxlan only: permanent IPv4 neighbours.
+    pub neigh: BTreeMap<Ipv4Addr, Mac>,
+}
+
+impl LinkObs {
+    /// A device as freshly created with these attributes (for simulating apply).
+    pub fn new(kind: LinkKind, mtu: u32) -> LinkObs {
+        LinkObs {
+            kind,
+            mtu,
+            mac: None,
+            master: None,
+            up: false,
+            addrs: BTreeSet::new(),
+            fdb: BTreeSet::new(),
+            neigh: BTreeMap::new(),
+        }
+    }
+}
+
+/// One endpoint namespace the agent created.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsObs {
+    pub links: BTreeMap<String, LinkObs>,
+    /// Main-table routes that have a gateway.
+    pub routes: BTreeSet<RouteSpec>,
+    pub ip_forward: bool,
+    /// Content of `/etc/netns/NAME/resolv.conf`, if any.
+    pub resolv_conf: Option<String>,
+}
+
+/// The installed `inet overlay` table, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallObs {
+    /// The table's comment: the digest of the ruleset that was installed.
+    pub digest: String,
+    /// Rules currently in the table (catches rules deleted by hand).
+    pub rules: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedHost {
+    /// Owned devices in the host namespace, by name.
+    pub links: BTreeMap<String, LinkObs>,
+    /// Namespaces the agent recorded as its own: `None` if recorded but gone.
+    pub namespaces: BTreeMap<String, Option<NsObs>>,
+    /// Namespaces that exist but are not ours: never touched.
+    pub foreign: BTreeSet<String>,
+    pub host_forwarding: bool,
+    pub firewall: Option<FirewallObs>,
+}
