@@ -4,7 +4,8 @@
 //! Rules:
 //! * isolation: nothing is routed by the host from one overlay bridge to another (only a
 //!   gateway endpoint, inside its own namespace, routes between networks);
-//! * internal networks: nothing is forwarded into or out of their bridge;
+//! * internal networks: nothing is forwarded into or out of their bridge (traffic
+//!   bridged inside it is untouched, even when br_netfilter shows it to this hook);
 //! * egress: a non-internal network's subnet leaving the host through anything but an
 //!   overlay bridge is masqueraded behind the host's address.
 //!
@@ -57,11 +58,18 @@ pub fn render(fw: &FirewallDesired) -> Ruleset {
     body.push_str(
         "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n",
     );
-    let _ = writeln!(body, "\t\tiifname \"{BRIDGE_PREFIX}*\" oifname \"{BRIDGE_PREFIX}*\" drop");
-    rules += 1;
+    // With br_netfilter loaded, frames bridged *within* one bridge also pass this hook
+    // with iifname = oifname = that bridge: every rule must leave those alone.
+    for bridge in fw.external.iter().map(|(b, _)| b).chain(&fw.internal) {
+        let _ = writeln!(
+            body,
+            "\t\tiifname \"{bridge}\" oifname \"{BRIDGE_PREFIX}*\" oifname != \"{bridge}\" drop"
+        );
+        rules += 1;
+    }
     for bridge in &fw.internal {
-        let _ = writeln!(body, "\t\tiifname \"{bridge}\" drop");
-        let _ = writeln!(body, "\t\toifname \"{bridge}\" drop");
+        let _ = writeln!(body, "\t\tiifname \"{bridge}\" oifname != \"{bridge}\" drop");
+        let _ = writeln!(body, "\t\toifname \"{bridge}\" iifname != \"{bridge}\" drop");
         rules += 2;
     }
     body.push_str("\t}\n");
@@ -110,33 +118,41 @@ fn run_nft(batch: &str) -> Result<(), String> {
     }
 }
 
-/// Reads the installed table, `None` if there is none (or nft is missing).
-pub fn observe() -> Option<FirewallObs> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", FAMILY, TABLE])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
+fn nft_list(json: bool) -> Option<Vec<u8>> {
+    let mut cmd = Command::new("nft");
+    if json {
+        cmd.arg("-j");
     }
-    parse_listing(&out.stdout)
+    let out = cmd.args(["list", "table", FAMILY, TABLE]).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then_some(out.stdout)
 }
 
-fn parse_listing(json: &[u8]) -> Option<FirewallObs> {
+/// Reads the installed table, `None` if there is none (or nft is missing). The rules
+/// are counted from the JSON listing; the comment comes from the text listing because
+/// nft 1.0.6 leaves table comments out of its JSON.
+pub fn observe() -> Option<FirewallObs> {
+    let rules = count_rules(&nft_list(true)?)?;
+    let digest = table_comment(&String::from_utf8_lossy(&nft_list(false)?)).unwrap_or_default();
+    Some(FirewallObs { digest, rules })
+}
+
+fn count_rules(json: &[u8]) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_slice(json).ok()?;
     let items = v.get("nftables")?.as_array()?;
-    let mut digest = None;
-    let mut rules = 0;
-    for item in items {
-        if let Some(t) = item.get("table") {
-            digest = Some(t.get("comment").and_then(|c| c.as_str()).unwrap_or("").to_string());
+    Some(items.iter().filter(|i| i.get("rule").is_some()).count())
+}
+
+/// The `comment "…"` line of the table itself (before its first chain).
+fn table_comment(text: &str) -> Option<String> {
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("chain ") {
+            return None;
         }
-        if item.get("rule").is_some() {
-            rules += 1;
+        if let Some(rest) = line.strip_prefix("comment \"") {
+            return rest.strip_suffix('"').map(str::to_string);
         }
     }
-    Some(FirewallObs { digest: digest?, rules })
+    None
 }
 
 #[cfg(test)]
@@ -151,24 +167,31 @@ mod tests {
             internal: vec!["ovb-4097".into()],
         };
         let r = render(&fw);
-        assert_eq!(r.rules, 4);
-        assert!(r.body.contains("iifname \"ovb-*\" oifname \"ovb-*\" drop"));
-        assert!(r.body.contains("iifname \"ovb-4097\" drop"));
-        assert!(r.body.contains("oifname \"ovb-4097\" drop"));
+        assert_eq!(r.rules, 5);
+        assert!(r
+            .body
+            .contains("iifname \"ovb-4096\" oifname \"ovb-*\" oifname != \"ovb-4096\" drop"));
+        assert!(r
+            .body
+            .contains("iifname \"ovb-4097\" oifname \"ovb-*\" oifname != \"ovb-4097\" drop"));
+        assert!(r.body.contains("iifname \"ovb-4097\" oifname != \"ovb-4097\" drop"));
+        assert!(r.body.contains("oifname \"ovb-4097\" iifname != \"ovb-4097\" drop"));
         assert!(r.body.contains("ip saddr 10.1.0.0/24 oifname != \"ovb-*\" masquerade"));
         assert!(r.batch().starts_with("table inet overlay\ndelete table inet overlay\n"));
         assert_ne!(render(&FirewallDesired::default()).digest, r.digest);
     }
 
     #[test]
-    fn parses_nft_json() {
+    fn parses_nft_listings() {
         let json = br#"{"nftables":[{"metainfo":{"version":"1.0.6"}},
-            {"table":{"family":"inet","name":"overlay","handle":3,"comment":"overlay-agent 00ff"}},
+            {"table":{"family":"inet","name":"overlay","handle":3}},
             {"chain":{"family":"inet","table":"overlay","name":"forward"}},
             {"rule":{"family":"inet","table":"overlay","chain":"forward"}},
             {"rule":{"family":"inet","table":"overlay","chain":"forward"}}]}"#;
-        let o = parse_listing(json).unwrap();
-        assert_eq!(o, FirewallObs { digest: "overlay-agent 00ff".into(), rules: 2 });
-        assert_eq!(parse_listing(b"nonsense"), None);
+        assert_eq!(count_rules(json), Some(2));
+        assert_eq!(count_rules(b"nonsense"), None);
+        let text = "table inet overlay {\n\tcomment \"overlay-agent 00ff\"\n\tchain forward {\n\t\tiifname \"a\" drop comment \"x\"\n\t}\n}\n";
+        assert_eq!(table_comment(text).as_deref(), Some("overlay-agent 00ff"));
+        assert_eq!(table_comment("table inet overlay {\n\tchain f {\n\t\tcomment \"x\"\n"), None);
     }
 }

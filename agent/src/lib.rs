@@ -5,13 +5,21 @@
 //! * [`desired`] (pure): catalog -> what this host should have.
 //! * [`observed`] + [`observe`]: what the kernel has, only objects we own.
 //! * [`plan`] (pure): desired vs observed -> a printable list of actions.
+//! * [`apply`] (+ [`nl`], [`netns`]): actions -> netlink, setns, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
+//! * [`reconcile`]: one observe/plan/apply pass; [`store`]: what survives restarts.
 //!
 //! The agent must never touch a device or namespace it did not create: owned devices
 //! carry the `ovb-`/`ovx-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
 //! data directory.
 
+pub mod apply;
 pub mod desired;
 pub mod firewall;
+pub mod netns;
+pub mod nl;
+pub mod observe;
 pub mod observed;
 pub mod plan;
+pub mod reconcile;
+pub mod store;

@@ -1,0 +1,154 @@
+//! Actions -> netlink, setns and nft. Each action is idempotent; a failing action is
+//! recorded and the rest still run (the next reconcile pass retries what failed).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use anyhow::{Context, Result};
+use tracing::{debug, warn};
+
+use crate::nl::Nl;
+use crate::plan::{Action, Ns};
+use crate::store::Store;
+use crate::{firewall, netns};
+
+/// One action that failed.
+#[derive(Debug)]
+pub struct ApplyError {
+    pub action: Action,
+    pub error: anyhow::Error,
+}
+
+/// Applies `actions` in order with the host namespace's `host` connection.
+pub async fn apply(host: &Nl, store: &Store, actions: &[Action]) -> Vec<ApplyError> {
+    let mut ctx = Ctx { host, store, netns: BTreeMap::new() };
+    let mut errors = Vec::new();
+    for action in actions {
+        debug!(netns = action.netns().unwrap_or(""), "apply {action}");
+        if let Err(error) = ctx.apply_one(action).await {
+            warn!(netns = action.netns().unwrap_or(""), "{action}: {error:#}");
+            errors.push(ApplyError { action: action.clone(), error });
+        }
+    }
+    errors
+}
+
+struct Ctx<'a> {
+    host: &'a Nl,
+    store: &'a Store,
+    /// Connections into endpoint namespaces, opened on first use.
+    netns: BTreeMap<String, Nl>,
+}
+
+impl Ctx<'_> {
+    fn nl(&mut self, ns: &Ns) -> Result<&Nl> {
+        match ns {
+            Ns::Host => Ok(self.host),
+            Ns::Netns(name) => {
+                if !self.netns.contains_key(name) {
+                    let nl =
+                        Nl::in_netns(name).with_context(|| format!("entering namespace {name}"))?;
+                    self.netns.insert(name.clone(), nl);
+                }
+                self.netns.get(name).context("namespace connection vanished")
+            }
+        }
+    }
+
+    async fn apply_one(&mut self, action: &Action) -> Result<()> {
+        match action {
+            Action::CreateNamespace { name } => {
+                self.store.record_namespace(name).context("recording namespace")?;
+                if !netns::path(name).exists() {
+                    netns::create(name).with_context(|| format!("creating namespace {name}"))?;
+                }
+                Ok(())
+            }
+            Action::DeleteNamespace { name } => {
+                self.netns.remove(name);
+                netns::delete(name).with_context(|| format!("deleting namespace {name}"))?;
+                self.store.forget_namespace(name).context("updating namespace record")
+            }
+            Action::CreateBridge { name, mtu, mac } => {
+                self.host.create_bridge(name, *mtu, *mac).await
+            }
+            Action::CreateVxlan { name, vni, local, mtu, bridge } => {
+                self.host.create_vxlan(name, *vni, *local, *mtu, bridge).await?;
+                // The kernel may ignore IFLA_MTU on vxlan creation: set it explicitly.
+                self.host.set_mtu(name, *mtu).await
+            }
+            Action::CreateVeth { netns: ns, host_name, peer_tmp, inside, mac, mtu, bridge } => {
+                let r = self.create_veth(ns, host_name, peer_tmp, inside, *mac, *mtu, bridge).await;
+                if r.is_err() {
+                    // Undo: half a pair is garbage; the next pass starts over.
+                    let _ = self.host.delete_link(host_name).await;
+                    let _ = self.host.delete_link(peer_tmp).await;
+                }
+                r
+            }
+            Action::DeleteLink { ns, name } => self.nl(ns)?.delete_link(name).await,
+            Action::SetMtu { ns, dev, mtu } => self.nl(ns)?.set_mtu(dev, *mtu).await,
+            Action::SetMac { ns, dev, mac } => self.nl(ns)?.set_mac(dev, *mac).await,
+            Action::SetMaster { dev, master } => self.host.set_master(dev, master).await,
+            Action::SetUp { ns, dev } => self.nl(ns)?.set_up(dev).await,
+            Action::AddAddress { ns, dev, addr } => self.nl(ns)?.add_addr(dev, *addr).await,
+            Action::DelAddress { ns, dev, addr } => self.nl(ns)?.del_addr(dev, *addr).await,
+            Action::AddFdb { dev, entry } => self.host.add_fdb(dev, entry).await,
+            Action::DelFdb { dev, entry } => self.host.del_fdb(dev, entry).await,
+            Action::AddNeigh { dev, ip, mac } => self.host.add_neigh(dev, *ip, *mac).await,
+            Action::DelNeigh { dev, ip, mac } => self.host.del_neigh(dev, *ip, *mac).await,
+            Action::AddRoute { netns: ns, route } => {
+                self.nl(&Ns::Netns(ns.clone()))?.add_route(route).await
+            }
+            Action::DelRoute { netns: ns, route } => {
+                self.nl(&Ns::Netns(ns.clone()))?.del_route(route).await
+            }
+            Action::SetForwarding { ns: Ns::Host, on } => {
+                netns::set_forwarding(*on).context("setting net.ipv4.ip_forward")
+            }
+            Action::SetForwarding { ns: Ns::Netns(name), on } => {
+                let on = *on;
+                netns::run_in(name, move || netns::set_forwarding(on))
+                    .with_context(|| format!("setting net.ipv4.ip_forward in {name}"))
+            }
+            Action::WriteResolvConf { netns: ns } => {
+                netns::write_resolv_conf(ns, crate::desired::RESOLV_CONF)
+                    .context("writing resolv.conf")
+            }
+            Action::ApplyFirewall { ruleset } => {
+                let ruleset = ruleset.clone();
+                tokio::task::spawn_blocking(move || firewall::install(&ruleset))
+                    .await
+                    .context("firewall task")?
+                    .map_err(anyhow::Error::msg)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_veth(
+        &mut self,
+        ns: &str,
+        host_name: &str,
+        peer_tmp: &str,
+        inside: &str,
+        mac: overlay_model::Mac,
+        mtu: u32,
+        bridge: &str,
+    ) -> Result<()> {
+        let host = self.host;
+        host.delete_link(peer_tmp).await?;
+        host.create_veth(host_name, peer_tmp, mtu).await?;
+        host.set_mac(peer_tmp, mac).await?;
+        host.set_mtu(peer_tmp, mtu).await?;
+        host.set_master(host_name, bridge).await?;
+        host.set_up(host_name).await?;
+        let file =
+            File::open(netns::path(ns)).with_context(|| format!("opening namespace {ns}"))?;
+        host.move_to_netns(peer_tmp, file.as_raw_fd()).await?;
+        let nl = self.nl(&Ns::Netns(ns.to_string()))?;
+        nl.set_name(peer_tmp, inside).await?;
+        nl.set_up(inside).await
+    }
+}

@@ -1,0 +1,174 @@
+//! Named network namespaces (`/var/run/netns/NAME`, compatible with `ip netns`), the
+//! record of which ones the agent created, and running code inside one.
+//!
+//! No long-lived thread ever changes namespace: work inside a namespace runs on a
+//! short-lived thread that calls `setns` and exits (a socket created there stays in
+//! that namespace for its whole life).
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Where named namespaces live.
+pub const NETNS_DIR: &str = "/var/run/netns";
+/// Where per-namespace `/etc` overrides live (`ip netns exec` bind-mounts them).
+pub const ETC_NETNS_DIR: &str = "/etc/netns";
+
+/// Path of namespace `name`.
+pub fn path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Names of all named namespaces on the machine.
+pub fn list() -> BTreeSet<String> {
+    let Ok(dir) = fs::read_dir(NETNS_DIR) else { return BTreeSet::new() };
+    dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect()
+}
+
+/// Inode of the namespace behind `/var/run/netns/NAME` (changes when it is recreated).
+pub fn inode(name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path(name)).ok().map(|m| m.ino())
+}
+
+/// Runs `f` on a fresh thread inside namespace `name`.
+pub fn run_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let ns = File::open(path(name))?;
+    std::thread::Builder::new()
+        .name("ov-netns".into())
+        .spawn(move || {
+            // SAFETY: setns reads the fd, which `ns` keeps open; it changes the network
+            // namespace of this short-lived thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes `/var/run/netns` a shared mount point, as `ip netns add` does, so namespaces
+/// mounted here are visible to other mount namespaces too.
+fn prepare_dir() -> io::Result<()> {
+    fs::create_dir_all(NETNS_DIR)?;
+    let dir = cstr(Path::new(NETNS_DIR))?;
+    let none = c"none";
+    // SAFETY: valid NUL-terminated strings that outlive the calls.
+    unsafe {
+        let flags = libc::MS_SHARED | libc::MS_REC;
+        if libc::mount(none.as_ptr(), dir.as_ptr(), std::ptr::null(), flags, std::ptr::null()) == 0
+        {
+            return Ok(());
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(io::Error::last_os_error());
+        }
+        // Not a mount point yet: bind it onto itself, then share it.
+        check(libc::mount(
+            dir.as_ptr(),
+            dir.as_ptr(),
+            c"none".as_ptr(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(none.as_ptr(), dir.as_ptr(), std::ptr::null(), flags, std::ptr::null()))
+    }
+}
+
+/// Creates namespace `name` (error if it exists).
+pub fn create(name: &str) -> io::Result<()> {
+    prepare_dir()?;
+    let target = path(name);
+    File::options().write(true).create_new(true).open(&target)?;
+    let target_c = cstr(&target)?;
+    let result = std::thread::Builder::new()
+        .name("ov-netns-add".into())
+        .spawn(move || -> io::Result<()> {
+            // SAFETY: unshare affects only this short-lived thread; mount gets valid
+            // NUL-terminated strings.
+            unsafe {
+                check(libc::unshare(libc::CLONE_NEWNET))?;
+                check(libc::mount(
+                    c"/proc/thread-self/ns/net".as_ptr(),
+                    target_c.as_ptr(),
+                    c"none".as_ptr(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))
+            }
+        })?
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?;
+    if result.is_err() {
+        let _ = fs::remove_file(&target);
+    }
+    result
+}
+
+/// Deletes namespace `name` and its `/etc/netns/NAME` (no error if already gone). The
+/// kernel frees the namespace, and the veth ends inside it, once nothing holds it.
+pub fn delete(name: &str) -> io::Result<()> {
+    let target = path(name);
+    if target.exists() {
+        let c = cstr(&target)?;
+        // SAFETY: valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err);
+            }
+        }
+        match fs::remove_file(&target) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    let etc = Path::new(ETC_NETNS_DIR).join(name);
+    let _ = fs::remove_file(etc.join("resolv.conf"));
+    let _ = fs::remove_dir(&etc);
+    Ok(())
+}
+
+/// Writes `/etc/netns/NAME/resolv.conf`.
+pub fn write_resolv_conf(name: &str, content: &str) -> io::Result<()> {
+    let dir = Path::new(ETC_NETNS_DIR).join(name);
+    fs::create_dir_all(&dir)?;
+    crate::store::write_atomic(&dir.join("resolv.conf"), content.as_bytes())
+}
+
+/// Reads `/etc/netns/NAME/resolv.conf`.
+pub fn read_resolv_conf(name: &str) -> Option<String> {
+    fs::read_to_string(Path::new(ETC_NETNS_DIR).join(name).join("resolv.conf")).ok()
+}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// `net.ipv4.ip_forward` of the calling thread's namespace.
+pub fn forwarding() -> bool {
+    fs::read_to_string(IP_FORWARD).map(|s| s.trim() == "1").unwrap_or(false)
+}
+
+/// Sets `net.ipv4.ip_forward` of the calling thread's namespace.
+pub fn set_forwarding(on: bool) -> io::Result<()> {
+    fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
+}

@@ -1,0 +1,37 @@
+//! One level-triggered pass: observe the kernel, plan against the desired state, apply.
+//! The caller runs it on every catalog change and every couple of seconds, so anything
+//! changed by hand or left half-done by a failure converges on the next pass.
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use crate::apply::{apply, ApplyError};
+use crate::desired::HostDesired;
+use crate::nl::Nl;
+use crate::observe::observe;
+use crate::plan::{plan, Action};
+use crate::store::Store;
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub actions: Vec<Action>,
+    pub errors: Vec<ApplyError>,
+}
+
+/// Observes, plans and applies once.
+pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
+    let observed = observe(host, store).await?;
+    for name in desired.endpoints.keys().filter(|n| observed.foreign.contains(*n)) {
+        warn!(endpoint = %name, "namespace {name} exists and was not created by overlay-agent; leaving it alone");
+    }
+    for name in &desired.unsupported {
+        warn!(network = %name, "network {name} uses an encapsulation this agent does not implement");
+    }
+    let actions = plan(desired, &observed);
+    for a in &actions {
+        info!(endpoint = a.netns().unwrap_or(""), "plan: {a}");
+    }
+    let errors = apply(host, store, &actions).await;
+    Ok(Pass { actions, errors })
+}

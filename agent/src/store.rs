@@ -1,0 +1,168 @@
+//! What the agent keeps in `--data-dir`:
+//!
+//! * `desired.json`: the last catalog it received, so a restart with every controller
+//!   down rebuilds the same kernel state;
+//! * `namespaces.json`: the namespaces it created, so it never deletes a user's.
+//!
+//! Every write goes to a temporary file, is synced, then renamed over the old one.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use overlay_model::{Catalog, Endpoint, Host, Network, Route};
+use serde::{Deserialize, Serialize};
+
+/// The catalog as JSON can hold it (route keys are tuples, so lists instead of maps).
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    revision: u64,
+    networks: Vec<Network>,
+    endpoints: Vec<Endpoint>,
+    routes: Vec<Route>,
+    hosts: Vec<Host>,
+}
+
+impl Persisted {
+    fn from_catalog(c: &Catalog) -> Persisted {
+        Persisted {
+            revision: c.revision,
+            networks: c.networks.values().cloned().collect(),
+            endpoints: c.endpoints.values().cloned().collect(),
+            routes: c.routes.values().cloned().collect(),
+            hosts: c.hosts.values().cloned().collect(),
+        }
+    }
+
+    fn into_catalog(self) -> Catalog {
+        Catalog {
+            revision: self.revision,
+            networks: self.networks.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            endpoints: self.endpoints.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            routes: self.routes.into_iter().map(|r| (r.key(), r)).collect(),
+            hosts: self.hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
+        }
+    }
+}
+
+/// Writes `data` to `path` atomically.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> io::Result<Store> {
+        fs::create_dir_all(dir)?;
+        Ok(Store { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn catalog_path(&self) -> PathBuf {
+        self.dir.join("desired.json")
+    }
+
+    fn namespaces_path(&self) -> PathBuf {
+        self.dir.join("namespaces.json")
+    }
+
+    /// The persisted catalog; `Ok(None)` when there is none yet.
+    pub fn load_catalog(&self) -> io::Result<Option<Catalog>> {
+        match fs::read(self.catalog_path()) {
+            Ok(bytes) => serde_json::from_slice::<Persisted>(&bytes)
+                .map(|p| Some(p.into_catalog()))
+                .map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {e}", self.catalog_path().display()),
+                    )
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save_catalog(&self, catalog: &Catalog) -> io::Result<()> {
+        let bytes =
+            serde_json::to_vec(&Persisted::from_catalog(catalog)).map_err(io::Error::other)?;
+        write_atomic(&self.catalog_path(), &bytes)
+    }
+
+    /// Namespaces the agent created.
+    pub fn owned_namespaces(&self) -> io::Result<BTreeSet<String>> {
+        match fs::read(self.namespaces_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.namespaces_path().display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn save_namespaces(&self, set: &BTreeSet<String>) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(set).map_err(io::Error::other)?;
+        write_atomic(&self.namespaces_path(), &bytes)
+    }
+
+    /// Records `name` as ours (before creating it, so a crash never orphans one).
+    pub fn record_namespace(&self, name: &str) -> io::Result<()> {
+        let mut set = self.owned_namespaces()?;
+        if set.insert(name.to_string()) {
+            self.save_namespaces(&set)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets `name` (after deleting it).
+    pub fn forget_namespace(&self, name: &str) -> io::Result<()> {
+        let mut set = self.owned_namespaces()?;
+        if set.remove(name) {
+            self.save_namespaces(&set)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn catalog_and_namespaces_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-store-{}", std::process::id()));
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.load_catalog().unwrap(), None);
+        let cat = crate::desired::tests::catalog();
+        store.save_catalog(&cat).unwrap();
+        assert_eq!(store.load_catalog().unwrap(), Some(cat));
+        store.record_namespace("b").unwrap();
+        store.record_namespace("a").unwrap();
+        store.forget_namespace("b").unwrap();
+        assert_eq!(store.owned_namespaces().unwrap(), BTreeSet::from(["a".to_string()]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
