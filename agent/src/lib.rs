@@ -8,13 +8,18 @@
 //! * [`apply`] (+ [`nl`], [`netns`]): actions -> netlink, setns, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
 //! * [`reconcile`]: one observe/plan/apply pass; [`store`]: what survives restarts.
+//! * [`watch`]: register, heartbeat, and the controller's desired-state stream.
+//! * [`dns`]: one embedded DNS server per local endpoint.
+//! * [`agent`]: the main loop tying them together.
 //!
 //! The agent must never touch a device or namespace it did not create: owned devices
 //! carry the `ovb-`/`ovx-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
 //! data directory.
 
+pub mod agent;
 pub mod apply;
 pub mod desired;
+pub mod dns;
 pub mod firewall;
 pub mod netns;
 pub mod nl;
@@ -23,3 +28,4 @@ pub mod observed;
 pub mod plan;
 pub mod reconcile;
 pub mod store;
+pub mod watch;

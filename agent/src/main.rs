@@ -1,1 +1,162 @@
-fn main() {}
+//! `overlay-agent`: flags and config file, logging, signals; the work is in the library.
+//!
+//! It must never tear down the data plane on exit: SIGTERM stops the agent and leaves
+//! bridges, VXLAN devices and endpoints running.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use tracing::{error, info_span, Instrument};
+
+const DEFAULT_CONFIG: &str = "/etc/overlay/agent.toml";
+const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
+
+/// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
+/// desired state.
+#[derive(Parser, Debug)]
+#[command(name = "overlay-agent", version)]
+struct Args {
+    /// This host's name in the cluster.
+    #[arg(long)]
+    name: Option<String>,
+    /// The address other hosts reach this one at (VXLAN tunnel endpoint).
+    #[arg(long)]
+    underlay_ip: Option<Ipv4Addr>,
+    /// Controller URLs, comma-separated (http://IP:PORT,...).
+    #[arg(long)]
+    controller: Option<String>,
+    /// Where the last desired state and the record of created namespaces are kept.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML file with the same keys (default /etc/overlay/agent.toml when present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Seconds between level-triggered reconcile passes.
+    #[arg(long)]
+    reconcile_interval: Option<f64>,
+}
+
+/// `controller` may be one comma-separated string or a list.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum Controllers {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    underlay_ip: Option<Ipv4Addr>,
+    controller: Option<Controllers>,
+    data_dir: Option<PathBuf>,
+    reconcile_interval: Option<f64>,
+}
+
+fn split_urls(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
+}
+
+fn load_file(args: &Args) -> Result<FileConfig, String> {
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    if !explicit && !Path::new(&path).exists() {
+        return Ok(FileConfig::default());
+    }
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
+    let file = load_file(&args)?;
+    let name =
+        args.name.or(file.name).ok_or("--name is required (or `name` in the config file)")?;
+    overlay_model::names::validate_name(&name).map_err(|e| format!("--name: {e}"))?;
+    let underlay_ip = args
+        .underlay_ip
+        .or(file.underlay_ip)
+        .ok_or("--underlay-ip is required (or `underlay_ip` in the config file)")?;
+    let controllers = match (args.controller, file.controller) {
+        (Some(s), _) => split_urls(&s),
+        (None, Some(Controllers::One(s))) => split_urls(&s),
+        (None, Some(Controllers::Many(v))) => v.iter().flat_map(|s| split_urls(s)).collect(),
+        (None, None) => vec![],
+    };
+    if controllers.is_empty() {
+        return Err("--controller is required (or `controller` in the config file)".into());
+    }
+    for url in &controllers {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("controller URL {url} must start with http:// or https://"));
+        }
+    }
+    let data_dir =
+        args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let secs = args.reconcile_interval.or(file.reconcile_interval).unwrap_or(2.0);
+    if !(0.05..=3600.0).contains(&secs) {
+        return Err(format!("reconcile interval {secs}s is out of range (0.05–3600)"));
+    }
+    Ok(overlay_agent::agent::Config {
+        name,
+        underlay_ip,
+        controllers,
+        data_dir,
+        reconcile_interval: Duration::from_secs_f64(secs),
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let span = info_span!("agent", host = %cfg.name);
+    match rt.block_on(overlay_agent::agent::run(cfg, shutdown_signal()).instrument(span)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The agent's main loop: watch the controller in the background, and reconcile the
+//! kernel to the latest catalog on every change and every few seconds (level-triggered:
+//! drift is repaired even when nothing changed upstream).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use overlay_model::types::DEFAULT_UNDERLAY_MTU;
+use overlay_model::Catalog;
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+use crate::desired::{desired_for_host, LocalHost};
+use crate::dns::DnsServers;
+use crate::nl::Nl;
+use crate::reconcile::reconcile;
+use crate::store::Store;
+use crate::watch::{run_heartbeat, run_watch, Identity, Replica};
+
+/// Everything the agent needs, after flags and config file are merged.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub controllers: Vec<String>,
+    pub data_dir: PathBuf,
+    pub reconcile_interval: Duration,
+}
+
+/// MTU of the device that holds `ip` (the underlay interface).
+pub async fn underlay_mtu(host: &Nl, ip: Ipv4Addr) -> Result<u32> {
+    let index = host
+        .addrs()
+        .await?
+        .into_iter()
+        .find(|(_, a)| a.ip() == ip)
+        .map(|(i, _)| i)
+        .with_context(|| format!("no interface has the underlay address {ip}"))?;
+    let link = host
+        .links()
+        .await?
+        .into_iter()
+        .find(|l| l.index == index)
+        .context("underlay link vanished")?;
+    Ok(link.mtu)
+}
+
+/// Runs until `shutdown` completes. The data plane is left as it is on return.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let store = Store::open(&cfg.data_dir)
+        .with_context(|| format!("data dir {}", cfg.data_dir.display()))?;
+    let host = Nl::current().context("opening netlink")?;
+    let mtu = match underlay_mtu(&host, cfg.underlay_ip).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("cannot detect the underlay MTU ({e:#}); assuming {DEFAULT_UNDERLAY_MTU}");
+            DEFAULT_UNDERLAY_MTU
+        }
+    };
+    let me = Identity { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, underlay_mtu: mtu };
+    let local = LocalHost { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip };
+
+    // Until a catalog is known (from disk or a controller) nothing is reconciled, so an
+    // agent that lost its state never tears down what is running.
+    let persisted = match store.load_catalog() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("ignoring unreadable persisted desired state: {e}");
+            None
+        }
+    };
+    if let Some(c) = &persisted {
+        info!(revision = c.revision, "loaded persisted desired state");
+    }
+    let (tx, mut rx) = watch::channel(persisted.clone().map(Arc::new));
+    let replica = Replica::new(persisted.unwrap_or_default());
+    let watch_task = tokio::spawn(
+        run_watch(me.clone(), cfg.controllers.clone(), store.clone(), replica, tx)
+            .in_current_span(),
+    );
+    let heartbeat_task = tokio::spawn(run_heartbeat(me, cfg.controllers.clone()).in_current_span());
+
+    let mut dns = DnsServers::new(overlay_dns::Upstream::from_system());
+    let mut tick = tokio::time::interval(cfg.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut last_revision = None;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = rx.changed() => if r.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        let Some(catalog) = rx.borrow_and_update().clone() else { continue };
+        pass(&host, &store, &local, &catalog, &mut dns, &mut last_revision).await;
+    }
+    info!("shutting down; the data plane stays in place");
+    watch_task.abort();
+    heartbeat_task.abort();
+    Ok(())
+}
+
+async fn pass(
+    host: &Nl,
+    store: &Store,
+    local: &LocalHost,
+    catalog: &Catalog,
+    dns: &mut DnsServers,
+    last_revision: &mut Option<u64>,
+) {
+    let desired = desired_for_host(catalog, local);
+    if *last_revision != Some(catalog.revision) {
+        *last_revision = Some(catalog.revision);
+        info!(
+            revision = catalog.revision,
+            networks = desired.networks.len(),
+            endpoints = desired.endpoints.len(),
+            "reconciling to new desired state"
+        );
+    }
+    let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
+    dns.stop_unwanted(&wanted);
+    match reconcile(host, store, &desired).await {
+        Ok(p) if !p.actions.is_empty() => {
+            info!(
+                actions = p.actions.len(),
+                errors = p.errors.len(),
+                "reconcile pass applied changes"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => warn!("reconcile pass failed: {e:#}"),
+    }
+    dns.publish(catalog);
+    let owned = store.owned_namespaces().unwrap_or_default();
+    let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
+    dns.start_missing(&ours);
+}

@@ -1,0 +1,274 @@
+//! The controller side of the agent: registration, heartbeats and the desired-state
+//! stream, replicated into a local [`Catalog`] that is persisted and published.
+//!
+//! * [`Replica`] (pure): applies `WatchResponse`s the way the proto defines them (a
+//!   snapshot between `reset` and `snapshot_done` replaces the catalog at once; then one
+//!   message per revision).
+//! * [`run_watch`]: connects to the controller URLs in turn, resumes from the last
+//!   applied revision, persists every consistent catalog to `desired.json` and
+//!   publishes it; on any error it moves on to the next URL with backoff.
+//! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second, re-registering on
+//!   `NotFound`, moving to the next URL on failure.
+//!
+//! Nothing here touches the kernel; the data plane never waits for a controller.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use overlay_model::{Catalog, Change};
+use overlay_proto::pb;
+use overlay_proto::pb::overlay_client::OverlayClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::store::Store;
+
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Who this agent is, as it tells the controller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_mtu: u32,
+}
+
+/// The local copy of the desired state, fed by watch responses.
+#[derive(Debug, Clone, Default)]
+pub struct Replica {
+    pub catalog: Catalog,
+    /// The snapshot being received, if one is in progress.
+    staging: Option<Catalog>,
+}
+
+impl Replica {
+    pub fn new(catalog: Catalog) -> Replica {
+        Replica { catalog, staging: None }
+    }
+
+    /// Applies one message; returns true when `catalog` changed and is consistent.
+    pub fn apply(&mut self, msg: &pb::WatchResponse) -> Result<bool, String> {
+        let changes = msg
+            .changes
+            .iter()
+            .map(Change::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad change at revision {}: {e}", msg.revision))?;
+        if msg.reset {
+            self.staging = Some(Catalog::default());
+        }
+        if let Some(staging) = self.staging.as_mut() {
+            changes.iter().for_each(|c| staging.apply_change(c));
+            staging.revision = msg.revision;
+            if msg.snapshot_done {
+                self.catalog = self.staging.take().unwrap_or_default();
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        if msg.revision <= self.catalog.revision && changes.is_empty() {
+            return Ok(false);
+        }
+        changes.iter().for_each(|c| self.catalog.apply_change(c));
+        self.catalog.revision = msg.revision;
+        Ok(true)
+    }
+
+    /// Drops a half-received snapshot (the stream broke in the middle of it).
+    pub fn abort_snapshot(&mut self) {
+        self.staging = None;
+    }
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, String> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad controller URL {url}: {e}"))
+        .map(|e| {
+            e.connect_timeout(RPC_TIMEOUT)
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
+        })
+}
+
+async fn connect(url: &str) -> Result<OverlayClient<Channel>, String> {
+    let channel =
+        endpoint(url)?.connect().await.map_err(|e| format!("connecting to {url}: {e}"))?;
+    Ok(OverlayClient::new(channel))
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(MIN_BACKOFF)
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+    }
+    fn reset(&mut self) {
+        self.0 = MIN_BACKOFF;
+    }
+}
+
+/// Watches forever (until the task is dropped), publishing each consistent catalog on
+/// `tx` and persisting it in `store`.
+pub async fn run_watch(
+    me: Identity,
+    urls: Vec<String>,
+    store: Store,
+    mut replica: Replica,
+    tx: watch::Sender<Option<Arc<Catalog>>>,
+) {
+    let mut backoff = Backoff::new();
+    let mut next = 0usize;
+    loop {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        match watch_once(&me, url, &store, &mut replica, &tx, &mut backoff).await {
+            Ok(()) => info!(controller = %url, "watch stream ended; reconnecting"),
+            Err(e) => warn!(controller = %url, "watch: {e}"),
+        }
+        replica.abort_snapshot();
+        backoff.wait().await;
+    }
+}
+
+async fn watch_once(
+    me: &Identity,
+    url: &str,
+    store: &Store,
+    replica: &mut Replica,
+    tx: &watch::Sender<Option<Arc<Catalog>>>,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let mut client = connect(url).await?;
+    let from = replica.catalog.revision;
+    let req = pb::WatchRequest { host: me.name.clone(), from_revision: from };
+    let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
+        .await
+        .map_err(|_| format!("{url}: watch call timed out"))?
+        .map_err(|s| format!("{url}: {}", s.message()))?
+        .into_inner();
+    info!(controller = %url, from_revision = from, "watching desired state");
+    while let Some(msg) = stream.message().await.map_err(|s| format!("{url}: {}", s.message()))? {
+        backoff.reset();
+        if replica.apply(&msg)? {
+            debug!(revision = replica.catalog.revision, "catalog updated");
+            if let Err(e) = store.save_catalog(&replica.catalog) {
+                warn!("cannot persist desired state: {e}");
+            }
+            tx.send_replace(Some(Arc::new(replica.catalog.clone())));
+        }
+    }
+    Ok(())
+}
+
+/// Registers, then heartbeats every second, forever (until the task is dropped).
+pub async fn run_heartbeat(me: Identity, urls: Vec<String>) {
+    let mut backoff = Backoff::new();
+    let mut next = 0usize;
+    loop {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        if let Err(e) = heartbeat_once(&me, url, &mut backoff).await {
+            warn!(controller = %url, "heartbeat: {e}");
+        }
+        backoff.wait().await;
+    }
+}
+
+async fn register(client: &mut OverlayClient<Channel>, me: &Identity) -> Result<(), tonic::Status> {
+    let req = pb::RegisterHostRequest {
+        name: me.name.clone(),
+        underlay_ip: me.underlay_ip.to_string(),
+        underlay_mtu: me.underlay_mtu,
+    };
+    tokio::time::timeout(RPC_TIMEOUT, client.register_host(req))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("register timed out"))??;
+    Ok(())
+}
+
+async fn heartbeat_once(me: &Identity, url: &str, backoff: &mut Backoff) -> Result<(), String> {
+    let mut client = connect(url).await?;
+    register(&mut client, me).await.map_err(|s| format!("register: {}", s.message()))?;
+    info!(controller = %url, underlay_ip = %me.underlay_ip, underlay_mtu = me.underlay_mtu, "registered");
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let req = pb::HeartbeatRequest { host: me.name.clone() };
+        let r = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req))
+            .await
+            .map_err(|_| "heartbeat timed out".to_string())?;
+        match r {
+            Ok(_) => backoff.reset(),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                info!("controller does not know this host; registering again");
+                register(&mut client, me)
+                    .await
+                    .map_err(|s| format!("register: {}", s.message()))?;
+            }
+            Err(s) => return Err(s.message().to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn msg(revision: u64, reset: bool, done: bool, changes: Vec<Change>) -> pb::WatchResponse {
+        pb::WatchResponse {
+            revision,
+            reset,
+            snapshot_done: done,
+            changes: changes.iter().map(pb::Change::from).collect(),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_incremental() {
+        let cat = crate::desired::tests::catalog();
+        let changes = cat.snapshot_changes();
+        let (first, rest) = changes.split_at(3);
+        let mut r = Replica::new(Catalog::default());
+        assert!(!r.apply(&msg(7, true, false, first.to_vec())).unwrap());
+        assert_eq!(r.catalog, Catalog::default(), "half a snapshot is never published");
+        assert!(r.apply(&msg(7, false, true, rest.to_vec())).unwrap());
+        assert_eq!(r.catalog, cat);
+
+        assert!(r.apply(&msg(8, false, false, vec![Change::DeleteEndpoint("db".into())])).unwrap());
+        assert_eq!(r.catalog.revision, 8);
+        assert!(!r.catalog.endpoints.contains_key("db"));
+
+        // A new snapshot replaces everything (objects deleted meanwhile disappear).
+        let mut smaller = cat.clone();
+        smaller.endpoints.clear();
+        smaller.routes.clear();
+        assert!(r.apply(&msg(20, true, true, smaller.snapshot_changes())).unwrap());
+        assert!(r.catalog.endpoints.is_empty());
+        assert_eq!(r.catalog.revision, 20);
+    }
+
+    #[test]
+    fn a_broken_snapshot_keeps_the_old_catalog() {
+        let cat = crate::desired::tests::catalog();
+        let mut r = Replica::new(cat.clone());
+        assert!(!r.apply(&msg(9, true, false, vec![])).unwrap());
+        r.abort_snapshot();
+        assert_eq!(r.catalog, cat);
+        assert!(r
+            .apply(&msg(10, false, false, vec![Change::DeleteEndpoint("db".into())]))
+            .unwrap());
+    }
+}
