@@ -41,10 +41,7 @@ impl Cli {
 }
 
 fn no_help_when_empty(command: clap::Command) -> clap::Command {
-    let names: Vec<String> = command
-        .get_subcommands()
-        .map(|s| s.get_name().to_string())
-        .collect();
+    let names: Vec<String> = command.get_subcommands().map(|s| s.get_name().to_string()).collect();
     let mut command = command.arg_required_else_help(false);
     for name in names {
         command = command.mut_subcommand(name, no_help_when_empty);
@@ -198,10 +195,7 @@ pub enum RouteCmd {
     Ls { network: Option<String> },
     /// Remove a route
     #[command(visible_alias = "remove")]
-    Rm {
-        network: String,
-        destination: String,
-    },
+    Rm { network: String, destination: String },
 }
 
 #[cfg(test)]
@@ -231,10 +225,7 @@ mod tests {
     }
 
     fn no_addressing() -> Addressing {
-        Addressing {
-            ip: None,
-            aliases: vec![],
-        }
+        Addressing { ip: None, aliases: vec![] }
     }
 
     #[test]
@@ -243,14 +234,7 @@ mod tests {
         assert_eq!(cli.controller, None);
         assert_eq!(cli.output, Format::Table);
 
-        let cli = parse(&[
-            "--controller",
-            "a:7400,b:7400",
-            "-o",
-            "json",
-            "network",
-            "ls",
-        ]);
+        let cli = parse(&["--controller", "a:7400,b:7400", "-o", "json", "network", "ls"]);
         assert_eq!(cli.controller.as_deref(), Some("a:7400,b:7400"));
         assert_eq!(cli.output, Format::Json);
 
@@ -259,18 +243,12 @@ mod tests {
         assert_eq!(cli.output, Format::Json);
 
         assert_eq!(parse(&["--output=json", "host", "ls"]).output, Format::Json);
-        assert_eq!(
-            fails(&["-o", "yaml", "network", "ls"]),
-            ErrorKind::InvalidValue
-        );
+        assert_eq!(fails(&["-o", "yaml", "network", "ls"]), ErrorKind::InvalidValue);
     }
 
     #[test]
     fn cluster_and_host() {
-        assert_eq!(
-            command(&["cluster", "status"]),
-            Command::Cluster(ClusterCmd::Status)
-        );
+        assert_eq!(command(&["cluster", "status"]), Command::Cluster(ClusterCmd::Status));
         assert_eq!(command(&["host", "ls"]), Command::Host(HostCmd::Ls));
         assert_eq!(command(&["host", "list"]), Command::Host(HostCmd::Ls));
         assert_eq!(
@@ -282,15 +260,7 @@ mod tests {
             })
         );
         assert_eq!(
-            command(&[
-                "host",
-                "add",
-                "h1",
-                "--underlay-ip",
-                "192.168.1.10",
-                "--mtu",
-                "9000"
-            ]),
+            command(&["host", "add", "h1", "--underlay-ip", "192.168.1.10", "--mtu", "9000"]),
             Command::Host(HostCmd::Add {
                 name: "h1".into(),
                 underlay_ip: "192.168.1.10".into(),
@@ -301,10 +271,7 @@ mod tests {
             command(&["host", "rm", "h1"]),
             Command::Host(HostCmd::Rm { name: "h1".into() })
         );
-        assert_eq!(
-            fails(&["host", "add", "h1"]),
-            ErrorKind::MissingRequiredArgument
-        );
+        assert_eq!(fails(&["host", "add", "h1"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(
             fails(&["host", "add", "h1", "--underlay-ip", "x", "--mtu", "big"]),
             ErrorKind::ValueValidation
@@ -355,45 +322,27 @@ mod tests {
                 vni: Some(42),
             }))
         );
-        assert_eq!(
-            fails(&["network", "create", "x"]),
-            ErrorKind::MissingRequiredArgument
-        );
+        assert_eq!(fails(&["network", "create", "x"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(
             fails(&["network", "create", "--subnet", "10.0.0.0/8"]),
             ErrorKind::MissingRequiredArgument
         );
         assert_eq!(
-            fails(&[
-                "network",
-                "create",
-                "x",
-                "--subnet",
-                "10.0.0.0/8",
-                "--vni",
-                "-1"
-            ]),
+            fails(&["network", "create", "x", "--subnet", "10.0.0.0/8", "--vni", "-1"]),
             ErrorKind::UnknownArgument
         );
     }
 
     #[test]
     fn network_others() {
-        assert_eq!(
-            command(&["network", "ls"]),
-            Command::Network(NetworkCmd::Ls)
-        );
+        assert_eq!(command(&["network", "ls"]), Command::Network(NetworkCmd::Ls));
         assert_eq!(
             command(&["network", "inspect", "frontend"]),
-            Command::Network(NetworkCmd::Inspect {
-                name: "frontend".into()
-            })
+            Command::Network(NetworkCmd::Inspect { name: "frontend".into() })
         );
         assert_eq!(
             command(&["network", "rm", "frontend"]),
-            Command::Network(NetworkCmd::Rm {
-                name: "frontend".into()
-            })
+            Command::Network(NetworkCmd::Rm { name: "frontend".into() })
         );
         assert_eq!(
             command(&["network", "connect", "backend", "gw"]),
@@ -434,15 +383,7 @@ mod tests {
     #[test]
     fn endpoint() {
         assert_eq!(
-            command(&[
-                "endpoint",
-                "create",
-                "s1",
-                "--host",
-                "h1",
-                "--network",
-                "frontend"
-            ]),
+            command(&["endpoint", "create", "s1", "--host", "h1", "--network", "frontend"]),
             Command::Endpoint(EndpointCmd::Create {
                 name: "s1".into(),
                 host: "h1".into(),
@@ -468,16 +409,10 @@ mod tests {
                 name: "s1".into(),
                 host: "h1".into(),
                 network: "frontend".into(),
-                addressing: Addressing {
-                    ip: Some("10.0.1.7".into()),
-                    aliases: vec!["web".into()]
-                },
+                addressing: Addressing { ip: Some("10.0.1.7".into()), aliases: vec!["web".into()] },
             })
         );
-        assert_eq!(
-            command(&["endpoint", "ls"]),
-            Command::Endpoint(EndpointCmd::Ls)
-        );
+        assert_eq!(command(&["endpoint", "ls"]), Command::Endpoint(EndpointCmd::Ls));
         assert_eq!(
             command(&["endpoint", "inspect", "s1"]),
             Command::Endpoint(EndpointCmd::Inspect { name: "s1".into() })
@@ -502,15 +437,10 @@ mod tests {
                 via: "gw".into()
             })
         );
-        assert_eq!(
-            command(&["route", "ls"]),
-            Command::Route(RouteCmd::Ls { network: None })
-        );
+        assert_eq!(command(&["route", "ls"]), Command::Route(RouteCmd::Ls { network: None }));
         assert_eq!(
             command(&["route", "ls", "frontend"]),
-            Command::Route(RouteCmd::Ls {
-                network: Some("frontend".into())
-            })
+            Command::Route(RouteCmd::Ls { network: Some("frontend".into()) })
         );
         assert_eq!(
             command(&["route", "rm", "frontend", "10.0.2.0/24"]),
@@ -534,10 +464,7 @@ mod tests {
         assert_eq!(fails(&["network"]), ErrorKind::MissingSubcommand);
         // The derive API agrees with `parse_args` on everything else.
         let argv = ["overlayctl", "-o", "json", "route", "ls", "frontend"];
-        assert_eq!(
-            Cli::try_parse_from(argv).map(|c| c.command).ok(),
-            Some(command(&argv[1..]))
-        );
+        assert_eq!(Cli::try_parse_from(argv).map(|c| c.command).ok(), Some(command(&argv[1..])));
     }
 
     #[test]

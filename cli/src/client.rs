@@ -108,24 +108,14 @@ pub fn resolve_urls(flag: Option<&str>, env: Option<&str>) -> Result<Vec<String>
         .map(normalize_url)
         .collect::<Result<Vec<_>, _>>()?;
     if urls.is_empty() {
-        return Err(Error::BadUrl {
-            url: raw.to_string(),
-            reason: "no URL given".into(),
-        });
+        return Err(Error::BadUrl { url: raw.to_string(), reason: "no URL given".into() });
     }
     Ok(urls)
 }
 
 fn normalize_url(url: &str) -> Result<String, Error> {
-    let bad = |reason: &str| Error::BadUrl {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let full = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    };
+    let bad = |reason: &str| Error::BadUrl { url: url.to_string(), reason: reason.to_string() };
+    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
     let uri: Uri = full.parse().map_err(|_| bad("expected http://IP:PORT"))?;
     let scheme = match uri.scheme_str() {
         Some(s @ ("http" | "https")) => s,
@@ -207,10 +197,7 @@ impl Controllers {
                 match miss {
                     Miss::NotSent(reason) => last[i] = Some(reason),
                     Miss::Unanswered(reason) if call == Call::Write => {
-                        return Err(Error::OutcomeUnknown {
-                            url: url.clone(),
-                            reason,
-                        });
+                        return Err(Error::OutcomeUnknown { url: url.clone(), reason });
                     }
                     Miss::Unanswered(reason) => {
                         unanswered = true;
@@ -224,12 +211,8 @@ impl Controllers {
             }
             tokio::time::sleep(policy.backoff).await;
         }
-        let reasons = self
-            .urls
-            .iter()
-            .zip(last)
-            .filter_map(|(url, why)| Some((url.clone(), why?)))
-            .collect();
+        let reasons =
+            self.urls.iter().zip(last).filter_map(|(url, why)| Some((url.clone(), why?))).collect();
         Err(Error::Unreachable(reasons))
     }
 }
@@ -261,10 +244,7 @@ fn classify(status: &Status) -> Option<Miss> {
         return Some(Miss::Unanswered(format!("the call failed: {cause}")));
     }
     if status.code() == Code::Unavailable {
-        return Some(Miss::Unanswered(format!(
-            "it answered unavailable: {}",
-            status.message()
-        )));
+        return Some(Miss::Unanswered(format!("it answered unavailable: {}", status.message())));
     }
     None
 }
@@ -336,10 +316,7 @@ mod tests {
         assert_eq!(urls(None, None), ["http://127.0.0.1:7400"]);
         assert_eq!(urls(None, Some("")), ["http://127.0.0.1:7400"]);
         assert_eq!(urls(None, Some("10.0.0.1:7400")), ["http://10.0.0.1:7400"]);
-        assert_eq!(
-            urls(Some("10.0.0.2:9000"), Some("10.0.0.1:7400")),
-            ["http://10.0.0.2:9000"]
-        );
+        assert_eq!(urls(Some("10.0.0.2:9000"), Some("10.0.0.1:7400")), ["http://10.0.0.2:9000"]);
     }
 
     #[test]
@@ -359,18 +336,12 @@ mod tests {
     #[test]
     fn bad_urls_are_named() {
         assert_eq!(bad_url(""), r#"invalid controller URL "": no URL given"#);
-        assert_eq!(
-            bad_url(" , "),
-            r#"invalid controller URL " , ": no URL given"#
-        );
+        assert_eq!(bad_url(" , "), r#"invalid controller URL " , ": no URL given"#);
         assert_eq!(
             bad_url("ftp://x:1"),
             r#"invalid controller URL "ftp://x:1": the scheme must be http or https"#
         );
-        assert_eq!(
-            bad_url("a b"),
-            r#"invalid controller URL "a b": expected http://IP:PORT"#
-        );
+        assert_eq!(bad_url("a b"), r#"invalid controller URL "a b": expected http://IP:PORT"#);
         assert_eq!(
             bad_url("h:1/api"),
             r#"invalid controller URL "h:1/api": a controller URL has no path"#
@@ -394,9 +365,7 @@ mod tests {
 
     /// A port on which nothing listens.
     async fn refused_url() -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         drop(listener);
         format!("http://{addr}")
@@ -514,10 +483,7 @@ mod tests {
         let (picky, _) = fake::spawn(Behaviour::Fail(Code::InvalidArgument, message.into())).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
         let ctl = Controllers::new(vec![picky, live], quick());
-        assert_eq!(
-            create(&ctl).await.expect_err("refused").to_string(),
-            message
-        );
+        assert_eq!(create(&ctl).await.expect_err("refused").to_string(), message);
         assert_eq!(list(&ctl).await.expect_err("refused").to_string(), message);
         assert_eq!(count(&live_calls), 0);
     }

@@ -30,15 +30,10 @@ struct Fake {
 
 /// Serves a fake controller on a free local port; returns its URL and a call counter.
 pub async fn spawn(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let calls = Arc::new(AtomicUsize::new(0));
-    let fake = Fake {
-        behaviour,
-        calls: calls.clone(),
-    };
+    let fake = Fake { behaviour, calls: calls.clone() };
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tokio::spawn(
         tonic::transport::Server::builder().serve_with_incoming(OverlayServer::new(fake), incoming),
@@ -165,11 +160,8 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::NetworkList>, Status> {
-        self.answer(|| pb::NetworkList {
-            networks: vec![sample_network("frontend")],
-            revision: 1,
-        })
-        .await
+        self.answer(|| pb::NetworkList { networks: vec![sample_network("frontend")], revision: 1 })
+            .await
     }
     async fn inspect_network(
         &self,
@@ -187,15 +179,13 @@ impl Overlay for Fake {
         &self,
         r: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        self.answer(|| sample_endpoint(&r.into_inner().endpoint))
-            .await
+        self.answer(|| sample_endpoint(&r.into_inner().endpoint)).await
     }
     async fn disconnect_network(
         &self,
         r: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        self.answer(|| sample_endpoint(&r.into_inner().endpoint))
-            .await
+        self.answer(|| sample_endpoint(&r.into_inner().endpoint)).await
     }
     async fn create_endpoint(
         &self,
@@ -207,11 +197,8 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::EndpointList>, Status> {
-        self.answer(|| pb::EndpointList {
-            endpoints: vec![sample_endpoint("s1")],
-            revision: 1,
-        })
-        .await
+        self.answer(|| pb::EndpointList { endpoints: vec![sample_endpoint("s1")], revision: 1 })
+            .await
     }
     async fn inspect_endpoint(
         &self,
@@ -235,11 +222,7 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::RouteList>, Status> {
-        self.answer(|| pb::RouteList {
-            routes: vec![sample_route()],
-            revision: 1,
-        })
-        .await
+        self.answer(|| pb::RouteList { routes: vec![sample_route()], revision: 1 }).await
     }
     async fn remove_route(
         &self,
@@ -251,11 +234,7 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::HostList>, Status> {
-        self.answer(|| pb::HostList {
-            hosts: vec![sample_host("h1")],
-            revision: 1,
-        })
-        .await
+        self.answer(|| pb::HostList { hosts: vec![sample_host("h1")], revision: 1 }).await
     }
     async fn register_host(
         &self,
@@ -273,15 +252,11 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.answer(|| pb::HeartbeatResponse {
-            status: "ready".into(),
-        })
-        .await
+        self.answer(|| pb::HeartbeatResponse { status: "ready".into() }).await
     }
     type WatchStream = WatchStream;
     async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        self.answer(|| Box::pin(tokio_stream::empty()) as WatchStream)
-            .await
+        self.answer(|| Box::pin(tokio_stream::empty()) as WatchStream).await
     }
     async fn cluster_status(
         &self,

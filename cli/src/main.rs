@@ -78,10 +78,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
@@ -118,10 +115,7 @@ fn usage_message(rendered: &str) -> String {
         .take_while(|l| !l.is_empty())
         .collect();
     let line = paragraph.join(" ");
-    let line = line
-        .strip_prefix("error:")
-        .map(str::trim_start)
-        .unwrap_or(&line);
+    let line = line.strip_prefix("error:").map(str::trim_start).unwrap_or(&line);
     if line.is_empty() {
         "invalid arguments".into()
     } else {
@@ -130,12 +124,7 @@ fn usage_message(rendered: &str) -> String {
 }
 
 fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 /// Calls one RPC through [`Controllers::call`]; the request is cloned for each attempt.
@@ -167,28 +156,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let list = rpc!(ctl, Read, list_hosts, pb::ListHostsRequest::default());
             emit(out, &list.hosts[..])
         }
-        Command::Host(HostCmd::Add {
-            name,
-            underlay_ip,
-            mtu,
-        }) => {
+        Command::Host(HostCmd::Add { name, underlay_ip, mtu }) => {
             validate_name(&name)?;
             parse::ipv4(&underlay_ip)?;
-            let request = pb::RegisterHostRequest {
-                name,
-                underlay_ip,
-                underlay_mtu: explicit_mtu(mtu)?,
-            };
+            let request =
+                pb::RegisterHostRequest { name, underlay_ip, underlay_mtu: explicit_mtu(mtu)? };
             emit(out, &rpc!(ctl, Write, register_host, request))
         }
         Command::Host(HostCmd::Rm { name }) => {
             validate_name(&name)?;
-            rpc!(
-                ctl,
-                Write,
-                remove_host,
-                pb::NameRequest { name: name.clone() }
-            );
+            rpc!(ctl, Write, remove_host, pb::NameRequest { name: name.clone() });
             emit(out, &Removed::Named { kind: "host", name })
         }
 
@@ -202,41 +179,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Network(NetworkCmd::Inspect { name }) => {
             validate_name(&name)?;
-            emit(
-                out,
-                &rpc!(ctl, Read, inspect_network, pb::NameRequest { name }),
-            )
+            emit(out, &rpc!(ctl, Read, inspect_network, pb::NameRequest { name }))
         }
         Command::Network(NetworkCmd::Rm { name }) => {
             validate_name(&name)?;
-            rpc!(
-                ctl,
-                Write,
-                remove_network,
-                pb::NameRequest { name: name.clone() }
-            );
-            emit(
-                out,
-                &Removed::Named {
-                    kind: "network",
-                    name,
-                },
-            )
+            rpc!(ctl, Write, remove_network, pb::NameRequest { name: name.clone() });
+            emit(out, &Removed::Named { kind: "network", name })
         }
-        Command::Network(NetworkCmd::Connect {
-            network,
-            endpoint,
-            addressing,
-        }) => {
+        Command::Network(NetworkCmd::Connect { network, endpoint, addressing }) => {
             validate_name(&network)?;
             validate_name(&endpoint)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::ConnectRequest {
-                network,
-                endpoint,
-                ip,
-                aliases,
-            };
+            let request = pb::ConnectRequest { network, endpoint, ip, aliases };
             emit(out, &rpc!(ctl, Write, connect_network, request))
         }
         Command::Network(NetworkCmd::Disconnect { network, endpoint }) => {
@@ -246,71 +200,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(out, &rpc!(ctl, Write, disconnect_network, request))
         }
 
-        Command::Endpoint(EndpointCmd::Create {
-            name,
-            host,
-            network,
-            addressing,
-        }) => {
+        Command::Endpoint(EndpointCmd::Create { name, host, network, addressing }) => {
             validate_name(&name)?;
             validate_name(&host)?;
             validate_name(&network)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::CreateEndpointRequest {
-                name,
-                host,
-                network,
-                ip,
-                aliases,
-            };
+            let request = pb::CreateEndpointRequest { name, host, network, ip, aliases };
             emit(out, &rpc!(ctl, Write, create_endpoint, request))
         }
         Command::Endpoint(EndpointCmd::Ls) => {
-            let list = rpc!(
-                ctl,
-                Read,
-                list_endpoints,
-                pb::ListEndpointsRequest::default()
-            );
+            let list = rpc!(ctl, Read, list_endpoints, pb::ListEndpointsRequest::default());
             emit(out, &list.endpoints[..])
         }
         Command::Endpoint(EndpointCmd::Inspect { name }) => {
             validate_name(&name)?;
-            emit(
-                out,
-                &rpc!(ctl, Read, inspect_endpoint, pb::NameRequest { name }),
-            )
+            emit(out, &rpc!(ctl, Read, inspect_endpoint, pb::NameRequest { name }))
         }
         Command::Endpoint(EndpointCmd::Rm { name }) => {
             validate_name(&name)?;
-            rpc!(
-                ctl,
-                Write,
-                remove_endpoint,
-                pb::NameRequest { name: name.clone() }
-            );
-            emit(
-                out,
-                &Removed::Named {
-                    kind: "endpoint",
-                    name,
-                },
-            )
+            rpc!(ctl, Write, remove_endpoint, pb::NameRequest { name: name.clone() });
+            emit(out, &Removed::Named { kind: "endpoint", name })
         }
 
-        Command::Route(RouteCmd::Add {
-            network,
-            destination,
-            via,
-        }) => {
+        Command::Route(RouteCmd::Add { network, destination, via }) => {
             validate_name(&network)?;
             parse::cidr(&destination)?;
             validate_name(&via)?;
-            let request = pb::AddRouteRequest {
-                network,
-                destination,
-                via,
-            };
+            let request = pb::AddRouteRequest { network, destination, via };
             emit(out, &rpc!(ctl, Write, add_route, request))
         }
         Command::Route(RouteCmd::Ls { network }) => {
@@ -324,10 +240,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let list = rpc!(ctl, Read, list_routes, request);
             emit(out, &list.routes[..])
         }
-        Command::Route(RouteCmd::Rm {
-            network,
-            destination,
-        }) => {
+        Command::Route(RouteCmd::Rm { network, destination }) => {
             validate_name(&network)?;
             parse::cidr(&destination)?;
             let request = pb::RemoveRouteRequest {
@@ -335,13 +248,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 destination: destination.clone(),
             };
             rpc!(ctl, Write, remove_route, request);
-            emit(
-                out,
-                &Removed::Route {
-                    network,
-                    destination,
-                },
-            )
+            emit(out, &Removed::Route { network, destination })
         }
     }
 }
@@ -405,10 +312,7 @@ fn emit<R: Render + ?Sized>(format: Format, item: &R) -> Result<(), Failure> {
         Format::Table => item.table(output::now_ms()),
     };
     let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::Output(e.to_string())),
         _ => Ok(()),
     }
@@ -419,9 +323,7 @@ mod tests {
     use super::*;
 
     fn create(args: &[&str]) -> Result<pb::CreateNetworkRequest, String> {
-        let argv = ["overlayctl", "network", "create"]
-            .into_iter()
-            .chain(args.iter().copied());
+        let argv = ["overlayctl", "network", "create"].into_iter().chain(args.iter().copied());
         match Cli::parse_args(argv).map_err(|e| e.to_string())?.command {
             Command::Network(NetworkCmd::Create(c)) => {
                 network_request(c).map_err(|e| e.to_string())
@@ -474,14 +376,8 @@ mod tests {
         let check = |args: &[&str], expected: ModelError| {
             assert_eq!(create(args), Err(expected.to_string()), "{args:?}");
         };
-        check(
-            &["Front", "--subnet", "10.0.1.0/24"],
-            ModelError::InvalidName("Front".into()),
-        );
-        check(
-            &["f", "--subnet", "10.0.1.5/24"],
-            ModelError::InvalidCidr("10.0.1.5/24".into()),
-        );
+        check(&["Front", "--subnet", "10.0.1.0/24"], ModelError::InvalidName("Front".into()));
+        check(&["f", "--subnet", "10.0.1.5/24"], ModelError::InvalidCidr("10.0.1.5/24".into()));
         check(
             &["f", "--subnet", "10.0.1.0/24", "--gateway", "x"],
             ModelError::InvalidIp("x".into()),
@@ -490,14 +386,8 @@ mod tests {
             &["f", "--subnet", "10.0.1.0/24", "--encap", "gre"],
             ModelError::InvalidEncap("gre".into()),
         );
-        check(
-            &["f", "--subnet", "10.0.1.0/24", "--vni", "0"],
-            ModelError::InvalidVni(0),
-        );
-        check(
-            &["f", "--subnet", "10.0.1.0/24", "--mtu", "0"],
-            ModelError::InvalidMtu(0),
-        );
+        check(&["f", "--subnet", "10.0.1.0/24", "--vni", "0"], ModelError::InvalidVni(0));
+        check(&["f", "--subnet", "10.0.1.0/24", "--mtu", "0"], ModelError::InvalidMtu(0));
     }
 
     #[test]
@@ -506,18 +396,12 @@ mod tests {
             ip: ip.map(String::from),
             aliases: aliases.iter().map(|s| s.to_string()).collect(),
         };
-        assert_eq!(
-            addressing_request(a(None, &[])),
-            Ok((String::new(), vec![]))
-        );
+        assert_eq!(addressing_request(a(None, &[])), Ok((String::new(), vec![])));
         assert_eq!(
             addressing_request(a(Some("10.0.1.9"), &["web"])),
             Ok(("10.0.1.9".into(), vec!["web".into()]))
         );
-        assert_eq!(
-            addressing_request(a(Some(""), &[])),
-            Err(ModelError::InvalidIp(String::new()))
-        );
+        assert_eq!(addressing_request(a(Some(""), &[])), Err(ModelError::InvalidIp(String::new())));
         assert_eq!(
             addressing_request(a(None, &["ok", "Bad_"])),
             Err(ModelError::InvalidName("Bad_".into()))
@@ -542,10 +426,7 @@ mod tests {
             usage(&["-o", "yaml", "network", "ls"]),
             "invalid value 'yaml' for '--output <OUTPUT>' [possible values: table, json]"
         );
-        assert_eq!(
-            usage(&["network", "ls", "--bogus"]),
-            "unexpected argument '--bogus' found"
-        );
+        assert_eq!(usage(&["network", "ls", "--bogus"]), "unexpected argument '--bogus' found");
         assert_eq!(usage(&["netwrk"]), "unrecognized subcommand 'netwrk'");
         assert_eq!(
             usage(&["network"]),

@@ -205,19 +205,7 @@ impl Render for [pb::Network] {
                 ]
             })
             .collect::<Vec<_>>();
-        table(
-            &[
-                "NAME",
-                "SUBNET",
-                "GATEWAY",
-                "VNI",
-                "MTU",
-                "ENCAP",
-                "INTERNAL",
-                "ENDPOINTS",
-            ],
-            &rows,
-        )
+        table(&["NAME", "SUBNET", "GATEWAY", "VNI", "MTU", "ENCAP", "INTERNAL", "ENDPOINTS"], &rows)
     }
 }
 
@@ -255,10 +243,7 @@ impl Render for pb::Network {
                 })
                 .collect::<Vec<_>>();
             out.push('\n');
-            out.push_str(&table(
-                &["NAME", "HOST", "INTERFACE", "IP", "MAC", "ALIASES"],
-                &rows,
-            ));
+            out.push_str(&table(&["NAME", "HOST", "INTERFACE", "IP", "MAC", "ALIASES"], &rows));
         }
         out
     }
@@ -296,18 +281,7 @@ impl Render for [pb::Endpoint] {
                 ]);
             }
         }
-        table(
-            &[
-                "NAME",
-                "HOST",
-                "NETWORK",
-                "INTERFACE",
-                "IP",
-                "MAC",
-                "ALIASES",
-            ],
-            &rows,
-        )
+        table(&["NAME", "HOST", "NETWORK", "INTERFACE", "IP", "MAC", "ALIASES"], &rows)
     }
 }
 
@@ -339,10 +313,7 @@ impl Render for [pb::Host] {
                 ]
             })
             .collect::<Vec<_>>();
-        table(
-            &["NAME", "UNDERLAY-IP", "STATUS", "ENDPOINTS", "LAST-SEEN"],
-            &rows,
-        )
+        table(&["NAME", "UNDERLAY-IP", "STATUS", "ENDPOINTS", "LAST-SEEN"], &rows)
     }
 }
 
@@ -364,14 +335,7 @@ impl Render for [pb::Route] {
     fn table(&self, _now_ms: i64) -> String {
         let rows = self
             .iter()
-            .map(|r| {
-                vec![
-                    cell(&r.network),
-                    cell(&r.destination),
-                    cell(&r.via),
-                    cell(&r.via_ip),
-                ]
-            })
+            .map(|r| vec![cell(&r.network), cell(&r.destination), cell(&r.via), cell(&r.via_ip)])
             .collect::<Vec<_>>();
         table(&["NETWORK", "DESTINATION", "VIA", "VIA-IP"], &rows)
     }
@@ -413,16 +377,7 @@ impl Render for pb::ClusterStatusResponse {
             })
             .collect::<Vec<_>>();
         table(
-            &[
-                "ID",
-                "ADDRESS",
-                "ROLE",
-                "TERM",
-                "COMMIT",
-                "APPLIED",
-                "REVISION",
-                "REACHABLE",
-            ],
+            &["ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "REVISION", "REACHABLE"],
             &rows,
         )
     }
@@ -432,7 +387,10 @@ impl Render for pb::ClusterStatusResponse {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removed {
     /// `kind` is `network`, `endpoint` or `host`.
-    Named { kind: &'static str, name: String },
+    Named {
+        kind: &'static str,
+        name: String,
+    },
     Route {
         network: String,
         destination: String,
@@ -460,10 +418,7 @@ impl Render for Removed {
                 network: None,
                 destination: None,
             },
-            Removed::Route {
-                network,
-                destination,
-            } => RemovedJson {
+            Removed::Route { network, destination } => RemovedJson {
                 removed: "route",
                 name: None,
                 network: Some(network.clone()),
@@ -474,10 +429,7 @@ impl Render for Removed {
     fn table(&self, _now_ms: i64) -> String {
         match self {
             Removed::Named { kind, name } => format!("removed {kind} {name}\n"),
-            Removed::Route {
-                network,
-                destination,
-            } => {
+            Removed::Route { network, destination } => {
                 format!("removed route {destination} from network {network}\n")
             }
         }
@@ -506,10 +458,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             }
             line.push_str(value);
             let width = widths.get(i).copied().unwrap_or(0);
-            line.extend(std::iter::repeat_n(
-                ' ',
-                width.saturating_sub(value.chars().count()),
-            ));
+            line.extend(std::iter::repeat_n(' ', width.saturating_sub(value.chars().count())));
         }
         out.push_str(line.trim_end());
         out.push('\n');
@@ -520,10 +469,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// `Key:   value` lines with the values aligned.
 fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:")))
-        .collect()
+    pairs.iter().map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:"))).collect()
 }
 
 /// Empty strings print as `-` so that columns stay countable.
@@ -664,18 +610,9 @@ mod tests {
             "underlay_mtu": 1500,
         });
         assert_eq!(value(&sample_host("h1")), expected);
-        let never = pb::Host {
-            last_seen_ms: 0,
-            status: "down".into(),
-            ..sample_host("h2")
-        };
+        let never = pb::Host { last_seen_ms: 0, status: "down".into(), ..sample_host("h2") };
         assert_eq!(value(&never)["last_seen"], Value::Null);
-        assert_eq!(
-            value(&[sample_host("h1"), never][..])
-                .as_array()
-                .map(Vec::len),
-            Some(2)
-        );
+        assert_eq!(value(&[sample_host("h1"), never][..]).as_array().map(Vec::len), Some(2));
     }
 
     #[test]
@@ -701,36 +638,22 @@ mod tests {
                 "members": [member(1, "leader", true), member(2, "follower", true), member(3, "unreachable", false)],
             })
         );
-        let leaderless = pb::ClusterStatusResponse {
-            leader: 0,
-            members: vec![],
-        };
+        let leaderless = pb::ClusterStatusResponse { leader: 0, members: vec![] };
         assert_eq!(value(&leaderless), json!({"leader": null, "members": []}));
     }
 
     #[test]
     fn removed_json_and_table() {
-        let endpoint = Removed::Named {
-            kind: "endpoint",
-            name: "s1".into(),
-        };
-        assert_eq!(
-            value(&endpoint),
-            json!({"removed": "endpoint", "name": "s1"})
-        );
+        let endpoint = Removed::Named { kind: "endpoint", name: "s1".into() };
+        assert_eq!(value(&endpoint), json!({"removed": "endpoint", "name": "s1"}));
         assert_eq!(endpoint.table(0), "removed endpoint s1\n");
-        let route = Removed::Route {
-            network: "frontend".into(),
-            destination: "10.0.2.0/24".into(),
-        };
+        let route =
+            Removed::Route { network: "frontend".into(), destination: "10.0.2.0/24".into() };
         assert_eq!(
             value(&route),
             json!({"removed": "route", "network": "frontend", "destination": "10.0.2.0/24"})
         );
-        assert_eq!(
-            route.table(0),
-            "removed route 10.0.2.0/24 from network frontend\n"
-        );
+        assert_eq!(route.table(0), "removed route 10.0.2.0/24 from network frontend\n");
     }
 
     #[test]
@@ -777,11 +700,7 @@ s1     h1     eth0        10.0.1.2   02:00:00:00:00:01   web
 
     #[test]
     fn endpoint_table_has_a_row_per_attachment() {
-        let bare = pb::Endpoint {
-            name: "lonely".into(),
-            host: "h2".into(),
-            attachments: vec![],
-        };
+        let bare = pb::Endpoint { name: "lonely".into(), host: "h2".into(), attachments: vec![] };
         assert_eq!(
             [sample_endpoint("s1"), bare].table(0),
             "\
@@ -796,12 +715,8 @@ lonely   h2     -          -           -          -                   -
     #[test]
     fn host_route_cluster_tables() {
         let now = 1_795_428_247_500;
-        let never = pb::Host {
-            last_seen_ms: 0,
-            status: "down".into(),
-            endpoints: 0,
-            ..sample_host("h2")
-        };
+        let never =
+            pb::Host { last_seen_ms: 0, status: "down".into(), endpoints: 0, ..sample_host("h2") };
         assert_eq!(
             [sample_host("h1"), never].table(now),
             "\
@@ -826,10 +741,7 @@ ID   ADDRESS         ROLE          TERM   COMMIT   APPLIED   REVISION   REACHABL
 3    10.0.0.3:7400   unreachable   3      42       42        17         false
 "
         );
-        assert_eq!(
-            ([] as [pb::Route; 0]).table(0),
-            "NETWORK   DESTINATION   VIA   VIA-IP\n"
-        );
+        assert_eq!(([] as [pb::Route; 0]).table(0), "NETWORK   DESTINATION   VIA   VIA-IP\n");
     }
 
     #[test]
@@ -842,10 +754,7 @@ ID   ADDRESS         ROLE          TERM   COMMIT   APPLIED   REVISION   REACHABL
         assert_eq!(ago(now - 60_000, now), "1m ago");
         assert_eq!(ago(now - 7_200_000, now), "2h ago");
         assert_eq!(ago(now - 3 * 86_400_000, now), "3d ago");
-        assert_eq!(
-            ago(i64::MIN + 1, i64::MAX),
-            format!("{}d ago", i64::MAX / 1000 / 86400)
-        );
+        assert_eq!(ago(i64::MIN + 1, i64::MAX), format!("{}d ago", i64::MAX / 1000 / 86400));
     }
 
     #[test]

@@ -30,10 +30,7 @@ fn assert_error(out: &Output, code: i32) -> String {
     assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
     assert_eq!(text(&out.stdout), "");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("error: ") && stderr.ends_with('\n'),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("error: ") && stderr.ends_with('\n'), "{stderr}");
     stderr.trim_end().to_string()
 }
 
@@ -44,9 +41,7 @@ fn assert_ok(out: &Output) -> String {
 }
 
 async fn refused_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     format!("http://{addr}")
@@ -75,16 +70,9 @@ async fn help_and_version_exit_0() {
 #[tokio::test]
 async fn bad_input_fails_before_any_call() {
     let (url, calls) = fake::spawn(Behaviour::Answer).await;
-    let out = overlayctl(&[
-        "--controller",
-        &url,
-        "network",
-        "create",
-        "f",
-        "--subnet",
-        "10.0.1.5/24",
-    ])
-    .await;
+    let out =
+        overlayctl(&["--controller", &url, "network", "create", "f", "--subnet", "10.0.1.5/24"])
+            .await;
     assert_eq!(
         assert_error(&out, 1),
         r#"error: invalid CIDR "10.0.1.5/24": expected an IPv4 network such as 10.0.1.0/24"#
@@ -106,16 +94,9 @@ async fn no_controller_is_one_line() {
 async fn the_controller_message_is_the_error() {
     let message = "subnet 10.0.1.0/25 overlaps network frontend (10.0.1.0/24)";
     let (url, _) = fake::spawn(Behaviour::Fail(Code::InvalidArgument, message.into())).await;
-    let out = overlayctl(&[
-        "--controller",
-        &url,
-        "network",
-        "create",
-        "b",
-        "--subnet",
-        "10.0.1.0/25",
-    ])
-    .await;
+    let out =
+        overlayctl(&["--controller", &url, "network", "create", "b", "--subnet", "10.0.1.0/25"])
+            .await;
     assert_eq!(assert_error(&out, 1), format!("error: {message}"));
 }
 

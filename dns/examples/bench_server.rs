@@ -90,14 +90,8 @@ fn run() -> Result<(), String> {
         };
         println!("ready");
         // spawned, as the agent does: the server task runs on a worker thread
-        let server = serve(
-            udp,
-            tcp,
-            "client".into(),
-            rx,
-            Arc::new(Upstream::new(Vec::new())),
-            shutdown,
-        );
+        let server =
+            serve(udp, tcp, "client".into(), rx, Arc::new(Upstream::new(Vec::new())), shutdown);
         match tokio::spawn(server).await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(e) => Err(format!("server task: {e}")),

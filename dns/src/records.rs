@@ -89,10 +89,7 @@ impl DnsView {
     /// Indexes `catalog`. Objects referring to something missing (a catalog caught
     /// mid-replication) are skipped rather than trusted.
     pub fn build(catalog: &Catalog) -> DnsView {
-        let mut view = DnsView {
-            revision: catalog.revision,
-            ..DnsView::default()
-        };
+        let mut view = DnsView { revision: catalog.revision, ..DnsView::default() };
         for (id, net) in catalog.networks.values().enumerate() {
             let id = id as NetId;
             view.net_ids.insert(key(&net.name), id);
@@ -114,9 +111,7 @@ impl DnsView {
                 };
                 asker.attached.push(net);
                 asker.may_forward |= !view.networks[net as usize].internal;
-                asker
-                    .routes
-                    .extend(catalog.routes_in(&att.network).map(|r| r.destination));
+                asker.routes.extend(catalog.routes_in(&att.network).map(|r| r.destination));
 
                 let holder = Holder { net, ip: att.ip };
                 view.holders.entry(key(&ep.name)).or_default().push(holder);
@@ -125,18 +120,13 @@ impl DnsView {
                 }
                 let ptr_name = format!("{}.{}.", ep.name, att.network).to_ascii_lowercase();
                 if let Ok(name) = Name::from_dotted(&ptr_name) {
-                    let target = PtrTarget {
-                        net,
-                        name: name.wire().into(),
-                    };
+                    let target = PtrTarget { net, name: name.wire().into() };
                     view.ptr.entry(att.ip).or_default().push(target);
                 }
             }
             asker.attached.sort_unstable();
             asker.attached.dedup();
-            asker
-                .routes
-                .sort_unstable_by_key(|r| (r.network(), r.prefix()));
+            asker.routes.sort_unstable_by_key(|r| (r.network(), r.prefix()));
             asker.routes.dedup();
             view.askers.insert(key(&ep.name), asker);
         }
@@ -159,12 +149,7 @@ impl DnsView {
     /// for logs and tests.
     pub fn networks_of(&self, asker: &str) -> Vec<&str> {
         self.asker(asker.to_ascii_lowercase().as_bytes())
-            .map(|a| {
-                a.attached
-                    .iter()
-                    .map(|&n| &*self.networks[n as usize].name)
-                    .collect()
-            })
+            .map(|a| a.attached.iter().map(|&n| &*self.networks[n as usize].name).collect())
             .unwrap_or_default()
     }
 
@@ -195,11 +180,7 @@ impl DnsView {
         // last range starting at or before ip; check a couple before it in case a
         // catalog mid-replication broke that rule.
         let at = self.subnets.partition_point(|&(first, _)| first <= ip);
-        self.subnets[..at]
-            .iter()
-            .rev()
-            .take(2)
-            .any(|&(first, last)| first <= ip && ip <= last)
+        self.subnets[..at].iter().rev().take(2).any(|&(first, last)| first <= ip && ip <= last)
     }
 }
 
@@ -211,17 +192,11 @@ mod tests {
     #[test]
     fn indexes_names_aliases_and_addresses() {
         let cat = catalog(
-            &[
-                ("front", "10.0.1.0/24", false),
-                ("back", "10.0.2.0/24", true),
-            ],
+            &[("front", "10.0.1.0/24", false), ("back", "10.0.2.0/24", true)],
             &[
                 ("web", &[("front", "10.0.1.2", &["www"])]),
                 ("db", &[("back", "10.0.2.2", &[])]),
-                (
-                    "api",
-                    &[("front", "10.0.1.3", &["www"]), ("back", "10.0.2.3", &[])],
-                ),
+                ("api", &[("front", "10.0.1.3", &["www"]), ("back", "10.0.2.3", &[])]),
             ],
             &[],
         );
@@ -230,16 +205,10 @@ mod tests {
         assert_eq!(view.holders(b"www").map(<[Holder]>::len), Some(2));
         assert_eq!(view.holders(b"api").map(<[Holder]>::len), Some(2));
         assert!(view.asker(b"web").is_some_and(|a| a.may_forward));
-        assert!(
-            view.asker(b"db").is_some_and(|a| !a.may_forward),
-            "internal only"
-        );
+        assert!(view.asker(b"db").is_some_and(|a| !a.may_forward), "internal only");
         assert!(view.in_overlay_subnet(Ipv4Addr::new(10, 0, 2, 200)));
         assert!(!view.in_overlay_subnet(Ipv4Addr::new(10, 0, 3, 1)));
         let ptr = view.ptr(Ipv4Addr::new(10, 0, 1, 3)).expect("has ptr");
-        assert_eq!(
-            &*ptr[0].name,
-            Name::from_dotted("api.front.").expect("valid").wire()
-        );
+        assert_eq!(&*ptr[0].name, Name::from_dotted("api.front.").expect("valid").wire());
     }
 }

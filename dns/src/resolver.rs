@@ -81,10 +81,7 @@ pub struct AddrList {
 
 impl AddrList {
     fn new() -> AddrList {
-        AddrList {
-            buf: [Ipv4Addr::UNSPECIFIED; MAX_ANSWERS],
-            len: 0,
-        }
+        AddrList { buf: [Ipv4Addr::UNSPECIFIED; MAX_ANSWERS], len: 0 }
     }
 
     /// Adds `ip` unless full or already present.
@@ -108,11 +105,7 @@ impl std::fmt::Debug for AddrList {
 
 impl Local<'_> {
     fn new(rcode: Rcode, authoritative: bool) -> Self {
-        Local {
-            rcode,
-            authoritative,
-            records: Records::None,
-        }
+        Local { rcode, authoritative, records: Records::None }
     }
 
     pub fn rdata(&self) -> Rdata<'_> {
@@ -125,15 +118,7 @@ impl Local<'_> {
 
     /// Writes the response to `query` into `out`, truncated (TC) beyond `limit` bytes.
     pub fn write(&self, query: &Query<'_>, limit: usize, out: &mut Vec<u8>) {
-        wire::write_response(
-            query,
-            self.rcode,
-            self.authoritative,
-            self.rdata(),
-            TTL,
-            limit,
-            out,
-        );
+        wire::write_response(query, self.rcode, self.authoritative, self.rdata(), TTL, limit, out);
     }
 }
 
@@ -227,11 +212,7 @@ fn addresses<'v>(list: AddrList, qtype: u16) -> Answer<'v> {
     if qtype != TYPE_A && qtype != TYPE_ANY {
         return nodata();
     }
-    Answer::Local(Local {
-        rcode: Rcode::NoError,
-        authoritative: true,
-        records: Records::A(list),
-    })
+    Answer::Local(Local { rcode: Rcode::NoError, authoritative: true, records: Records::A(list) })
 }
 
 /// `NAME`: the holders' addresses in networks the asker is attached to.
@@ -259,20 +240,13 @@ fn qualified<'v>(
     let Some(asker) = asker else {
         return nxdomain();
     };
-    addresses(
-        collect(view, holders, |h| h.net == net && asker.reaches(net, h.ip)),
-        qtype,
-    )
+    addresses(collect(view, holders, |h| h.net == net && asker.reaches(net, h.ip)), qtype)
 }
 
 /// PTR for an address: ours if it is an endpoint address or inside an overlay subnet.
 fn reverse<'v>(view: &'v DnsView, asker: Option<&Asker>, ip: Ipv4Addr, qtype: u16) -> Answer<'v> {
     let Some(targets) = view.ptr(ip) else {
-        return if view.in_overlay_subnet(ip) {
-            nxdomain()
-        } else {
-            forward(asker)
-        };
+        return if view.in_overlay_subnet(ip) { nxdomain() } else { forward(asker) };
     };
     let reachable = |net: NetId| asker.is_some_and(|a| a.reaches(net, ip));
     let Some(target) = targets.iter().find(|t| reachable(t.net)) else {
@@ -341,15 +315,9 @@ mod tests {
                 ("web", &[("front", "10.0.1.2", &["www", "app"])]),
                 ("web2", &[("front", "10.0.1.3", &["www"])]),
                 ("db", &[("back", "10.0.2.2", &["database"])]),
-                (
-                    "gw",
-                    &[("front", "10.0.1.254", &[]), ("dmz", "10.0.3.254", &[])],
-                ),
+                ("gw", &[("front", "10.0.1.254", &[]), ("dmz", "10.0.3.254", &[])]),
                 ("proxy", &[("dmz", "10.0.3.2", &["app"])]),
-                (
-                    "multi",
-                    &[("front", "10.0.1.9", &[]), ("back", "10.0.2.9", &[])],
-                ),
+                ("multi", &[("front", "10.0.1.9", &[]), ("back", "10.0.2.9", &[])]),
                 ("safe", &[("vault", "10.0.4.2", &[])]),
             ],
             &[("front", "10.0.3.0/24", "gw")],
@@ -365,11 +333,7 @@ mod tests {
 
     fn addrs(answer: &Answer<'_>) -> Vec<Ipv4Addr> {
         match answer {
-            Answer::Local(Local {
-                rcode: Rcode::NoError,
-                records: Records::A(l),
-                ..
-            }) => {
+            Answer::Local(Local { rcode: Rcode::NoError, records: Records::A(l), .. }) => {
                 let mut v = l.as_slice().to_vec();
                 v.sort();
                 v
@@ -387,10 +351,9 @@ mod tests {
 
     fn ptr(answer: &Answer<'_>) -> String {
         match answer {
-            Answer::Local(Local {
-                records: Records::Ptr(n),
-                ..
-            }) => wire::read_name(n, 0).expect("valid").0.to_dotted(),
+            Answer::Local(Local { records: Records::Ptr(n), .. }) => {
+                wire::read_name(n, 0).expect("valid").0.to_dotted()
+            }
             other => panic!("expected PTR, got {other:?}"),
         }
     }
@@ -399,24 +362,14 @@ mod tests {
     fn endpoint_name_resolves_in_shared_network() {
         let v = view();
         assert_eq!(addrs(&ask(&v, "web2", "web", TYPE_A)), vec![ip("10.0.1.2")]);
-        assert_eq!(
-            addrs(&ask(&v, "web", "web", TYPE_A)),
-            vec![ip("10.0.1.2")],
-            "itself"
-        );
+        assert_eq!(addrs(&ask(&v, "web", "web", TYPE_A)), vec![ip("10.0.1.2")], "itself");
     }
 
     #[test]
     fn names_are_case_insensitive_and_trailing_dot_optional() {
         let v = view();
-        assert_eq!(
-            addrs(&ask(&v, "web2", "WeB.", TYPE_A)),
-            vec![ip("10.0.1.2")]
-        );
-        assert_eq!(
-            addrs(&ask(&v, "WEB2", "web.FRONT.", TYPE_A)),
-            vec![ip("10.0.1.2")]
-        );
+        assert_eq!(addrs(&ask(&v, "web2", "WeB.", TYPE_A)), vec![ip("10.0.1.2")]);
+        assert_eq!(addrs(&ask(&v, "WEB2", "web.FRONT.", TYPE_A)), vec![ip("10.0.1.2")]);
     }
 
     #[test]
@@ -432,25 +385,16 @@ mod tests {
             ],
             &[],
         ));
-        assert_eq!(
-            addrs(&ask(&both, "y", "x", TYPE_A)),
-            vec![ip("10.1.0.2"), ip("10.2.0.2")]
-        );
+        assert_eq!(addrs(&ask(&both, "y", "x", TYPE_A)), vec![ip("10.1.0.2"), ip("10.2.0.2")]);
     }
 
     #[test]
     fn aliases_resolve_only_in_their_network() {
         let v = view();
-        assert_eq!(
-            addrs(&ask(&v, "multi", "database", TYPE_A)),
-            vec![ip("10.0.2.2")]
-        );
+        assert_eq!(addrs(&ask(&v, "multi", "database", TYPE_A)), vec![ip("10.0.2.2")]);
         // "app" is web's alias in front and proxy's alias in dmz
         assert_eq!(addrs(&ask(&v, "web2", "app", TYPE_A)), vec![ip("10.0.1.2")]);
-        assert_eq!(
-            addrs(&ask(&v, "gw", "app", TYPE_A)),
-            vec![ip("10.0.1.2"), ip("10.0.3.2")]
-        );
+        assert_eq!(addrs(&ask(&v, "gw", "app", TYPE_A)), vec![ip("10.0.1.2"), ip("10.0.3.2")]);
     }
 
     #[test]
@@ -459,20 +403,14 @@ mod tests {
         let mut firsts = Vec::new();
         for _ in 0..4 {
             match ask(&v, "multi", "www", TYPE_A) {
-                Answer::Local(Local {
-                    records: Records::A(l),
-                    ..
-                }) => {
+                Answer::Local(Local { records: Records::A(l), .. }) => {
                     assert_eq!(l.as_slice().len(), 2);
                     firsts.push(l.as_slice()[0]);
                 }
                 other => panic!("{other:?}"),
             }
         }
-        assert!(
-            firsts.contains(&ip("10.0.1.2")) && firsts.contains(&ip("10.0.1.3")),
-            "{firsts:?}"
-        );
+        assert!(firsts.contains(&ip("10.0.1.2")) && firsts.contains(&ip("10.0.1.3")), "{firsts:?}");
         assert_ne!(firsts[0], firsts[1], "consecutive queries rotate");
     }
 
@@ -480,66 +418,33 @@ mod tests {
     fn isolated_networks_give_nxdomain() {
         let v = view();
         assert_eq!(rcode(&ask(&v, "web", "db", TYPE_A)), Some(Rcode::NxDomain));
-        assert_eq!(
-            rcode(&ask(&v, "web", "database", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
-        assert_eq!(
-            rcode(&ask(&v, "web", "db.back", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "web", "database", TYPE_A)), Some(Rcode::NxDomain));
+        assert_eq!(rcode(&ask(&v, "web", "db.back", TYPE_A)), Some(Rcode::NxDomain));
         assert_eq!(rcode(&ask(&v, "db", "web", TYPE_A)), Some(Rcode::NxDomain));
         // a bare name does not cross routes: only NAME.NETWORK does
-        assert_eq!(
-            rcode(&ask(&v, "web", "proxy", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "web", "proxy", TYPE_A)), Some(Rcode::NxDomain));
     }
 
     #[test]
     fn qualified_name_in_attached_network() {
         let v = view();
-        assert_eq!(
-            addrs(&ask(&v, "multi", "db.back", TYPE_A)),
-            vec![ip("10.0.2.2")]
-        );
-        assert_eq!(
-            addrs(&ask(&v, "multi", "database.back", TYPE_A)),
-            vec![ip("10.0.2.2")]
-        );
-        assert_eq!(
-            addrs(&ask(&v, "multi", "multi.back", TYPE_A)),
-            vec![ip("10.0.2.9")]
-        );
+        assert_eq!(addrs(&ask(&v, "multi", "db.back", TYPE_A)), vec![ip("10.0.2.2")]);
+        assert_eq!(addrs(&ask(&v, "multi", "database.back", TYPE_A)), vec![ip("10.0.2.2")]);
+        assert_eq!(addrs(&ask(&v, "multi", "multi.back", TYPE_A)), vec![ip("10.0.2.9")]);
         // exists, network reachable, but not in that network
-        assert_eq!(
-            rcode(&ask(&v, "multi", "db.front", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "multi", "db.front", TYPE_A)), Some(Rcode::NxDomain));
     }
 
     #[test]
     fn qualified_name_resolves_across_a_gateway_route() {
         let v = view();
         // web is only in front; front routes 10.0.3.0/24 via gw
-        assert_eq!(
-            addrs(&ask(&v, "web", "proxy.dmz", TYPE_A)),
-            vec![ip("10.0.3.2")]
-        );
-        assert_eq!(
-            addrs(&ask(&v, "web", "app.dmz", TYPE_A)),
-            vec![ip("10.0.3.2")]
-        );
+        assert_eq!(addrs(&ask(&v, "web", "proxy.dmz", TYPE_A)), vec![ip("10.0.3.2")]);
+        assert_eq!(addrs(&ask(&v, "web", "app.dmz", TYPE_A)), vec![ip("10.0.3.2")]);
         // the route is one-way: dmz has no route back to front
-        assert_eq!(
-            rcode(&ask(&v, "proxy", "web.front", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "proxy", "web.front", TYPE_A)), Some(Rcode::NxDomain));
         // and back is not covered by any route of front
-        assert_eq!(
-            rcode(&ask(&v, "web", "db.back", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "web", "db.back", TYPE_A)), Some(Rcode::NxDomain));
     }
 
     #[test]
@@ -555,28 +460,19 @@ mod tests {
             &[("a", "10.2.0.0/25", "gw")],
         ));
         assert_eq!(addrs(&ask(&v, "x", "low.b", TYPE_A)), vec![ip("10.2.0.5")]);
-        assert_eq!(
-            rcode(&ask(&v, "x", "high.b", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "x", "high.b", TYPE_A)), Some(Rcode::NxDomain));
     }
 
     #[test]
     fn ptr_for_reachable_addresses() {
         let v = view();
-        assert_eq!(
-            ptr(&ask(&v, "web2", "2.1.0.10.in-addr.arpa", TYPE_PTR)),
-            "web.front"
-        );
+        assert_eq!(ptr(&ask(&v, "web2", "2.1.0.10.in-addr.arpa", TYPE_PTR)), "web.front");
         assert_eq!(
             ptr(&ask(&v, "web", "2.3.0.10.IN-ADDR.ARPA.", TYPE_PTR)),
             "proxy.dmz",
             "via route"
         );
-        assert_eq!(
-            ptr(&ask(&v, "multi", "9.2.0.10.in-addr.arpa", TYPE_PTR)),
-            "multi.back"
-        );
+        assert_eq!(ptr(&ask(&v, "multi", "9.2.0.10.in-addr.arpa", TYPE_PTR)), "multi.back");
         assert_eq!(
             rcode(&ask(&v, "web", "2.2.0.10.in-addr.arpa", TYPE_PTR)),
             Some(Rcode::NxDomain)
@@ -587,32 +483,20 @@ mod tests {
             Some(Rcode::NxDomain)
         );
         // A question on a reverse name that exists: NODATA
-        assert_eq!(
-            rcode(&ask(&v, "web2", "2.1.0.10.in-addr.arpa", TYPE_A)),
-            Some(Rcode::NoError)
-        );
+        assert_eq!(rcode(&ask(&v, "web2", "2.1.0.10.in-addr.arpa", TYPE_A)), Some(Rcode::NoError));
     }
 
     #[test]
     fn foreign_reverse_names_are_forwarded() {
         let v = view();
-        assert_eq!(
-            ask(&v, "web", "8.8.8.8.in-addr.arpa", TYPE_PTR),
-            Answer::Forward
-        );
+        assert_eq!(ask(&v, "web", "8.8.8.8.in-addr.arpa", TYPE_PTR), Answer::Forward);
         assert_eq!(
             ask(&v, "web", "1.0.10.in-addr.arpa", TYPE_PTR),
             Answer::Forward,
             "zone, not host"
         );
-        assert_eq!(
-            ask(&v, "web", "02.1.0.10.in-addr.arpa", TYPE_PTR),
-            Answer::Forward
-        );
-        assert_eq!(
-            ask(&v, "web", "256.1.0.10.in-addr.arpa", TYPE_PTR),
-            Answer::Forward
-        );
+        assert_eq!(ask(&v, "web", "02.1.0.10.in-addr.arpa", TYPE_PTR), Answer::Forward);
+        assert_eq!(ask(&v, "web", "256.1.0.10.in-addr.arpa", TYPE_PTR), Answer::Forward);
     }
 
     #[test]
@@ -620,42 +504,26 @@ mod tests {
         let v = view();
         for qtype in [TYPE_AAAA, 15 /* MX */, 16 /* TXT */] {
             let a = ask(&v, "web2", "web", qtype);
-            assert_eq!(
-                a,
-                Answer::Local(Local::new(Rcode::NoError, true)),
-                "type {qtype}"
-            );
+            assert_eq!(a, Answer::Local(Local::new(Rcode::NoError, true)), "type {qtype}");
             let a = ask(&v, "web", "proxy.dmz", qtype);
             assert_eq!(rcode(&a), Some(Rcode::NoError));
         }
         // but an unreachable name is NXDOMAIN whatever the type
-        assert_eq!(
-            rcode(&ask(&v, "web", "db", TYPE_AAAA)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "web", "db", TYPE_AAAA)), Some(Rcode::NxDomain));
     }
 
     #[test]
     fn any_returns_addresses() {
         let v = view();
-        assert_eq!(
-            addrs(&ask(&v, "web2", "web", TYPE_ANY)),
-            vec![ip("10.0.1.2")]
-        );
+        assert_eq!(addrs(&ask(&v, "web2", "web", TYPE_ANY)), vec![ip("10.0.1.2")]);
     }
 
     #[test]
     fn everything_else_is_forwarded() {
         let v = view();
-        for name in [
-            "example.com",
-            "unknown",
-            "nosuch.front",
-            "web.nosuchnet",
-            "a.b.c",
-            ".",
-            "web.front.x",
-        ] {
+        for name in
+            ["example.com", "unknown", "nosuch.front", "web.nosuchnet", "a.b.c", ".", "web.front.x"]
+        {
             assert_eq!(ask(&v, "web", name, TYPE_A), Answer::Forward, "{name}");
         }
     }
@@ -663,18 +531,9 @@ mod tests {
     #[test]
     fn internal_only_and_unknown_askers_may_not_forward() {
         let v = view();
-        assert_eq!(
-            rcode(&ask(&v, "safe", "example.com", TYPE_A)),
-            Some(Rcode::Refused)
-        );
-        assert_eq!(
-            rcode(&ask(&v, "nobody", "example.com", TYPE_A)),
-            Some(Rcode::Refused)
-        );
-        assert_eq!(
-            rcode(&ask(&v, "nobody", "web", TYPE_A)),
-            Some(Rcode::NxDomain)
-        );
+        assert_eq!(rcode(&ask(&v, "safe", "example.com", TYPE_A)), Some(Rcode::Refused));
+        assert_eq!(rcode(&ask(&v, "nobody", "example.com", TYPE_A)), Some(Rcode::Refused));
+        assert_eq!(rcode(&ask(&v, "nobody", "web", TYPE_A)), Some(Rcode::NxDomain));
         // attached to one non-internal network is enough
         assert_eq!(ask(&v, "multi", "example.com", TYPE_A), Answer::Forward);
     }
@@ -709,15 +568,10 @@ mod tests {
     fn large_alias_sets_are_capped() {
         let ips: Vec<String> = (0..40).map(|i| format!("10.9.0.{}", i + 10)).collect();
         let names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
-        let atts: Vec<[AttSpec<'_>; 1]> = ips
-            .iter()
-            .map(|ip| [("n", ip.as_str(), &["svc"][..])])
-            .collect();
-        let eps: Vec<EpSpec<'_>> = names
-            .iter()
-            .zip(&atts)
-            .map(|(n, a)| (n.as_str(), &a[..]))
-            .collect();
+        let atts: Vec<[AttSpec<'_>; 1]> =
+            ips.iter().map(|ip| [("n", ip.as_str(), &["svc"][..])]).collect();
+        let eps: Vec<EpSpec<'_>> =
+            names.iter().zip(&atts).map(|(n, a)| (n.as_str(), &a[..])).collect();
         let v = DnsView::build(&catalog(&[("n", "10.9.0.0/24", false)], &eps, &[]));
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..40 {

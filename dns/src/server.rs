@@ -69,16 +69,7 @@ pub async fn serve(
     upstream: Arc<Upstream>,
     shutdown: impl Future,
 ) -> io::Result<()> {
-    serve_with(
-        udp,
-        tcp,
-        asker,
-        view,
-        upstream,
-        ServerConfig::default(),
-        shutdown,
-    )
-    .await
+    serve_with(udp, tcp, asker, view, upstream, ServerConfig::default(), shutdown).await
 }
 
 /// [`serve`] with explicit limits.
@@ -92,13 +83,8 @@ pub async fn serve_with(
     shutdown: impl Future,
 ) -> io::Result<()> {
     let asker: Arc<str> = asker.into();
-    let udp_loop = serve_udp(
-        udp,
-        asker.clone(),
-        view.clone(),
-        upstream.clone(),
-        config.max_forwards,
-    );
+    let udp_loop =
+        serve_udp(udp, asker.clone(), view.clone(), upstream.clone(), config.max_forwards);
     let tcp_loop = serve_tcp(tcp, asker, view, upstream, config);
     // Dropping the loops on shutdown aborts their connection and forward tasks.
     tokio::select! {
@@ -329,22 +315,18 @@ pub fn bind_in_netns(
     addr: SocketAddr,
 ) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
     let ns = File::open(netns_path)?;
-    let thread = std::thread::Builder::new()
-        .name("ovdns-bind".into())
-        .spawn(move || {
-            // SAFETY: setns only reads the fd, which `ns` keeps open for the call; it
-            // changes the network namespace of this thread alone, which exits right after.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let udp = std::net::UdpSocket::bind(addr)?;
-            udp.set_nonblocking(true)?;
-            let tcp = std::net::TcpListener::bind(addr)?;
-            tcp.set_nonblocking(true)?;
-            Ok((udp, tcp))
-        })?;
-    thread
-        .join()
-        .map_err(|_| io::Error::other("namespace bind thread panicked"))?
+    let thread = std::thread::Builder::new().name("ovdns-bind".into()).spawn(move || {
+        // SAFETY: setns only reads the fd, which `ns` keeps open for the call; it
+        // changes the network namespace of this thread alone, which exits right after.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let udp = std::net::UdpSocket::bind(addr)?;
+        udp.set_nonblocking(true)?;
+        let tcp = std::net::TcpListener::bind(addr)?;
+        tcp.set_nonblocking(true)?;
+        Ok((udp, tcp))
+    })?;
+    thread.join().map_err(|_| io::Error::other("namespace bind thread panicked"))?
 }

@@ -19,10 +19,7 @@ pub type RouteSpec<'a> = (&'a str, &'a str, &'a str);
 
 /// Builds a catalog from literals.
 pub fn catalog(nets: &[NetSpec<'_>], eps: &[EpSpec<'_>], routes: &[RouteSpec<'_>]) -> Catalog {
-    let mut cat = Catalog {
-        revision: 1,
-        ..Catalog::default()
-    };
+    let mut cat = Catalog { revision: 1, ..Catalog::default() };
     for (i, &(name, subnet, internal)) in nets.iter().enumerate() {
         let subnet: Ipv4Network = subnet.parse().unwrap();
         let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
@@ -56,11 +53,7 @@ pub fn catalog(nets: &[NetSpec<'_>], eps: &[EpSpec<'_>], routes: &[RouteSpec<'_>
                 }
             })
             .collect();
-        let ep = Endpoint {
-            name: name.to_string(),
-            host: "h1".to_string(),
-            attachments,
-        };
+        let ep = Endpoint { name: name.to_string(), host: "h1".to_string(), attachments };
         cat.endpoints.insert(name.to_string(), ep);
     }
     for &(network, destination, via) in routes {
@@ -81,10 +74,8 @@ pub fn bench_catalog(count: u32) -> Catalog {
     let ips: Vec<String> = (0..count)
         .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 89, 1, 0)) + i).to_string())
         .collect();
-    let atts: Vec<[AttSpec<'_>; 1]> = ips
-        .iter()
-        .map(|ip| [("bench", ip.as_str(), &[][..])])
-        .collect();
+    let atts: Vec<[AttSpec<'_>; 1]> =
+        ips.iter().map(|ip| [("bench", ip.as_str(), &[][..])]).collect();
     let mut eps: Vec<EpSpec<'_>> = vec![("client", &[("bench", "10.89.0.2", &[])])];
     for (name, att) in names.iter().zip(&atts) {
         eps.push((name.as_str(), &att[..]));

@@ -65,10 +65,7 @@ pub struct Upstream {
 impl Upstream {
     /// Forwards to `servers`, tried in order, with the default 2 s budget.
     pub fn new(servers: Vec<SocketAddr>) -> Upstream {
-        Upstream {
-            servers: RwLock::new(servers.into()),
-            timeout: DEFAULT_TIMEOUT,
-        }
+        Upstream { servers: RwLock::new(servers.into()), timeout: DEFAULT_TIMEOUT }
     }
 
     /// Sets the total time a forward may take before the client gets SERVFAIL.
@@ -104,10 +101,7 @@ impl Upstream {
 
     /// The current list.
     pub fn servers(&self) -> Arc<[SocketAddr]> {
-        self.servers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.servers.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Forwards the raw query `packet` and returns the response for the client: the
@@ -173,24 +167,14 @@ impl Upstream {
             return Some(response);
         }
         let mut out = Vec::new();
-        wire::write_response(
-            &query,
-            Rcode::ServFail,
-            false,
-            Rdata::None,
-            0,
-            limit,
-            &mut out,
-        );
+        wire::write_response(&query, Rcode::ServFail, false, Rdata::None, 0, limit, &mut out);
         Some(out)
     }
 }
 
 fn read_resolv_conf(path: &Path) -> Result<Vec<SocketAddr>, UpstreamError> {
-    let text = std::fs::read_to_string(path).map_err(|source| UpstreamError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| UpstreamError::Read { path: path.to_owned(), source })?;
     Ok(parse_resolv_conf(&text))
 }
 
@@ -245,10 +229,7 @@ fn answers(response: &[u8], outgoing: &[u8], query: &Query<'_>, id: u16) -> bool
     let qend = query.question_end;
     wire::is_response_to(response, id)
         && response.get(4..6) == Some(&[0, 1])
-        && match (
-            response.get(HEADER_LEN..qend),
-            outgoing.get(HEADER_LEN..qend),
-        ) {
+        && match (response.get(HEADER_LEN..qend), outgoing.get(HEADER_LEN..qend)) {
             (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
             _ => false,
         }
@@ -267,10 +248,8 @@ async fn udp_exchange(
     };
     // Room for the largest answer the client asked for, plus one byte to notice a
     // datagram that did not fit.
-    let size = query
-        .edns
-        .map_or(CLASSIC_UDP_LIMIT, |e| usize::from(e.udp_size))
-        .max(CLASSIC_UDP_LIMIT);
+    let size =
+        query.edns.map_or(CLASSIC_UDP_LIMIT, |e| usize::from(e.udp_size)).max(CLASSIC_UDP_LIMIT);
     let exchange = async {
         let sock = UdpSocket::bind(local).await?;
         sock.connect(server).await?;
@@ -285,9 +264,7 @@ async fn udp_exchange(
             debug!(%server, bytes = n, "ignoring stray or oversized datagram");
         }
     };
-    timeout(budget, exchange)
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    timeout(budget, exchange).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 async fn tcp_exchange(
@@ -312,15 +289,10 @@ async fn tcp_exchange(
         if answers(&buf, outgoing, query, id) {
             Ok(buf)
         } else {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "reply does not answer the query",
-            ))
+            Err(io::Error::new(io::ErrorKind::InvalidData, "reply does not answer the query"))
         }
     };
-    timeout(budget, exchange)
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    timeout(budget, exchange).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 #[cfg(test)]
@@ -394,9 +366,7 @@ nameserver 10.9.9.10
     async fn garbage_gets_formerr_or_nothing() {
         let up = Upstream::new(Vec::new());
         assert_eq!(up.forward(&[1, 2, 3], Transport::Udp).await, None);
-        let resp = up
-            .forward(&[0, 5, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0], Transport::Tcp)
-            .await;
+        let resp = up.forward(&[0, 5, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0], Transport::Tcp).await;
         let r = wire::read_response(&resp.expect("a response")).expect("reads");
         assert_eq!((r.id, r.rcode), (5, 1));
     }

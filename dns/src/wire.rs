@@ -148,11 +148,7 @@ pub struct Name {
 
 impl Name {
     fn empty() -> Name {
-        Name {
-            buf: [0; MAX_NAME_LEN],
-            len: 0,
-            labels: 0,
-        }
+        Name { buf: [0; MAX_NAME_LEN], len: 0, labels: 0 }
     }
 
     /// Appends one label; the root is added by `finish`.
@@ -350,9 +346,7 @@ fn walk_name(
                 if len == 0 {
                     return Ok(next.unwrap_or(pos + 1));
                 }
-                let label = packet
-                    .get(pos + 1..pos + 1 + len)
-                    .ok_or(WireError::Truncated(pos))?;
+                let label = packet.get(pos + 1..pos + 1 + len).ok_or(WireError::Truncated(pos))?;
                 f(label)?;
                 pos += 1 + len;
             }
@@ -681,11 +675,7 @@ pub fn read_response(packet: &[u8]) -> Result<ResponseSummary, WireError> {
             }
             // the extended rcode is the OPT TTL's first byte
             let (after_name, _) = skip_name(packet, pos)?;
-            ext = u16::from(
-                *packet
-                    .get(after_name + 4)
-                    .ok_or(WireError::Truncated(after_name))?,
-            );
+            ext = u16::from(*packet.get(after_name + 4).ok_or(WireError::Truncated(after_name))?);
             edns = Some(opt);
         }
         pos = next;
@@ -742,14 +732,7 @@ mod tests {
     fn parses_edns() {
         let pkt = query("web", TYPE_A, Some(4000));
         let q = parse(&pkt).expect("parses");
-        assert_eq!(
-            q.edns,
-            Some(Edns {
-                udp_size: 4000,
-                version: 0,
-                dnssec_ok: false
-            })
-        );
+        assert_eq!(q.edns, Some(Edns { udp_size: 4000, version: 0, dnssec_ok: false }));
         assert_eq!(q.udp_limit(), 4000);
         let small = query("web", TYPE_A, Some(100));
         assert_eq!(parse(&small).expect("parses").udp_limit(), 512);
@@ -771,24 +754,13 @@ mod tests {
         let q = parse(&pkt).expect("parses");
         let addrs = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 1, 2)];
         let mut out = Vec::new();
-        write_response(
-            &q,
-            Rcode::NoError,
-            true,
-            Rdata::A(&addrs),
-            10,
-            512,
-            &mut out,
-        );
+        write_response(&q, Rcode::NoError, true, Rdata::A(&addrs), 10, 512, &mut out);
         let r = read_response(&out).expect("reads");
         assert_eq!(r.id, 0x1234);
         assert!(r.authoritative);
         assert!(!r.truncated);
         assert_eq!(r.rcode, 0);
-        assert_eq!(
-            r.question.map(|(n, t)| (n.to_dotted(), t)),
-            Some(("web".into(), TYPE_A))
-        );
+        assert_eq!(r.question.map(|(n, t)| (n.to_dotted(), t)), Some(("web".into(), TYPE_A)));
         assert_eq!(r.answers, vec![Record::A(addrs[0]), Record::A(addrs[1])]);
         assert_eq!(r.edns.map(|e| e.udp_size), Some(ADVERTISED_UDP_SIZE));
     }
@@ -799,15 +771,7 @@ mod tests {
         let q = parse(&pkt).expect("parses");
         let target = Name::from_dotted("web.frontend.").expect("valid");
         let mut out = Vec::new();
-        write_response(
-            &q,
-            Rcode::NoError,
-            true,
-            Rdata::Ptr(target.wire()),
-            10,
-            512,
-            &mut out,
-        );
+        write_response(&q, Rcode::NoError, true, Rdata::Ptr(target.wire()), 10, 512, &mut out);
         let r = read_response(&out).expect("reads");
         assert_eq!(r.answers, vec![Record::Ptr("web.frontend".into())]);
         assert_eq!(r.edns, None);
@@ -835,29 +799,13 @@ mod tests {
         let q = parse(&pkt).expect("parses");
         let addrs: Vec<Ipv4Addr> = (0..40).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
         let mut out = Vec::new();
-        write_response(
-            &q,
-            Rcode::NoError,
-            true,
-            Rdata::A(&addrs),
-            10,
-            512,
-            &mut out,
-        );
+        write_response(&q, Rcode::NoError, true, Rdata::A(&addrs), 10, 512, &mut out);
         assert!(out.len() <= 512);
         let r = read_response(&out).expect("reads");
         assert!(r.truncated);
         assert!(r.answers.is_empty());
         // the same answer fits a TCP limit
-        write_response(
-            &q,
-            Rcode::NoError,
-            true,
-            Rdata::A(&addrs),
-            10,
-            MAX_TCP_RESPONSE,
-            &mut out,
-        );
+        write_response(&q, Rcode::NoError, true, Rdata::A(&addrs), 10, MAX_TCP_RESPONSE, &mut out);
         let r = read_response(&out).expect("reads");
         assert!(!r.truncated);
         assert_eq!(r.answers.len(), 40);
@@ -869,15 +817,7 @@ mod tests {
         let q = parse(&pkt).expect("parses");
         let addrs: Vec<Ipv4Addr> = (0..31).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
         let mut out = Vec::new();
-        write_response(
-            &q,
-            Rcode::NoError,
-            true,
-            Rdata::A(&addrs),
-            10,
-            q.udp_limit(),
-            &mut out,
-        );
+        write_response(&q, Rcode::NoError, true, Rdata::A(&addrs), 10, q.udp_limit(), &mut out);
         assert!(out.len() <= 512, "{}", out.len());
         let r = read_response(&out).expect("reads");
         assert!(r.truncated);
@@ -898,10 +838,7 @@ mod tests {
         assert_eq!(parse(&[0; 11]).err(), Some(WireError::TooShort(11)));
         let mut big = query("web", TYPE_A, None);
         big.resize(MAX_QUERY_LEN + 1, 0);
-        assert_eq!(
-            parse(&big).err(),
-            Some(WireError::Oversized(MAX_QUERY_LEN + 1))
-        );
+        assert_eq!(parse(&big).err(), Some(WireError::Oversized(MAX_QUERY_LEN + 1)));
     }
 
     #[test]
@@ -929,10 +866,7 @@ mod tests {
         // question name is a pointer to itself
         let mut pkt = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         pkt.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
-        assert_eq!(
-            parse(&pkt).err(),
-            Some(WireError::BadPointer { at: 12, target: 12 })
-        );
+        assert_eq!(parse(&pkt).err(), Some(WireError::BadPointer { at: 12, target: 12 }));
         // forward pointer
         let mut pkt = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         pkt.extend_from_slice(&[0xC0, 14, 0, 0, 1, 0, 1]);
@@ -962,17 +896,8 @@ mod tests {
         assert_eq!(parse(&pkt).err(), Some(WireError::BadLabelType(0x40)));
         let long = vec!["a".repeat(63); 4].join(".");
         assert_eq!(Name::from_dotted(&long).err(), Some(WireError::NameTooLong));
-        let ok = [
-            "a".repeat(63),
-            "a".repeat(63),
-            "a".repeat(63),
-            "a".repeat(61),
-        ]
-        .join(".");
-        assert_eq!(
-            Name::from_dotted(&ok).map(|n| n.wire().len()).ok(),
-            Some(255)
-        );
+        let ok = ["a".repeat(63), "a".repeat(63), "a".repeat(63), "a".repeat(61)].join(".");
+        assert_eq!(Name::from_dotted(&ok).map(|n| n.wire().len()).ok(), Some(255));
     }
 
     #[test]
@@ -1004,9 +929,6 @@ mod tests {
         let r = read_response(&out).expect("reads");
         assert_eq!((r.id, r.rcode, r.question.is_none()), (0x1234, 1, true));
         pkt[2] |= 0x80;
-        assert!(
-            !write_error(&pkt, Rcode::FormErr, &mut out),
-            "never answer a response"
-        );
+        assert!(!write_error(&pkt, Rcode::FormErr, &mut out), "never answer a response");
     }
 }

@@ -31,16 +31,12 @@ impl Netns {
     /// `None` when this machine cannot make namespaces (e.g. a container without
     /// CAP_SYS_ADMIN even as uid 0).
     fn create(name: &str) -> Option<Netns> {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .expect("run ip");
+        let status =
+            std::process::Command::new("ip").args(["netns", "add", name]).status().expect("run ip");
         if !status.success() {
             return None;
         }
-        let ns = Netns {
-            name: name.to_string(),
-        };
+        let ns = Netns { name: name.to_string() };
         let status = std::process::Command::new("ip")
             .args(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
             .status()
@@ -54,17 +50,7 @@ impl Netns {
     /// returns no IPv4 address on a host without a non-loopback IPv4 address.
     fn add_eth0(&self, addr: &str) {
         for args in [
-            &[
-                "ip",
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0-peer",
-            ][..],
+            &["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"][..],
             &["ip", "addr", "add", addr, "dev", "eth0"],
             &["ip", "link", "set", "eth0-peer", "up"],
             &["ip", "link", "set", "eth0", "up"],
@@ -89,9 +75,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
         let _ = std::fs::remove_dir_all(self.etc());
     }
 }
@@ -107,9 +91,7 @@ fn have(cmd: &str, arg: &str) -> bool {
 
 async fn in_ns(ns: &Netns, args: &[&str]) -> Output {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .args(args)
-        .kill_on_drop(true);
+    cmd.args(["netns", "exec", &ns.name]).args(args).kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(20), cmd.output())
         .await
         .expect("command finished")
@@ -172,10 +154,7 @@ async fn dig_and_getent_inside_a_namespace() {
             ("client", &[("front", "10.0.1.10", &[])]),
             ("web", &[("front", "10.0.1.2", &["www"])]),
             ("db", &[("back", "10.0.2.2", &[])]),
-            (
-                "gw",
-                &[("front", "10.0.1.254", &[]), ("dmz", "10.0.3.254", &[])],
-            ),
+            ("gw", &[("front", "10.0.1.254", &[]), ("dmz", "10.0.3.254", &[])]),
             ("proxy", &[("dmz", "10.0.3.2", &[])]),
         ],
         &[("front", "10.0.3.0/24", "gw")],
@@ -184,43 +163,20 @@ async fn dig_and_getent_inside_a_namespace() {
 
     // fake upstream in the host namespace; our server in the endpoint namespace
     let up = FakeUpstream::start(Ipv4Addr::new(127, 0, 0, 53)).await;
-    start_server(
-        &ns,
-        "127.0.0.11:53".parse().unwrap(),
-        rx.clone(),
-        Upstream::new(vec![up.addr]),
-    );
+    start_server(&ns, "127.0.0.11:53".parse().unwrap(), rx.clone(), Upstream::new(vec![up.addr]));
     // a second server whose upstream never answers
     let (_silent_sock, silent) = silent_upstream(Ipv4Addr::new(127, 0, 0, 57)).await;
-    start_server(
-        &ns,
-        "127.0.0.12:53".parse().unwrap(),
-        rx,
-        Upstream::new(vec![silent]),
-    );
+    start_server(&ns, "127.0.0.12:53".parse().unwrap(), rx, Upstream::new(vec![silent]));
 
     // glibc, through the resolv.conf bind-mounted by `ip netns exec`
     let hosts = stdout(&ns, &["getent", "hosts", "web"]).await;
-    assert!(
-        hosts.starts_with("10.0.1.2") && hosts.contains("web"),
-        "getent hosts web: {hosts:?}"
-    );
+    assert!(hosts.starts_with("10.0.1.2") && hosts.contains("web"), "getent hosts web: {hosts:?}");
     let hosts = stdout(&ns, &["getent", "ahostsv4", "proxy.dmz"]).await;
-    assert!(
-        hosts.starts_with("10.0.3.2"),
-        "getent ahostsv4 proxy.dmz: {hosts:?}"
-    );
+    assert!(hosts.starts_with("10.0.3.2"), "getent ahostsv4 proxy.dmz: {hosts:?}");
     let reverse = stdout(&ns, &["getent", "hosts", "10.0.1.2"]).await;
-    assert!(
-        reverse.contains("web.front"),
-        "getent hosts 10.0.1.2: {reverse:?}"
-    );
+    assert!(reverse.contains("web.front"), "getent hosts 10.0.1.2: {reverse:?}");
     let missing = in_ns(&ns, &["getent", "hosts", "db"]).await;
-    assert_eq!(
-        missing.status.code(),
-        Some(2),
-        "db is in an isolated network"
-    );
+    assert_eq!(missing.status.code(), Some(2), "db is in an isolated network");
 
     if !have("dig", "-v") {
         eprintln!(
@@ -240,30 +196,18 @@ async fn dig_and_getent_inside_a_namespace() {
             stdout(ns, &refs).await
         }
     };
-    assert_eq!(
-        run(dig(&["+short", "@127.0.0.11", "web"])).await,
-        "10.0.1.2"
-    );
-    assert_eq!(
-        run(dig(&["+short", "+tcp", "@127.0.0.11", "WWW.front."])).await,
-        "10.0.1.2"
-    );
+    assert_eq!(run(dig(&["+short", "@127.0.0.11", "web"])).await, "10.0.1.2");
+    assert_eq!(run(dig(&["+short", "+tcp", "@127.0.0.11", "WWW.front."])).await, "10.0.1.2");
     assert_eq!(
         run(dig(&["+short", "@127.0.0.11", "proxy.dmz"])).await,
         "10.0.3.2",
         "across the route"
     );
-    assert_eq!(
-        run(dig(&["+short", "@127.0.0.11", "-x", "10.0.1.2"])).await,
-        "web.front."
-    );
+    assert_eq!(run(dig(&["+short", "@127.0.0.11", "-x", "10.0.1.2"])).await, "web.front.");
     let nx = run(dig(&["+noall", "+comments", "@127.0.0.11", "db"])).await;
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     let nodata = run(dig(&["+noall", "+comments", "@127.0.0.11", "AAAA", "web"])).await;
-    assert!(
-        nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"),
-        "{nodata}"
-    );
+    assert!(nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"), "{nodata}");
     assert_eq!(
         run(dig(&["+short", "@127.0.0.11", "example.test"])).await,
         UPSTREAM_ANSWER.to_string()

@@ -23,10 +23,8 @@ const WAIT: Duration = Duration::from_secs(3);
 fn test_view() -> DnsView {
     let many: Vec<String> = (0..40).map(|i| format!("10.0.1.{}", 100 + i)).collect();
     let names: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
-    let atts: Vec<[AttSpec<'_>; 1]> = many
-        .iter()
-        .map(|ip| [("front", ip.as_str(), &["many"][..])])
-        .collect();
+    let atts: Vec<[AttSpec<'_>; 1]> =
+        many.iter().map(|ip| [("front", ip.as_str(), &["many"][..])]).collect();
     let mut eps: Vec<EpSpec<'_>> = vec![
         ("client", &[("front", "10.0.1.10", &[])]),
         ("web", &[("front", "10.0.1.2", &["www"])]),
@@ -36,10 +34,7 @@ fn test_view() -> DnsView {
         eps.push((n.as_str(), &a[..]));
     }
     DnsView::build(&catalog(
-        &[
-            ("front", "10.0.1.0/24", false),
-            ("back", "10.0.2.0/24", false),
-        ],
+        &[("front", "10.0.1.0/24", false), ("back", "10.0.2.0/24", false)],
         &eps,
         &[],
     ))
@@ -59,21 +54,8 @@ async fn start(upstream: Upstream) -> Running {
     let (addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
     let (views, rx) = watch::channel(Arc::new(test_view()));
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(
-        udp,
-        tcp,
-        "client".into(),
-        rx,
-        Arc::new(upstream),
-        stopped,
-    ));
-    Running {
-        addr,
-        tcp_addr,
-        views,
-        stop: Some(stop),
-        task,
-    }
+    let task = tokio::spawn(serve(udp, tcp, "client".into(), rx, Arc::new(upstream), stopped));
+    Running { addr, tcp_addr, views, stop: Some(stop), task }
 }
 
 fn a_records(r: &overlay_dns::wire::ResponseSummary) -> Vec<Ipv4Addr> {
@@ -126,19 +108,13 @@ async fn big_answers_truncate_over_udp_and_fit_over_tcp() {
 async fn malformed_packets_get_formerr_or_nothing() {
     let s = start(Upstream::new(vec![])).await;
     // too short: no answer at all
-    assert_eq!(
-        udp_raw(s.addr, &[1, 2, 3], Duration::from_millis(200)).await,
-        None
-    );
+    assert_eq!(udp_raw(s.addr, &[1, 2, 3], Duration::from_millis(200)).await, None);
     // a response: never answered
     let mut q = Vec::new();
     overlay_dns::wire::write_query(7, "web", TYPE_A, None, &mut q).unwrap();
     let mut resp = q.clone();
     resp[2] |= 0x80;
-    assert_eq!(
-        udp_raw(s.addr, &resp, Duration::from_millis(200)).await,
-        None
-    );
+    assert_eq!(udp_raw(s.addr, &resp, Duration::from_millis(200)).await, None);
     // a pointer loop: FORMERR
     let looped = [0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 1, 0, 1];
     let r = udp_raw(s.addr, &looped, WAIT).await.expect("an answer");
@@ -190,10 +166,7 @@ async fn silent_upstreams_give_servfail_within_two_seconds() {
     let took = t.elapsed();
     assert_eq!(r.rcode, 2, "SERVFAIL");
     assert!(took < Duration::from_millis(2300), "took {took:?}");
-    assert!(
-        took >= Duration::from_millis(1900),
-        "gave up early: {took:?}"
-    );
+    assert!(took >= Duration::from_millis(1900), "gave up early: {took:?}");
     // and over TCP, where the upstream port is closed (refused at once)
     let t = Instant::now();
     let rs = tcp_queries(s.tcp_addr, &["example.test"]).await;
@@ -208,10 +181,7 @@ async fn picks_up_new_views() {
     assert_eq!(r.rcode, 2, "unknown name, no upstreams: SERVFAIL");
     let view = DnsView::build(&catalog(
         &[("front", "10.0.1.0/24", false)],
-        &[
-            ("client", &[("front", "10.0.1.10", &[])]),
-            ("newcomer", &[("front", "10.0.1.77", &[])]),
-        ],
+        &[("client", &[("front", "10.0.1.10", &[])]), ("newcomer", &[("front", "10.0.1.77", &[])])],
         &[],
     ));
     s.views.send(Arc::new(view)).unwrap();
@@ -224,10 +194,7 @@ async fn stops_on_shutdown() {
     let mut s = start(Upstream::new(vec![])).await;
     let _ = udp_query(s.addr, "web", TYPE_A, None, WAIT).await;
     s.stop.take().unwrap().send(()).unwrap();
-    let result = tokio::time::timeout(WAIT, &mut s.task)
-        .await
-        .expect("stops")
-        .expect("no panic");
+    let result = tokio::time::timeout(WAIT, &mut s.task).await.expect("stops").expect("no panic");
     assert!(result.is_ok());
 }
 
@@ -238,10 +205,8 @@ async fn idle_tcp_connections_are_closed() {
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp_addr = tcp.local_addr().unwrap();
     let (_views, rx) = watch::channel(Arc::new(test_view()));
-    let config = overlay_dns::ServerConfig {
-        tcp_idle: Duration::from_millis(200),
-        ..Default::default()
-    };
+    let config =
+        overlay_dns::ServerConfig { tcp_idle: Duration::from_millis(200), ..Default::default() };
     tokio::spawn(overlay_dns::serve_with(
         udp,
         tcp,
@@ -253,9 +218,7 @@ async fn idle_tcp_connections_are_closed() {
     ));
     let mut stream = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-        .await
-        .expect("closed in time");
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("closed in time");
     assert_eq!(n.unwrap_or(0), 0, "server closed the idle connection");
 }
 
@@ -265,10 +228,7 @@ async fn tcp_connection_limit() {
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp_addr = tcp.local_addr().unwrap();
     let (_views, rx) = watch::channel(Arc::new(test_view()));
-    let config = overlay_dns::ServerConfig {
-        max_tcp_connections: 2,
-        ..Default::default()
-    };
+    let config = overlay_dns::ServerConfig { max_tcp_connections: 2, ..Default::default() };
     tokio::spawn(overlay_dns::serve_with(
         udp,
         tcp,
@@ -284,9 +244,7 @@ async fn tcp_connection_limit() {
     let mut c = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(WAIT, c.read(&mut buf))
-        .await
-        .expect("closed in time");
+    let n = tokio::time::timeout(WAIT, c.read(&mut buf)).await.expect("closed in time");
     assert_eq!(n.unwrap_or(0), 0, "third connection refused");
     drop((_a, _b));
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -42,25 +42,15 @@ fn fake_answer(packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let q = wire::parse(packet).ok()?;
     let name = q.name.to_dotted().to_ascii_lowercase();
     let mut out = Vec::new();
-    let three = [
-        UPSTREAM_ANSWER,
-        Ipv4Addr::new(192, 0, 2, 2),
-        Ipv4Addr::new(192, 0, 2, 3),
-    ];
+    let three = [UPSTREAM_ANSWER, Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3)];
     match name.as_str() {
         "silent.test" => return None,
         "tc.test" if !tcp => {
             wire::write_response(&q, Rcode::NoError, false, Rdata::A(&three), 60, 0, &mut out)
         }
-        "tc.test" => wire::write_response(
-            &q,
-            Rcode::NoError,
-            false,
-            Rdata::A(&three),
-            60,
-            65535,
-            &mut out,
-        ),
+        "tc.test" => {
+            wire::write_response(&q, Rcode::NoError, false, Rdata::A(&three), 60, 65535, &mut out)
+        }
         n if !n.ends_with(".test") => {
             wire::write_response(&q, Rcode::NxDomain, false, Rdata::None, 60, 65535, &mut out)
         }
@@ -126,12 +116,7 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream {
-            addr,
-            udp_queries,
-            tcp_queries,
-            tasks: vec![udp_task, tcp_task],
-        }
+        FakeUpstream { addr, udp_queries, tcp_queries, tasks: vec![udp_task, tcp_task] }
     }
 }
 
@@ -170,10 +155,7 @@ pub async fn udp_raw(server: SocketAddr, packet: &[u8], wait: Duration) -> Optio
     let sock = UdpSocket::bind((server.ip(), 0)).await.unwrap();
     sock.send_to(packet, server).await.unwrap();
     let mut buf = vec![0u8; 65535];
-    let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
+    let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await.ok()?.ok()?;
     buf.truncate(n);
     Some(buf)
 }
