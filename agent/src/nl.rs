@@ -24,7 +24,9 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use overlay_model::Mac;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
@@ -452,7 +454,13 @@ impl Nl {
     }
 
     pub async fn del_route(&self, route: &RouteSpec) -> Result<()> {
-        let r = self.handle.route().del(Self::route_message(route)).execute().await;
+        // Match any protocol/scope/type, as `ip route del` does, so routes added by hand
+        // (proto boot) are deleted too.
+        let mut msg = Self::route_message(route);
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.kind = RouteType::Unspec;
+        let r = self.handle.route().del(msg).execute().await;
         ok_if(r, &[libc::ESRCH])
             .with_context(|| format!("deleting route {} via {}", route.dest, route.via))
     }

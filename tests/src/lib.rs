@@ -1,1 +1,7 @@
-//! The lab.
+//! End-to-end testing support for overlay: [`lab`] builds a multi-host cluster out of
+//! network namespaces on this machine and runs the real binaries in it.
+//!
+//! It must never send traffic anywhere but loopback and the namespaces it created, and
+//! must leave nothing behind (every namespace it causes is removed on drop).
+
+pub mod lab;

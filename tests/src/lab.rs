@@ -1,0 +1,479 @@
+//! A multi-host overlay cluster inside network namespaces on this machine.
+//!
+//! * an underlay switch: namespace `<id>sw` with bridge `sw0`, which also holds the
+//!   "outside" address [`OUTSIDE_IP`] (a stand-in for the world beyond the hosts);
+//! * N hosts: namespaces `<id>h1`… each with `ul0` (a veth into the switch) at
+//!   `192.168.217.<i>/24`;
+//! * three `overlay-controller` members (on hosts 1–3) and one `overlay-agent` per host,
+//!   as real child processes whose network namespace is the host's. They are started
+//!   with `nsenter --net=…` rather than `ip netns exec`: the latter also gives the
+//!   process a private mount namespace, which would hide the endpoint namespaces the
+//!   agent mounts under `/var/run/netns` from everyone else.
+//!
+//! `<id>` is `ovt<pid><letter>`, and endpoint names made through [`Lab::ep`] start with
+//! it too, so every namespace this lab causes is recognisable and removed by `Drop` —
+//! also when a test panics. Traffic only ever goes to addresses inside these namespaces.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Underlay subnet (inside the lab's namespaces only).
+pub const UNDERLAY_PREFIX: &str = "192.168.217";
+/// The address on the switch standing for "outside the hosts".
+pub const OUTSIDE_IP: &str = "192.168.217.254";
+/// Underlay MTU of the hosts' interfaces.
+pub const UNDERLAY_MTU: u32 = 1500;
+const CONTROLLER_PORT: u16 = 7400;
+
+static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
+
+/// True when this process can create network namespaces (root).
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/proc/self/ns/net").exists() && which("ip") && which("nsenter")
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `target/debug` (or wherever the workspace binaries are), from the test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Runs `cmd`, returns its output (never panics on a non-zero exit).
+pub fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+}
+
+/// Runs `cmd` and fails with its stderr unless it succeeds.
+pub fn run_ok(args: &[&str]) -> Result<String> {
+    let out = run(args);
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes namespaces left by labs whose test process died without cleaning up.
+fn sweep_stale() {
+    let Ok(dir) = fs::read_dir("/var/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("ovt") else { continue };
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(&["ip", "netns", "del", &name]);
+            let _ = fs::remove_dir_all(format!("/etc/netns/{name}"));
+        }
+    }
+}
+
+/// A child process that dies with the test (SIGKILL if the test process goes away).
+fn spawn_in(ns: &str, program: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let out = fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(program).args(args);
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
+}
+
+pub struct Lab {
+    /// `ovt<pid><letter>`: prefix of every namespace of this lab.
+    pub id: String,
+    pub hosts: usize,
+    pub dir: PathBuf,
+    controllers: Vec<Option<Child>>,
+    agents: Vec<Option<Child>>,
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    /// Builds the underlay and starts 3 controllers and `hosts` agents (hosts >= 3).
+    pub fn start(hosts: usize) -> Result<Lab> {
+        assert!(hosts >= 3, "the lab runs a controller on each of the first 3 hosts");
+        sweep_stale();
+        let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
+        let letter = char::from(b'a' + (n % 26) as u8);
+        let id = format!("ovt{}{letter}", std::process::id());
+        let dir = std::env::temp_dir().join(&id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let mut lab =
+            Lab { id, hosts, dir, controllers: vec![], agents: vec![], namespaces: vec![] };
+        lab.underlay()?;
+        for i in 1..=3 {
+            lab.controllers.push(None);
+            lab.start_controller(i)?;
+        }
+        for i in 1..=hosts {
+            lab.agents.push(None);
+            lab.start_agent(i)?;
+        }
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    pub fn switch_ns(&self) -> String {
+        format!("{}sw", self.id)
+    }
+
+    pub fn host_ns(&self, i: usize) -> String {
+        format!("{}h{i}", self.id)
+    }
+
+    pub fn host_name(i: usize) -> String {
+        format!("h{i}")
+    }
+
+    pub fn host_ip(i: usize) -> String {
+        format!("{UNDERLAY_PREFIX}.{i}")
+    }
+
+    /// An endpoint name unique to this lab (endpoint names are machine-wide namespaces).
+    pub fn ep(&self, short: &str) -> String {
+        format!("{}-{short}", self.id)
+    }
+
+    pub fn controller_urls(&self) -> String {
+        (1..=3)
+            .map(|i| format!("http://{}:{CONTROLLER_PORT}", Lab::host_ip(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn underlay(&mut self) -> Result<()> {
+        let sw = self.switch_ns();
+        run_ok(&["ip", "netns", "add", &sw])?;
+        self.namespaces.push(sw.clone());
+        run_ok(&["ip", "-n", &sw, "link", "set", "lo", "up"])?;
+        run_ok(&["ip", "-n", &sw, "link", "add", "sw0", "type", "bridge"])?;
+        run_ok(&["ip", "-n", &sw, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "sw0"])?;
+        run_ok(&["ip", "-n", &sw, "link", "set", "sw0", "up"])?;
+        for i in 1..=self.hosts {
+            let h = self.host_ns(i);
+            run_ok(&["ip", "netns", "add", &h])?;
+            self.namespaces.push(h.clone());
+            let port = format!("p{i}");
+            run_ok(&[
+                "ip",
+                "link",
+                "add",
+                "ul0",
+                "netns",
+                &h,
+                "mtu",
+                &UNDERLAY_MTU.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &sw,
+            ])?;
+            run_ok(&["ip", "-n", &sw, "link", "set", &port, "master", "sw0", "up"])?;
+            run_ok(&[
+                "ip",
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("{}/24", Lab::host_ip(i)),
+                "dev",
+                "ul0",
+            ])?;
+            run_ok(&["ip", "-n", &h, "link", "set", "ul0", "up"])?;
+            run_ok(&["ip", "-n", &h, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn start_controller(&mut self, i: usize) -> Result<()> {
+        let data = self.dir.join(format!("controller{i}"));
+        let peers = (1..=3)
+            .map(|j| format!("{j}={}:{CONTROLLER_PORT}", Lab::host_ip(j)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let args = vec![
+            "--id".into(),
+            i.to_string(),
+            "--listen".into(),
+            format!("{}:{CONTROLLER_PORT}", Lab::host_ip(i)),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--peers".into(),
+            peers,
+        ];
+        let log = self.dir.join(format!("controller{i}.log"));
+        let child = spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log)?;
+        self.controllers[i - 1] = Some(child);
+        Ok(())
+    }
+
+    pub fn kill_controller(&mut self, i: usize) {
+        if let Some(mut c) = self.controllers[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent_data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("agent{i}"))
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let args = vec![
+            "--name".into(),
+            Lab::host_name(i),
+            "--underlay-ip".into(),
+            Lab::host_ip(i),
+            "--controller".into(),
+            self.controller_urls(),
+            "--data-dir".into(),
+            self.agent_data_dir(i).display().to_string(),
+            "--reconcile-interval".into(),
+            "1".into(),
+        ];
+        let log = self.dir.join(format!("agent{i}.log"));
+        // Append across restarts so a failing test shows the whole story.
+        let prev = fs::read(&log).unwrap_or_default();
+        let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log)?;
+        if !prev.is_empty() {
+            let _ = fs::write(self.dir.join(format!("agent{i}.log.prev")), prev);
+        }
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM (graceful: the agent leaves the data plane in place) and wait.
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i - 1].take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every agent registered and ready.
+    fn wait_ready(&self) -> Result<()> {
+        wait_for(Duration::from_secs(60), "all hosts ready", || {
+            let v = self.ctl_json(&["host", "ls"]).ok()?;
+            let ready = v.as_array()?.iter().filter(|h| h["status"] == "ready").count();
+            (ready == self.hosts).then_some(())
+        })
+    }
+
+    /// `overlayctl ARGS` from host 1, against every controller.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let ns = format!("--net=/var/run/netns/{}", self.host_ns(1));
+        let ctl = bin("overlayctl");
+        let urls = self.controller_urls();
+        let mut all: Vec<&str> =
+            vec!["nsenter", &ns, "--", ctl.to_str().unwrap_or("overlayctl"), "--controller", &urls];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// `overlayctl ARGS`, stdout, error with stderr on failure.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl(args);
+        if !out.status.success() {
+            bail!("overlayctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `overlayctl -o json ARGS`, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let text = self.ctl_ok(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("overlayctl {args:?} printed {text}"))
+    }
+
+    /// `ip netns exec NS ARGS` (endpoint namespaces: /etc/netns/NS is bind-mounted).
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        let mut all = vec!["ip", "netns", "exec", ns];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// `ip -j ARGS` inside namespace `ns`, parsed.
+    pub fn ip_json(&self, ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["ip", "-j", "-n", ns];
+        all.extend_from_slice(args);
+        let text = run_ok(&all)?;
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Array(vec![]));
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Creates an endpoint and waits until its namespace has its address.
+    pub fn endpoint(
+        &self,
+        short: &str,
+        host: usize,
+        network: &str,
+        extra: &[&str],
+    ) -> Result<String> {
+        let name = self.ep(short);
+        let h = Lab::host_name(host);
+        let mut args = vec!["endpoint", "create", &name, "--host", &h, "--network", network];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args)?;
+        self.wait_endpoint(&name)?;
+        Ok(name)
+    }
+
+    /// The endpoint's IP in its first attachment, once its eth0 carries it.
+    pub fn wait_endpoint(&self, name: &str) -> Result<String> {
+        let v = self.ctl_json(&["endpoint", "inspect", name])?;
+        let ip = v["attachments"][0]["ip"].as_str().context("endpoint has no ip")?.to_string();
+        wait_for(Duration::from_secs(20), &format!("{name} to get {ip}"), || {
+            let a = self.ip_json(name, &["addr", "show", "eth0"]).ok()?;
+            let has = a[0]["addr_info"].as_array()?.iter().any(|x| x["local"] == ip.as_str());
+            has.then_some(())
+        })?;
+        Ok(ip)
+    }
+
+    /// One ping; true if answered.
+    pub fn ping(&self, from: &str, to: &str) -> bool {
+        self.exec(from, &["ping", "-c", "1", "-W", "1", to]).status.success()
+    }
+
+    /// Pings until one is answered, for up to `timeout`.
+    pub fn ping_ok(&self, from: &str, to: &str, timeout: Duration) -> Result<()> {
+        wait_for(timeout, &format!("{from} to reach {to}"), || self.ping(from, to).then_some(()))
+    }
+
+    /// Tail of every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(dir) = fs::read_dir(&self.dir) else { return out };
+        let mut files: Vec<_> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            out.push_str(&format!("--- {} ---\n{tail}\n", f.display()));
+        }
+        out
+    }
+
+    /// Namespaces the agents recorded as created.
+    fn agent_namespaces(&self) -> Vec<String> {
+        let mut out = vec![];
+        for i in 1..=self.hosts {
+            if let Ok(text) = fs::read_to_string(self.agent_data_dir(i).join("namespaces.json")) {
+                if let Ok(v) = serde_json::from_str::<Vec<String>>(&text) {
+                    out.extend(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 1..=self.agents.len() {
+            if let Some(mut c) = self.agents[i - 1].take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for i in 1..=self.controllers.len() {
+            self.kill_controller(i);
+        }
+        let mut names = self.agent_namespaces();
+        if let Ok(dir) = fs::read_dir("/var/run/netns") {
+            names.extend(
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&self.id)),
+            );
+        }
+        names.extend(self.namespaces.iter().cloned());
+        for name in names {
+            if name.starts_with(&self.id) {
+                let _ = run(&["ip", "netns", "del", &name]);
+                let _ = fs::remove_dir_all(format!("/etc/netns/{name}"));
+            }
+        }
+        if std::env::var_os("OVT_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! End-to-end: three hosts in network namespaces, three controllers, three agents, all
+//! real processes; driven through `overlayctl`, checked with real ping/TCP and with the
+//! kernel state as JSON. Needs root and `cargo build --workspace --bins`; skipped
+//! without root.
+//!
+//! The cases share one lab (starting one takes seconds) and run in order (later cases
+//! use endpoints made by earlier ones); each is isolated by `catch_unwind`, every wait
+//! is bounded, and the test fails at the end listing every case that failed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use overlay_agent::desired::veth_name;
+use overlay_tests::lab::{can_run, run, run_ok, wait_for, Lab, OUTSIDE_IP};
+
+const T: Duration = Duration::from_secs(20);
+
+type Case = fn(&mut Lab) -> Result<()>;
+
+fn run_cases(cases: &[(&str, Case)]) {
+    if !can_run() {
+        eprintln!("skipped: needs root, ip and nsenter");
+        return;
+    }
+    let mut lab = Lab::start(3).expect("lab start");
+    let mut failed = vec![];
+    for (name, case) in cases {
+        eprintln!("=== case {name}");
+        let r = catch_unwind(AssertUnwindSafe(|| case(&mut lab)));
+        match r {
+            Ok(Ok(())) => eprintln!("=== case {name}: ok"),
+            Ok(Err(e)) => {
+                eprintln!("=== case {name}: FAILED: {e:#}");
+                failed.push(*name);
+            }
+            Err(_) => {
+                eprintln!("=== case {name}: PANICKED");
+                failed.push(*name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("{}", lab.logs());
+        drop(lab);
+        panic!("failed cases: {failed:?}");
+    }
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Endpoint `name`'s (ip, mac) in `network`.
+fn attachment(lab: &Lab, name: &str, network: &str) -> Result<(String, String)> {
+    let v = lab.ctl_json(&["endpoint", "inspect", name])?;
+    let a = v["attachments"]
+        .as_array()
+        .context("attachments")?
+        .iter()
+        .find(|a| a["network"] == network)
+        .with_context(|| format!("{name} not in {network}"))?;
+    Ok((a["ip"].as_str().context("ip")?.into(), a["mac"].as_str().context("mac")?.into()))
+}
+
+fn vni(lab: &Lab, network: &str) -> Result<u64> {
+    lab.ctl_json(&["network", "inspect", network])?["vni"].as_u64().context("vni")
+}
+
+/// The README tutorial spread over three hosts: s1 (h1) and s2 (h2) on frontend, b1 (h2)
+/// on backend, gw (h3) on both with routes each way; plus an unrelated network.
+fn tutorial(lab: &mut Lab) -> Result<()> {
+    lab.ctl_ok(&["network", "create", "frontend", "--subnet", "10.0.1.0/24"])?;
+    lab.ctl_ok(&["network", "create", "backend", "--subnet", "10.0.2.0/24"])?;
+    let s1 = lab.endpoint("s1", 1, "frontend", &[])?;
+    let s2 = lab.endpoint("s2", 2, "frontend", &["--alias", "web"])?;
+    let b1 = lab.endpoint("b1", 2, "backend", &[])?;
+    let gw = lab.endpoint("gw", 3, "frontend", &[])?;
+    lab.ctl_ok(&["network", "connect", "backend", &gw])?;
+    lab.ctl_ok(&["route", "add", "frontend", "10.0.2.0/24", "--via", &gw])?;
+    lab.ctl_ok(&["route", "add", "backend", "10.0.1.0/24", "--via", &gw])?;
+    let (s1_ip, _) = attachment(lab, &s1, "frontend")?;
+    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
+    let (b1_ip, _) = attachment(lab, &b1, "backend")?;
+
+    // Same network, different hosts, both ways.
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    lab.ping_ok(&s2, &s1_ip, T)?;
+    // The endpoint's MTU and default route.
+    let eth0 = lab.ip_json(&s1, &["link", "show", "eth0"])?;
+    ensure!(eth0[0]["mtu"] == 1450, "s1 eth0 mtu {}", eth0[0]["mtu"]);
+    let default = lab.ip_json(&s1, &["route", "show", "default"])?;
+    ensure!(default[0]["gateway"] == "10.0.1.1", "s1 default route {default}");
+
+    // Through the gateway endpoint on the third host: one routed hop.
+    wait_for(T, "gw to have eth1 and ip_forward", || {
+        let f = lab.exec(&gw, &["sysctl", "-n", "net.ipv4.ip_forward"]);
+        (stdout(&f).trim() == "1").then_some(())
+    })?;
+    wait_for(T, "s1 to reach b1 through gw", || {
+        let o = lab.exec(&s1, &["ping", "-c", "1", "-W", "1", &b1_ip]);
+        (o.status.success() && stdout(&o).contains("ttl=63")).then_some(())
+    })?;
+    // And the far side sees the request with TTL 63 too (its reply is routed back).
+    let o = lab.exec(&b1, &["ping", "-c", "1", "-W", "2", &s1_ip]);
+    ensure!(o.status.success() && stdout(&o).contains("ttl=63"), "b1 -> s1: {}", stdout(&o));
+
+    // TCP across hosts.
+    tcp_ok(lab, &s2, &s2_ip, &s1)?;
+
+    // DNS at 127.0.0.11: name, alias, NAME.NETWORK; a name in no shared network is NXDOMAIN.
+    let resolve = |from: &str, name: &str| {
+        let o = lab.exec(from, &["dig", "+short", "+time=1", "+tries=2", "@127.0.0.11", name]);
+        stdout(&o).trim().to_string()
+    };
+    wait_for(T, "s1 to resolve s2", || (resolve(&s1, &s2) == s2_ip).then_some(()))?;
+    ensure!(resolve(&s1, "web") == s2_ip, "alias web");
+    ensure!(resolve(&s1, &format!("{s2}.frontend")) == s2_ip, "NAME.NETWORK");
+    let cat = fs_read(&format!("/etc/netns/{s1}/resolv.conf"))?;
+    ensure!(cat.trim() == "nameserver 127.0.0.11", "resolv.conf: {cat}");
+
+    // Isolation: a second network's endpoint can reach neither the same host's nor a
+    // remote endpoint of frontend, and vice versa.
+    lab.ctl_ok(&["network", "create", "other", "--subnet", "10.0.3.0/24"])?;
+    let o1 = lab.endpoint("o1", 1, "other", &[])?;
+    let (o1_ip, _) = attachment(lab, &o1, "other")?;
+    ensure!(!lab.ping(&o1, &s1_ip), "other -> frontend on the same host must fail");
+    ensure!(!lab.ping(&o1, &s2_ip), "other -> frontend on another host must fail");
+    ensure!(!lab.ping(&s1, &o1_ip), "frontend -> other must fail");
+    Ok(())
+}
+
+fn fs_read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| path.to_string())
+}
+
+/// An iperf3 server in `server_ns` at `ip`, a 1-second client in `client_ns`.
+fn tcp_ok(lab: &Lab, server_ns: &str, ip: &str, client_ns: &str) -> Result<()> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", server_ns, "timeout", "15", "iperf3", "-s", "-1", "-B", ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let r = wait_for(Duration::from_secs(10), "iperf3 client to connect", || {
+        let o = lab.exec(client_ns, &["timeout", "10", "iperf3", "-c", ip, "-t", "1", "-J"]);
+        o.status.success().then_some(o)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let o = r?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    ensure!(bytes > 0, "iperf3 moved no bytes");
+    Ok(())
+}
+
+/// An internal network works across hosts but reaches nothing outside.
+fn internal_is_cut_off(lab: &mut Lab) -> Result<()> {
+    lab.ctl_ok(&["network", "create", "vault", "--subnet", "10.0.4.0/24", "--internal"])?;
+    let v1 = lab.endpoint("v1", 1, "vault", &[])?;
+    let v2 = lab.endpoint("v2", 2, "vault", &[])?;
+    let (v2_ip, _) = attachment(lab, &v2, "vault")?;
+    lab.ping_ok(&v1, &v2_ip, T)?;
+    let routes = lab.ip_json(&v1, &["route", "show", "default"])?;
+    ensure!(
+        routes.as_array().is_some_and(|r| r.is_empty()),
+        "internal endpoint has a default route: {routes}"
+    );
+    ensure!(!lab.ping(&v1, OUTSIDE_IP), "internal endpoint reached the outside");
+    // Even with a default route forced by hand, the host forwards nothing out.
+    let _ = run(&["ip", "-n", &v1, "route", "replace", "default", "via", "10.0.4.1"]);
+    ensure!(!lab.ping(&v1, OUTSIDE_IP), "internal endpoint reached the outside via a manual route");
+    // ... and the agent removes that route again.
+    wait_for(T, "manual default route to be removed", || {
+        let r = lab.ip_json(&v1, &["route", "show", "default"]).ok()?;
+        r.as_array()?.is_empty().then_some(())
+    })?;
+    Ok(())
+}
+
+/// A non-internal network reaches the outside address (masqueraded behind its host).
+fn egress(lab: &mut Lab) -> Result<()> {
+    let s1 = lab.ep("s1");
+    lab.ping_ok(&s1, OUTSIDE_IP, T)?;
+    let s2 = lab.ep("s2");
+    lab.ping_ok(&s2, OUTSIDE_IP, T)?;
+    Ok(())
+}
+
+/// DF ping exactly at the network MTU passes; one byte more fails at the sender.
+fn mtu_edge(lab: &mut Lab) -> Result<()> {
+    let mtu = lab.ctl_json(&["network", "inspect", "frontend"])?["mtu"].as_u64().context("mtu")?;
+    ensure!(mtu == 1450, "frontend mtu {mtu} (underlay 1500 - 50)");
+    let s1 = lab.ep("s1");
+    let (s2_ip, _) = attachment(lab, &lab.ep("s2"), "frontend")?;
+    let payload = (mtu - 28).to_string();
+    let o = lab.exec(&s1, &["ping", "-M", "do", "-c", "1", "-W", "2", "-s", &payload, &s2_ip]);
+    ensure!(o.status.success(), "DF ping of {mtu} bytes failed: {}", stdout(&o));
+    let over = (mtu - 27).to_string();
+    let o = lab.exec(&s1, &["ping", "-M", "do", "-c", "1", "-W", "2", "-s", &over, &s2_ip]);
+    let text = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)).to_lowercase();
+    ensure!(
+        !o.status.success() && text.contains("message too long"),
+        "DF ping of {} bytes: {text}",
+        mtu + 1
+    );
+    Ok(())
+}
+
+/// FDB entry, route and veth removed by hand come back within seconds.
+fn drift_repair(lab: &mut Lab) -> Result<()> {
+    let s1 = lab.ep("s1");
+    let s2 = lab.ep("s2");
+    let (s2_ip, s2_mac) = attachment(lab, &s2, "frontend")?;
+    let vxlan = format!("ovx-{}", vni(lab, "frontend")?);
+    let h1 = lab.host_ns(1);
+    run_ok(&["bridge", "-n", &h1, "fdb", "del", &s2_mac, "dev", &vxlan, "dst", &Lab::host_ip(2)])?;
+    run_ok(&["ip", "-n", &s1, "route", "del", "default"])?;
+    wait_for(T, "fdb entry and default route to come back", || {
+        let fdb = run_ok(&["bridge", "-j", "-n", &h1, "fdb", "show", "dev", &vxlan]).ok()?;
+        let fdb: serde_json::Value = serde_json::from_str(&fdb).ok()?;
+        let back = fdb
+            .as_array()?
+            .iter()
+            .any(|e| e["mac"] == s2_mac.as_str() && e["dst"] == Lab::host_ip(2).as_str());
+        let r = lab.ip_json(&s1, &["route", "show", "default"]).ok()?;
+        (back && !r.as_array()?.is_empty()).then_some(())
+    })?;
+    run_ok(&["ip", "-n", &h1, "link", "del", &veth_name(&s1, "eth0")])?;
+    lab.wait_endpoint(&s1)?;
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    Ok(())
+}
+
+/// `endpoint rm` leaves nothing: namespace, resolv.conf, veth, remote FDB/neighbour
+/// entries, and the network's bridge/vxlan on a host that no longer carries it.
+fn endpoint_rm(lab: &mut Lab) -> Result<()> {
+    lab.ctl_ok(&["network", "create", "temp", "--subnet", "10.0.5.0/24"])?;
+    let t1 = lab.endpoint("t1", 1, "temp", &[])?;
+    let t3 = lab.endpoint("t3", 3, "temp", &[])?;
+    let (t3_ip, t3_mac) = attachment(lab, &t3, "temp")?;
+    lab.ping_ok(&t1, &t3_ip, T)?;
+    let vni = vni(lab, "temp")?;
+    lab.ctl_ok(&["endpoint", "rm", &t3])?;
+    let h3 = lab.host_ns(3);
+    let h1 = lab.host_ns(1);
+    wait_for(T, "t3 to disappear from h3", || {
+        let gone_ns = !std::path::Path::new(&format!("/var/run/netns/{t3}")).exists();
+        let gone_etc = !std::path::Path::new(&format!("/etc/netns/{t3}")).exists();
+        let links = lab.ip_json(&h3, &["link", "show"]).ok()?;
+        let names: Vec<String> = links
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect();
+        let gone_links = !names.iter().any(|n| {
+            n == &veth_name(&t3, "eth0") || n == &format!("ovb-{vni}") || n == &format!("ovx-{vni}")
+        });
+        (gone_ns && gone_etc && gone_links).then_some(())
+    })?;
+    wait_for(T, "h1 to forget t3's MAC and address", || {
+        let dev = format!("ovx-{vni}");
+        let fdb = run_ok(&["bridge", "-j", "-n", &h1, "fdb", "show", "dev", &dev]).ok()?;
+        let fdb: serde_json::Value = serde_json::from_str(&fdb).ok()?;
+        // Entries the bridge learned age out by themselves; ours carry a `dst`.
+        let stale_fdb =
+            fdb.as_array()?.iter().any(|e| e["mac"] == t3_mac.as_str() && e.get("dst").is_some());
+        let neigh = lab.ip_json(&h1, &["neigh", "show", "dev", &dev, "nud", "permanent"]).ok()?;
+        let stale_neigh = neigh.as_array()?.iter().any(|n| n["dst"] == t3_ip.as_str());
+        (!stale_fdb && !stale_neigh).then_some(())
+    })?;
+    lab.ctl_ok(&["endpoint", "rm", &t1])?;
+    lab.ctl_ok(&["network", "rm", "temp"])?;
+    wait_for(T, "h1 to drop network temp", || {
+        let links = run_ok(&["ip", "-n", &h1, "link", "show"]).ok()?;
+        (!links.contains(&format!("ovb-{vni}"))
+            && !std::path::Path::new(&format!("/var/run/netns/{t1}")).exists())
+        .then_some(())
+    })?;
+    Ok(())
+}
+
+/// An agent stopped with SIGTERM leaves traffic flowing, is shown down, and on restart
+/// changes nothing that was right (same veth, same ifindex).
+fn agent_restart(lab: &mut Lab) -> Result<()> {
+    let s1 = lab.ep("s1");
+    let s2 = lab.ep("s2");
+    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
+    let h2 = lab.host_ns(2);
+    let veth = veth_name(&s2, "eth0");
+    let before = lab.ip_json(&h2, &["link", "show", &veth])?[0]["ifindex"].clone();
+    lab.stop_agent(2);
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    wait_for(T, "h2 to be shown down", || {
+        let hosts = lab.ctl_json(&["host", "ls"]).ok()?;
+        let h = hosts.as_array()?.iter().find(|h| h["name"] == "h2")?.clone();
+        (h["status"] == "down").then_some(())
+    })?;
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    lab.start_agent(2)?;
+    wait_for(T, "h2 to be ready again", || {
+        let hosts = lab.ctl_json(&["host", "ls"]).ok()?;
+        let h = hosts.as_array()?.iter().find(|h| h["name"] == "h2")?.clone();
+        (h["status"] == "ready").then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = lab.ip_json(&h2, &["link", "show", &veth])?[0]["ifindex"].clone();
+    ensure!(before == after, "veth was recreated on restart ({before} -> {after})");
+    let log = fs_read(&lab.dir.join("agent2.log").display().to_string())?;
+    if log.contains("plan: CreateVeth") || log.contains("plan: DeleteLink") {
+        bail!("restarted agent re-created devices:\n{log}");
+    }
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    Ok(())
+}
+
+/// With one controller member down, changes still reach the agents (which fail over).
+fn controller_down(lab: &mut Lab) -> Result<()> {
+    lab.kill_controller(1);
+    let late = wait_for(T, "endpoint create with member 1 down", || {
+        lab.endpoint("late", 3, "frontend", &[]).ok()
+    })?;
+    let (late_ip, _) = attachment(lab, &late, "frontend")?;
+    lab.ping_ok(&lab.ep("s1"), &late_ip, T)?;
+    lab.start_controller(1)?;
+    Ok(())
+}
+
+#[test]
+fn e2e() {
+    run_cases(&[
+        ("tutorial", tutorial),
+        ("internal_is_cut_off", internal_is_cut_off),
+        ("egress", egress),
+        ("mtu_edge", mtu_edge),
+        ("drift_repair", drift_repair),
+        ("endpoint_rm", endpoint_rm),
+        ("agent_restart", agent_restart),
+        ("controller_down", controller_down),
+    ]);
+}
