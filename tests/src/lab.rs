@@ -115,21 +115,42 @@ fn sweep_stale() {
     }
 }
 
-/// A child process that dies with the test (SIGKILL if the test process goes away).
-fn spawn_in(ns: &str, program: &Path, args: &[String], log: &Path) -> Result<Child> {
-    let out = fs::File::create(log)?;
+/// A child process in namespace `ns`. Unless `detached`, it dies with the thread that
+/// started it (SIGKILL if the test goes away without dropping the lab).
+fn spawn_in(
+    ns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    detached: bool,
+) -> Result<Child> {
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(program).args(args);
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: prctl is async-signal-safe and touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+    if detached {
+        cmd.process_group(0);
+    } else {
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
     }
     cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub hosts: usize,
+    /// Namespace prefix; default `ovt<pid><letter>`.
+    pub id: Option<String>,
+    /// Processes outlive this process (for `overlay-lab up`).
+    pub detached: bool,
 }
 
 pub struct Lab {
@@ -137,6 +158,7 @@ pub struct Lab {
     pub id: String,
     pub hosts: usize,
     pub dir: PathBuf,
+    detached: bool,
     controllers: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
     namespaces: Vec<String>,
@@ -145,16 +167,30 @@ pub struct Lab {
 impl Lab {
     /// Builds the underlay and starts 3 controllers and `hosts` agents (hosts >= 3).
     pub fn start(hosts: usize) -> Result<Lab> {
+        Lab::start_with(LabOptions { hosts, id: None, detached: false })
+    }
+
+    pub fn start_with(opts: LabOptions) -> Result<Lab> {
+        let hosts = opts.hosts;
         assert!(hosts >= 3, "the lab runs a controller on each of the first 3 hosts");
         sweep_stale();
-        let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
-        let letter = char::from(b'a' + (n % 26) as u8);
-        let id = format!("ovt{}{letter}", std::process::id());
+        let id = opts.id.unwrap_or_else(|| {
+            let n = NEXT_LAB.fetch_add(1, Ordering::SeqCst);
+            let letter = char::from(b'a' + (n % 26) as u8);
+            format!("ovt{}{letter}", std::process::id())
+        });
         let dir = std::env::temp_dir().join(&id);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        let mut lab =
-            Lab { id, hosts, dir, controllers: vec![], agents: vec![], namespaces: vec![] };
+        let mut lab = Lab {
+            id,
+            hosts,
+            dir,
+            detached: opts.detached,
+            controllers: vec![],
+            agents: vec![],
+            namespaces: vec![],
+        };
         lab.underlay()?;
         for i in 1..=3 {
             lab.controllers.push(None);
@@ -260,7 +296,8 @@ impl Lab {
             peers,
         ];
         let log = self.dir.join(format!("controller{i}.log"));
-        let child = spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log)?;
+        let child =
+            spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
         self.controllers[i - 1] = Some(child);
         Ok(())
     }
@@ -289,13 +326,9 @@ impl Lab {
             "--reconcile-interval".into(),
             "1".into(),
         ];
+        // Logs are appended across restarts, so a failing test shows the whole story.
         let log = self.dir.join(format!("agent{i}.log"));
-        // Append across restarts so a failing test shows the whole story.
-        let prev = fs::read(&log).unwrap_or_default();
-        let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log)?;
-        if !prev.is_empty() {
-            let _ = fs::write(self.dir.join(format!("agent{i}.log.prev")), prev);
-        }
+        let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached)?;
         self.agents[i - 1] = Some(child);
         Ok(())
     }
@@ -395,12 +428,17 @@ impl Lab {
     pub fn wait_endpoint(&self, name: &str) -> Result<String> {
         let v = self.ctl_json(&["endpoint", "inspect", name])?;
         let ip = v["attachments"][0]["ip"].as_str().context("endpoint has no ip")?.to_string();
+        self.wait_addr(name, &ip)?;
+        Ok(ip)
+    }
+
+    /// Waits until `eth0` in namespace `name` carries `ip` (no controller needed).
+    pub fn wait_addr(&self, name: &str, ip: &str) -> Result<()> {
         wait_for(Duration::from_secs(20), &format!("{name} to get {ip}"), || {
             let a = self.ip_json(name, &["addr", "show", "eth0"]).ok()?;
-            let has = a[0]["addr_info"].as_array()?.iter().any(|x| x["local"] == ip.as_str());
+            let has = a[0]["addr_info"].as_array()?.iter().any(|x| x["local"] == ip);
             has.then_some(())
-        })?;
-        Ok(ip)
+        })
     }
 
     /// One ping; true if answered.
@@ -430,6 +468,30 @@ impl Lab {
             out.push_str(&format!("--- {} ---\n{tail}\n", f.display()));
         }
         out
+    }
+
+    /// Process ids of the running controllers and agents (for `overlay-lab`).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let c = self
+            .controllers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((format!("controller{}", i + 1), c.as_ref()?.id())));
+        let a = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((format!("agent{}", i + 1), c.as_ref()?.id())));
+        c.chain(a).collect()
+    }
+
+    /// Leaves everything running and forgets it (for `overlay-lab up`).
+    pub fn detach(mut self) {
+        self.controllers.clear();
+        self.agents.clear();
+        self.namespaces.clear();
+        self.detached = true;
+        std::mem::forget(self);
     }
 
     /// Namespaces the agents recorded as created.

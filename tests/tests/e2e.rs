@@ -300,6 +300,8 @@ fn agent_restart(lab: &mut Lab) -> Result<()> {
         (h["status"] == "down").then_some(())
     })?;
     lab.ping_ok(&s1, &s2_ip, T)?;
+    let log_path = lab.dir.join("agent2.log");
+    let log_before = std::fs::metadata(&log_path).map(|m| m.len() as usize).unwrap_or(0);
     lab.start_agent(2)?;
     wait_for(T, "h2 to be ready again", || {
         let hosts = lab.ctl_json(&["host", "ls"]).ok()?;
@@ -309,7 +311,8 @@ fn agent_restart(lab: &mut Lab) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let after = lab.ip_json(&h2, &["link", "show", &veth])?[0]["ifindex"].clone();
     ensure!(before == after, "veth was recreated on restart ({before} -> {after})");
-    let log = fs_read(&lab.dir.join("agent2.log").display().to_string())?;
+    let log = fs_read(&log_path.display().to_string())?;
+    let log = log.get(log_before..).unwrap_or("");
     if log.contains("plan: CreateVeth") || log.contains("plan: DeleteLink") {
         bail!("restarted agent re-created devices:\n{log}");
     }
@@ -329,6 +332,28 @@ fn controller_down(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
+/// With every controller down, an agent restarted on a host whose endpoint namespace was
+/// deleted by hand rebuilds it from its persisted desired state.
+fn restart_without_controllers(lab: &mut Lab) -> Result<()> {
+    let s1 = lab.ep("s1");
+    let s2 = lab.ep("s2");
+    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
+    for i in 1..=3 {
+        lab.kill_controller(i);
+    }
+    lab.stop_agent(2);
+    run_ok(&["ip", "netns", "del", &s2])?;
+    ensure!(!lab.ping(&s1, &s2_ip), "s2 still answers after its namespace was deleted");
+    lab.start_agent(2)?;
+    lab.wait_addr(&s2, &s2_ip)?;
+    lab.ping_ok(&s1, &s2_ip, T)?;
+    for i in 1..=3 {
+        lab.start_controller(i)?;
+    }
+    wait_for(Duration::from_secs(30), "controllers back", || lab.ctl_json(&["host", "ls"]).ok())?;
+    Ok(())
+}
+
 #[test]
 fn e2e() {
     run_cases(&[
@@ -340,5 +365,6 @@ fn e2e() {
         ("endpoint_rm", endpoint_rm),
         ("agent_restart", agent_restart),
         ("controller_down", controller_down),
+        ("restart_without_controllers", restart_without_controllers),
     ]);
 }
