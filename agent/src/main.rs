@@ -161,3 +161,63 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut all = vec!["overlay-agent"];
+        all.extend_from_slice(extra);
+        Args::parse_from(all)
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400, http://192.0.2.10:7400\"\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = config(args(&["--config", f, "--name", "h2"])).unwrap();
+        assert_eq!(c.name, "h2");
+        assert_eq!(c.underlay_ip, "192.0.2.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(c.controllers, vec!["http://192.0.2.9:7400", "http://192.0.2.10:7400"]);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.reconcile_interval, Duration::from_secs(2));
+
+        std::fs::write(&file, "name = \"h1\"\nbogus = 1\n").unwrap();
+        let e = config(args(&["--config", f])).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_or_bad_values_are_named() {
+        let e = config(args(&["--config", "/nonexistent/agent.toml"])).unwrap_err();
+        assert!(e.contains("/nonexistent/agent.toml"), "{e}");
+        let e =
+            config(args(&["--config", "/dev/null", "--name", "h1", "--underlay-ip", "192.0.2.1"]))
+                .unwrap_err();
+        assert!(e.contains("--controller"), "{e}");
+        let e = config(args(&[
+            "--config",
+            "/dev/null",
+            "--name",
+            "h1",
+            "--underlay-ip",
+            "192.0.2.1",
+            "--controller",
+            "192.0.2.9:7400",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("192.0.2.9:7400"), "{e}");
+        let e = config(args(&["--config", "/dev/null", "--name", "Bad_Name"])).unwrap_err();
+        assert!(e.contains("--name"), "{e}");
+    }
+}

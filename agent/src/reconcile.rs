@@ -19,6 +19,27 @@ pub struct Pass {
     pub errors: Vec<ApplyError>,
 }
 
+/// The network an action's device belongs to, for logging.
+fn network_of<'a>(desired: &'a HostDesired, action: &Action) -> Option<&'a str> {
+    let dev = match action {
+        Action::CreateBridge { name, .. } | Action::CreateVxlan { name, .. } => name,
+        Action::CreateVeth { bridge, .. } => bridge,
+        Action::DeleteLink { name, .. } => name,
+        Action::SetMtu { dev, .. }
+        | Action::SetMac { dev, .. }
+        | Action::SetMaster { dev, .. }
+        | Action::SetUp { dev, .. }
+        | Action::AddAddress { dev, .. }
+        | Action::DelAddress { dev, .. }
+        | Action::AddFdb { dev, .. }
+        | Action::DelFdb { dev, .. }
+        | Action::AddNeigh { dev, .. }
+        | Action::DelNeigh { dev, .. } => dev,
+        _ => return None,
+    };
+    desired.networks.values().find(|n| &n.bridge == dev || &n.vxlan == dev).map(|n| n.name.as_str())
+}
+
 /// Observes, plans and applies once.
 pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
     let observed = observe(host, store).await?;
@@ -30,7 +51,8 @@ pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Resul
     }
     let actions = plan(desired, &observed);
     for a in &actions {
-        info!(endpoint = a.netns().unwrap_or(""), "plan: {a}");
+        let network = network_of(desired, a).unwrap_or("");
+        info!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
     }
     let errors = apply(host, store, &actions).await;
     Ok(Pass { actions, errors })

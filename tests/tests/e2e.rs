@@ -130,6 +130,19 @@ fn tutorial(lab: &mut Lab) -> Result<()> {
     ensure!(!lab.ping(&o1, &s1_ip), "other -> frontend on the same host must fail");
     ensure!(!lab.ping(&o1, &s2_ip), "other -> frontend on another host must fail");
     ensure!(!lab.ping(&s1, &o1_ip), "frontend -> other must fail");
+    let o = lab.exec(&s1, &["dig", "+time=1", "+tries=2", "@127.0.0.11", &o1]);
+    ensure!(stdout(&o).contains("status: NXDOMAIN"), "a name in no shared network: {}", stdout(&o));
+
+    // network connect / disconnect: eth1 comes and goes.
+    lab.ctl_ok(&["network", "connect", "other", &s2])?;
+    wait_for(T, "s2 to get eth1", || lab.ip_json(&s2, &["addr", "show", "eth1"]).ok())?;
+    lab.ping_ok(&s2, &o1_ip, T)?;
+    lab.ctl_ok(&["network", "disconnect", "other", &s2])?;
+    wait_for(T, "s2 to lose eth1", || {
+        let links = lab.ip_json(&s2, &["link", "show"]).ok()?;
+        (!links.as_array()?.iter().any(|l| l["ifname"] == "eth1")).then_some(())
+    })?;
+    lab.ping_ok(&s1, &s2_ip, T)?;
     Ok(())
 }
 
