@@ -159,7 +159,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .add_service(overlay)
         .add_service(peer)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = server_shutdown.changed().await;
             },
