@@ -100,6 +100,24 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Runs `f` on a short-lived thread inside namespace `ns` (sockets it creates stay there).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = fs::File::open(format!("/var/run/netns/{ns}"))
+        .with_context(|| format!("namespace {ns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the fd is open for the call; only this thread changes namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {ns}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    })
+}
+
 /// Removes namespaces left by labs whose test process died without cleaning up.
 fn sweep_stale() {
     let Ok(dir) = fs::read_dir("/var/run/netns") else { return };

@@ -10,12 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use overlay_agent::desired::veth_name;
-use overlay_tests::lab::{can_run, run, run_ok, wait_for, Lab, OUTSIDE_IP};
+use overlay_tests::lab::{can_run, in_netns, run, run_ok, wait_for, Lab, OUTSIDE_IP};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -150,25 +149,39 @@ fn fs_read(path: &str) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| path.to_string())
 }
 
-/// An iperf3 server in `server_ns` at `ip`, a 1-second client in `client_ns`.
-fn tcp_ok(lab: &Lab, server_ns: &str, ip: &str, client_ns: &str) -> Result<()> {
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", server_ns, "timeout", "15", "iperf3", "-s", "-1", "-B", ip])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let r = wait_for(Duration::from_secs(10), "iperf3 client to connect", || {
-        let o = lab.exec(client_ns, &["timeout", "10", "iperf3", "-c", ip, "-t", "1", "-J"]);
-        o.status.success().then_some(o)
+/// A TCP listener in `server_ns` at `ip`, a client in `client_ns` sending 4 MiB (more
+/// than fits in one segment or window) that must all arrive.
+fn tcp_ok(_lab: &Lab, server_ns: &str, ip: &str, client_ns: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    const LEN: usize = 4 << 20;
+    let addr: SocketAddr = format!("{ip}:5201").parse()?;
+    let listener = in_netns(server_ns, || TcpListener::bind(addr))??;
+    let server = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
     });
-    let _ = server.kill();
-    let _ = server.wait();
-    let o = r?;
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-    let end = &v["end"];
-    let bytes =
-        end["sum_received"]["bytes"].as_u64().or(end["sum_sent"]["bytes"].as_u64()).unwrap_or(0);
-    ensure!(bytes > 0, "iperf3 moved no bytes: {end}");
+    let sent = in_netns(client_ns, || -> std::io::Result<()> {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        c.set_write_timeout(Some(Duration::from_secs(10)))?;
+        c.write_all(&vec![7u8; LEN])?;
+        c.shutdown(std::net::Shutdown::Write)
+    })?;
+    if let Err(e) = sent {
+        // Unblock the accept so the server thread ends.
+        let _ = in_netns(server_ns, || TcpStream::connect_timeout(&addr, Duration::from_secs(1)));
+        bail!("tcp client: {e}");
+    }
+    let got = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(got == LEN, "tcp: received {got} of {LEN} bytes");
     Ok(())
 }
 
