@@ -258,6 +258,18 @@ impl Cluster {
         }
     }
 
+    /// Wait (briefly) until this member's state has caught up with `revision`, so that a
+    /// write forwarded to the leader is visible here when the handler reads it back.
+    pub async fn wait_for_revision(&self, revision: u64) {
+        let mut status = self.shared.status.subscribe();
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        while self.read_state().catalog.revision < revision {
+            if tokio::time::timeout_at(deadline, status.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Wait until this member has applied everything committed before the call: reads
     /// after it are linearizable (raft ReadIndex; followers ask the leader).
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {

@@ -38,8 +38,12 @@ impl OverlayApi {
         self.cluster.read_barrier().await.map_err(Status::from)
     }
 
+    /// Proposes and returns once this member also shows the write (read-your-writes on
+    /// followers, whose handlers read the result back from local state).
     async fn write(&self, command: Command) -> Result<Applied, Status> {
-        self.cluster.propose(command).await.map_err(Status::from)
+        let applied = self.cluster.propose(command).await.map_err(Status::from)?;
+        self.cluster.wait_for_revision(applied.revision).await;
+        Ok(applied)
     }
 
     fn endpoint_of(applied: &Applied) -> Result<pb::Endpoint, Status> {

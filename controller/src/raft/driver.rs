@@ -153,6 +153,7 @@ impl Driver {
                 self.on_ready()?;
             }
             self.check_recovered();
+            self.abandon_pending_if_deposed();
             self.publish_status();
         }
         // Everything persisted was fsynced in on_ready; nothing is buffered here.
@@ -247,6 +248,16 @@ impl Driver {
 
     fn on_ready(&mut self) -> anyhow::Result<()> {
         let mut ready = self.node.ready();
+        // The leader holds a member in "snapshot" state until told the snapshot went
+        // out; without the report a member that lost its disk stays paused forever.
+        // Reporting Finish even if the transport later drops the message is safe: the
+        // leader falls back to probing and sends the snapshot again.
+        let snapshots_to: Vec<u64> = ready
+            .messages()
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
@@ -277,6 +288,9 @@ impl Driver {
         self.transport.send(light.take_messages());
         self.apply_entries(light.take_committed_entries());
         self.node.advance_apply();
+        for to in snapshots_to {
+            self.node.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
         self.release_reads();
         self.maybe_snapshot()?;
         Ok(())
@@ -389,6 +403,23 @@ impl Driver {
         self.last_snapshot = self.applied;
         info!(index = self.applied, bytes = size, "snapshot taken, log compacted");
         Ok(())
+    }
+
+    /// A member that lost leadership cannot tell whether its pending entries will be
+    /// committed by the next leader: tell those clients now instead of at the timeout.
+    fn abandon_pending_if_deposed(&mut self) {
+        if self.pending.is_empty() || self.node.raft.state == StateRole::Leader {
+            return;
+        }
+        warn!(
+            pending = self.pending.len(),
+            "lost leadership with writes in flight; their outcome is unknown"
+        );
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(ProposeError::Unavailable(
+                "the leader stepped down before the write committed; its outcome is unknown".into(),
+            )));
+        }
     }
 
     /// Drops waiters whose clients gave up, so abandoned requests do not accumulate.
