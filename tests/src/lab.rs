@@ -370,6 +370,19 @@ impl Lab {
         }
     }
 
+    /// SIGKILL (no chance to clean up or persist anything more) and reap.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Pid of agent `i`, if running (for measuring it).
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents.get(i - 1)?.as_ref().map(Child::id)
+    }
+
     /// Every agent registered and ready.
     fn wait_ready(&self) -> Result<()> {
         wait_for(Duration::from_secs(60), "all hosts ready", || {
