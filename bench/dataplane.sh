@@ -1,0 +1,15 @@
+#!/bin/sh
+# Data-plane benchmark on a throwaway namespace lab (root; iperf3, ping, bridge).
+# Not run in CI. Usage: bench/dataplane.sh [--debug] [--hosts N] [--endpoints N] [--remote N]
+# Builds the workspace (release by default) and runs overlay-bench, which prints a table.
+set -eu
+cd "$(dirname "$0")/.."
+profile=release
+if [ "${1:-}" = "--debug" ]; then profile=debug; shift; fi
+if [ "$profile" = release ]; then
+    cargo build --release --workspace --bins
+else
+    cargo build --workspace --bins
+fi
+dir="${CARGO_TARGET_DIR:-target}/$profile"
+exec "$dir/overlay-bench" "$@"
