@@ -30,6 +30,8 @@ pub struct Config {
     pub controllers: Vec<String>,
     pub data_dir: PathBuf,
     pub reconcile_interval: Duration,
+    /// Where the DNS upstreams come from; `None`: the host's (see [`crate::dns::upstream`]).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// MTU of the device that holds `ip` (the underlay interface).
@@ -85,7 +87,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     );
     let heartbeat_task = tokio::spawn(run_heartbeat(me, cfg.controllers.clone()).in_current_span());
 
-    let mut dns = DnsServers::new(overlay_dns::Upstream::from_system());
+    let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use overlay_dns::{DnsView, Upstream};
@@ -16,6 +17,22 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::netns;
+
+/// The resolvers names that are not ours are forwarded to: the `nameserver`s of
+/// `resolv_conf` when one is configured, else the host's ([`Upstream::from_system`]).
+/// A configured file that cannot be read is logged, and forwards then get SERVFAIL at
+/// once; the overlay's own names are answered either way.
+pub fn upstream(resolv_conf: Option<&Path>) -> Upstream {
+    let up = match resolv_conf {
+        None => Upstream::from_system(),
+        Some(path) => Upstream::from_resolv_conf(path).unwrap_or_else(|e| {
+            warn!("{e}; names that are not the overlay's will get SERVFAIL");
+            Upstream::new(Vec::new())
+        }),
+    };
+    info!(servers = ?up.servers(), "dns forwards other names to these resolvers");
+    up
+}
 
 struct Server {
     /// The namespace the sockets live in; a recreated namespace needs a new server.
@@ -117,5 +134,22 @@ impl DnsServers {
 
     pub fn running(&self) -> usize {
         self.servers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_reads_the_configured_file() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, "nameserver 127.0.0.53\nnameserver 192.0.2.53\n").expect("write");
+        let want: Vec<SocketAddr> = vec!["192.0.2.53:53".parse().expect("addr")];
+        assert_eq!(*upstream(Some(&path)).servers(), *want);
+        assert!(upstream(Some(&dir.join("missing"))).servers().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -38,6 +38,10 @@ struct Args {
     /// Seconds between level-triggered reconcile passes.
     #[arg(long)]
     reconcile_interval: Option<f64>,
+    /// resolv.conf whose nameservers get the names DNS does not answer itself (default
+    /// /etc/resolv.conf, or systemd-resolved's list when that names only 127.0.0.53).
+    #[arg(long)]
+    resolv_conf: Option<PathBuf>,
 }
 
 /// `controller` may be one comma-separated string or a list.
@@ -56,6 +60,7 @@ struct FileConfig {
     controller: Option<Controllers>,
     data_dir: Option<PathBuf>,
     reconcile_interval: Option<f64>,
+    resolv_conf: Option<PathBuf>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -110,6 +115,7 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         controllers,
         data_dir,
         reconcile_interval: Duration::from_secs_f64(secs),
+        resolv_conf: args.resolv_conf.or(file.resolv_conf),
     })
 }
 
@@ -219,5 +225,23 @@ mod tests {
         assert!(e.contains("192.0.2.9:7400"), "{e}");
         let e = config(args(&["--config", "/dev/null", "--name", "Bad_Name"])).unwrap_err();
         assert!(e.contains("--name"), "{e}");
+    }
+
+    #[test]
+    fn resolv_conf_from_flag_or_file() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-resolv-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        let base =
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\n";
+        std::fs::write(&file, base).unwrap();
+        let f = file.to_str().unwrap();
+        assert_eq!(config(args(&["--config", f])).unwrap().resolv_conf, None);
+        std::fs::write(&file, format!("{base}resolv_conf = \"/etc/a.conf\"\n")).unwrap();
+        let c = config(args(&["--config", f])).unwrap();
+        assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/a.conf")));
+        let c = config(args(&["--config", f, "--resolv-conf", "/etc/b.conf"])).unwrap();
+        assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/b.conf")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -331,6 +331,14 @@ impl Lab {
         self.dir.join(format!("agent{i}"))
     }
 
+    /// The resolv.conf every agent forwards DNS with: it names [`OUTSIDE_IP`] only, so
+    /// forwarded names stay inside the lab (nothing answers there unless a test does).
+    pub fn resolv_conf(&self) -> Result<PathBuf> {
+        let path = self.dir.join("resolv.conf");
+        fs::write(&path, format!("nameserver {OUTSIDE_IP}\n"))?;
+        Ok(path)
+    }
+
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let args = vec![
             "--name".into(),
@@ -343,6 +351,8 @@ impl Lab {
             self.agent_data_dir(i).display().to_string(),
             "--reconcile-interval".into(),
             "1".into(),
+            "--resolv-conf".into(),
+            self.resolv_conf()?.display().to_string(),
         ];
         // Logs are appended across restarts, so a failing test shows the whole story.
         let log = self.dir.join(format!("agent{i}.log"));

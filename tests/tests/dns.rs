@@ -2,11 +2,9 @@
 //! endpoint namespaces of a three-host lab. Needs root and
 //! `cargo build --workspace --bins`; skipped without root.
 //!
-//! Not covered: forwarding of other names to the host's resolvers. The agent takes its
-//! upstreams from the machine's own `/etc/resolv.conf` (its mount namespace is the
-//! machine's), so testing it would mean changing the real host's resolver setup or
-//! sending queries out of the lab. Every name asked here is one the overlay answers for
-//! itself, so nothing is forwarded.
+//! Forwarding: each agent reads the lab's resolv.conf, which names the lab's "outside"
+//! address ([`OUTSIDE_IP`], on the underlay switch); the forwarding cases run a fake
+//! upstream resolver there ([`FakeUpstream`]), so nothing leaves the lab.
 //!
 //! The cases share one lab and run in order (later cases use endpoints made by the
 //! first); each is isolated by `catch_unwind`, every wait is bounded, and the test fails
@@ -15,11 +13,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use overlay_tests::lab::{can_run, in_netns, wait_for, Lab};
+use overlay_tests::lab::{can_run, in_netns, wait_for, Lab, OUTSIDE_IP};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -234,8 +237,6 @@ fn lifecycle(lab: &mut Lab) -> Result<()> {
 
 /// Garbage over UDP and TCP does not kill the server.
 fn malformed(lab: &mut Lab) -> Result<()> {
-    use std::io::Write;
-    use std::net::{TcpStream, UdpSocket};
     let a1 = lab.ep("a1");
     let a2 = lab.ep("a2");
     let a2_ip = ip_in(lab, &a2, "dna")?;
@@ -304,6 +305,265 @@ fn malformed(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
+/// The name the fake upstream knows, and its address (answer data only: nothing is ever
+/// sent to it).
+const UPSTREAM_NAME: &str = "upstream.example";
+const UPSTREAM_ADDR: [u8; 4] = [203, 0, 113, 7];
+
+/// What the fake upstream saw and how it behaves.
+#[derive(Default)]
+struct Upstream {
+    stop: AtomicBool,
+    /// Swallow queries instead of answering (an unreachable or overloaded resolver).
+    silent: AtomicBool,
+    /// `(source, lower-case name)` of every query received, UDP and TCP.
+    queries: Mutex<Vec<(SocketAddr, String)>>,
+}
+
+/// A stand-in for the hosts' resolver on [`OUTSIDE_IP`]:53 (UDP and TCP) in the switch
+/// namespace: `upstream.example.` has A 203.0.113.7 (and no other type), every other
+/// name is NXDOMAIN. Stops, closing its sockets, when dropped.
+struct FakeUpstream {
+    state: Arc<Upstream>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    fn start(lab: &Lab) -> Result<FakeUpstream> {
+        let addr: SocketAddr = format!("{OUTSIDE_IP}:53").parse()?;
+        let (udp, tcp) = in_netns(&lab.switch_ns(), || -> std::io::Result<_> {
+            Ok((UdpSocket::bind(addr)?, TcpListener::bind(addr)?))
+        })??;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        tcp.set_nonblocking(true)?;
+        let state = Arc::new(Upstream::default());
+        let (s1, s2) = (state.clone(), state.clone());
+        let threads = vec![
+            std::thread::spawn(move || serve_udp(&udp, &s1)),
+            std::thread::spawn(move || serve_tcp(&tcp, &s2)),
+        ];
+        Ok(FakeUpstream { state, threads })
+    }
+
+    fn queries(&self) -> Vec<(SocketAddr, String)> {
+        self.state.queries.lock().map(|q| q.clone()).unwrap_or_default()
+    }
+
+    fn set_silent(&self, silent: bool) {
+        self.state.silent.store(silent, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Upstream {
+    /// Records `query` from `from`; the response to send, if any.
+    fn handle(&self, from: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+        let (name, qtype, question_end) = parse_question(query)?;
+        if let Ok(mut q) = self.queries.lock() {
+            q.push((from, name.clone()));
+        }
+        if self.silent.load(Ordering::SeqCst) {
+            return None;
+        }
+        let known = name == format!("{UPSTREAM_NAME}.");
+        let answers = u16::from(known && qtype == 1);
+        let rcode = if known { 0 } else { 3 };
+        let mut out = Vec::with_capacity(question_end + 16);
+        out.extend_from_slice(&query[..2]);
+        // QR, opcode QUERY, RD echoed; RA; no EDNS in the answer (ARCOUNT 0).
+        out.extend_from_slice(&[0x80 | (query[2] & 0x01), 0x80 | rcode, 0, 1, 0, answers as u8]);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&query[12..question_end]);
+        if answers == 1 {
+            // Pointer to the question name, A, IN, TTL 60, 4 bytes.
+            out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            out.extend_from_slice(&UPSTREAM_ADDR);
+        }
+        Some(out)
+    }
+}
+
+/// `(name with a trailing dot, qtype, end of the question)` of a one-question query.
+fn parse_question(p: &[u8]) -> Option<(String, u16, usize)> {
+    if p.len() < 12 || p[2] & 0x80 != 0 || p[4..6] != [0, 1] {
+        return None;
+    }
+    let mut name = String::new();
+    let mut at = 12;
+    loop {
+        let len = usize::from(*p.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = p.get(at..at + len)?;
+        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+        name.push('.');
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]);
+    p.get(at + 2..at + 4)?;
+    Some((name, qtype, at + 4))
+}
+
+fn serve_udp(sock: &UdpSocket, state: &Upstream) {
+    let mut buf = [0u8; 4096];
+    while !state.stop.load(Ordering::SeqCst) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+        if let Some(resp) = state.handle(from, &buf[..n]) {
+            let _ = sock.send_to(&resp, from);
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, state: &Upstream) {
+    while !state.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((conn, from)) => {
+                let _ = serve_tcp_conn(conn, from, state);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// One length-prefixed query, one response.
+fn serve_tcp_conn(mut conn: TcpStream, from: SocketAddr, state: &Upstream) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut len = [0u8; 2];
+    conn.read_exact(&mut len)?;
+    let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    conn.read_exact(&mut query)?;
+    if let Some(resp) = state.handle(from, &query) {
+        let mut framed = (resp.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&resp);
+        conn.write_all(&framed)?;
+    }
+    Ok(())
+}
+
+/// The header flags of a full dig output (`qr rd ra`, …).
+fn flags(out: &str) -> Vec<String> {
+    let rest = out.split("flags: ").nth(1).unwrap_or("");
+    rest.split(';').next().unwrap_or("").split_whitespace().map(str::to_string).collect()
+}
+
+/// Names that are not ours go to the resolver of the agent's resolv.conf, from the
+/// host's underlay address, over UDP and TCP; its answers (and its NXDOMAIN) come back
+/// unchanged and not authoritative; libc in the endpoint gets them too.
+fn forward(lab: &mut Lab) -> Result<()> {
+    let up = FakeUpstream::start(lab)?;
+    let want = vec![std::net::Ipv4Addr::from(UPSTREAM_ADDR).to_string()];
+    let a1 = lab.ep("a1");
+    let a2 = lab.ep("a2");
+    ensure!(short(lab, &a1, &[UPSTREAM_NAME]) == want, "{UPSTREAM_NAME} over udp from a1");
+    ensure!(short(lab, &a1, &["+tcp", UPSTREAM_NAME]) == want, "{UPSTREAM_NAME} over tcp");
+    ensure!(short(lab, &a2, &["UPSTREAM.example."]) == want, "{UPSTREAM_NAME} from a2 (h2)");
+    let out = dig(lab, &a1, &[UPSTREAM_NAME]);
+    ensure!(status(&out).as_deref() == Some("NOERROR"), "status: {out}");
+    ensure!(!flags(&out).contains(&"aa".to_string()), "forwarded answers are not ours: {out}");
+    let out = dig(lab, &a1, &["nosuch.example"]);
+    ensure!(status(&out).as_deref() == Some("NXDOMAIN"), "upstream NXDOMAIN passed on: {out}");
+    let out = dig(lab, &a1, &[UPSTREAM_NAME, "AAAA"]);
+    ensure!(
+        status(&out).as_deref() == Some("NOERROR") && answer_count(&out) == Some(0),
+        "upstream NODATA passed on: {out}"
+    );
+    let g = stdout(&lab.exec(&a1, &["getent", "hosts", UPSTREAM_NAME]));
+    ensure!(g.split_whitespace().next() == Some(want[0].as_str()), "getent hosts: {g:?}");
+    // Sent from the asker's host namespace (its underlay address), not from the endpoint.
+    let sources: BTreeSet<IpAddr> = up.queries().iter().map(|(from, _)| from.ip()).collect();
+    let hosts: BTreeSet<IpAddr> =
+        [Lab::host_ip(1).parse()?, Lab::host_ip(2).parse()?].into_iter().collect();
+    ensure!(sources == hosts, "queries came from {sources:?}, want {hosts:?}");
+    Ok(())
+}
+
+/// The overlay's own names — found or NXDOMAIN, forward and reverse — are answered
+/// locally: the upstream never hears of them. An unknown single label is forwarded.
+fn local_not_forwarded(lab: &mut Lab) -> Result<()> {
+    let up = FakeUpstream::start(lab)?;
+    let a1 = lab.ep("a1");
+    let a2 = lab.ep("a2");
+    let c1 = lab.ep("c1");
+    let a2_ip = ip_in(lab, &a2, "dna")?;
+    ensure!(short(lab, &a1, &[&a2]) == [a2_ip.clone()], "a2");
+    ensure!(short(lab, &a1, &["+tcp", "web.dna"]) == [a2_ip.clone()], "web.dna over tcp");
+    for (name, qtype, want) in [
+        (a2.clone(), "AAAA", "NOERROR"),
+        (c1.clone(), "A", "NXDOMAIN"),
+        (format!("{c1}.dnc"), "A", "NXDOMAIN"),
+        (lab.ep("b1"), "A", "NXDOMAIN"),
+    ] {
+        let out = dig(lab, &a1, &[&name, qtype]);
+        ensure!(status(&out).as_deref() == Some(want), "{qtype} {name}: {out}");
+        ensure!(flags(&out).contains(&"aa".to_string()), "{name} answered by us: {out}");
+    }
+    ensure!(short(lab, &a1, &["-x", &a2_ip]) == [format!("{a2}.dna.")], "PTR a2");
+    let out = dig(lab, &a1, &["-x", "10.0.11.250"]);
+    ensure!(status(&out).as_deref() == Some("NXDOMAIN"), "PTR of an unused address: {out}");
+    let g = stdout(&lab.exec(&a1, &["getent", "hosts", &a2]));
+    ensure!(g.split_whitespace().next() == Some(a2_ip.as_str()), "getent hosts a2: {g:?}");
+    let q = up.queries();
+    ensure!(q.is_empty(), "the overlay's own names reached the upstream: {q:?}");
+    // Contrast: an unknown single label is not ours, so it is forwarded.
+    let out = dig(lab, &a1, &["nosuchlabel"]);
+    ensure!(status(&out).as_deref() == Some("NXDOMAIN"), "nosuchlabel: {out}");
+    let q = up.queries();
+    ensure!(q.iter().all(|(_, n)| n == "nosuchlabel.") && !q.is_empty(), "forwarded: {q:?}");
+    Ok(())
+}
+
+/// `dig` with one try and a patient timeout: the status and how long the answer took.
+fn timed_dig(lab: &Lab, ns: &str, name: &str) -> (Option<String>, Duration, String) {
+    let start = Instant::now();
+    let out = stdout(&lab.exec(ns, &["dig", "+time=5", "+tries=1", "@127.0.0.11", name]));
+    (status(&out), start.elapsed(), out)
+}
+
+/// An upstream that swallows queries, or none at all: the client gets SERVFAIL within
+/// the 2 s budget, and local names keep resolving meanwhile.
+fn upstream_down(lab: &mut Lab) -> Result<()> {
+    let a1 = lab.ep("a1");
+    let a2 = lab.ep("a2");
+    let a2_ip = ip_in(lab, &a2, "dna")?;
+    let up = FakeUpstream::start(lab)?;
+    up.set_silent(true);
+    let (st, took, out) = timed_dig(lab, &a1, UPSTREAM_NAME);
+    eprintln!("silent upstream: {st:?} after {took:?}");
+    ensure!(st.as_deref() == Some("SERVFAIL"), "silent upstream: {out}");
+    ensure!(took < Duration::from_millis(2500), "SERVFAIL took {took:?}");
+    ensure!(!up.queries().is_empty(), "the query never reached the silent upstream");
+    let start = Instant::now();
+    ensure!(short(lab, &a1, &["+tries=1", &a2]) == [a2_ip], "a2 while the upstream is silent");
+    ensure!(
+        start.elapsed() < Duration::from_millis(500),
+        "local answer took {:?}",
+        start.elapsed()
+    );
+    drop(up);
+    let (st, took, out) = timed_dig(lab, &a1, UPSTREAM_NAME);
+    eprintln!("no upstream: {st:?} after {took:?}");
+    ensure!(st.as_deref() == Some("SERVFAIL"), "no upstream: {out}");
+    ensure!(took < Duration::from_millis(2500), "SERVFAIL took {took:?}");
+    Ok(())
+}
+
 #[test]
 fn dns() {
     if !can_run() {
@@ -320,6 +580,9 @@ fn dns() {
         ("across_gateway", across_gateway),
         ("lifecycle", lifecycle),
         ("malformed", malformed),
+        ("forward", forward),
+        ("local_not_forwarded", local_not_forwarded),
+        ("upstream_down", upstream_down),
     ];
     let start = Instant::now();
     let mut lab = Lab::start(3).expect("lab start");
