@@ -65,7 +65,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
     let me = Identity { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, underlay_mtu: mtu };
-    let local = LocalHost { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip };
+    let local =
+        LocalHost { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, can_encrypt: false };
 
     // Until a catalog is known (from disk or a controller) nothing is reconciled, so an
     // agent that lost its state never tears down what is running.

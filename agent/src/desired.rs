@@ -34,6 +34,9 @@ use overlay_model::{Catalog, Encap, Mac};
 pub const BRIDGE_PREFIX: &str = "ovb-";
 /// Prefix of the per-network vxlan devices (`ovx-<VNI>`).
 pub const VXLAN_PREFIX: &str = "ovx-";
+/// Prefix of the per-network TAP devices of `--encap udp` networks (`ovu-<VNI>`),
+/// created and read by the user-space UDP data plane (crate `overlay-udp`).
+pub const TAP_PREFIX: &str = "ovu-";
 /// Prefix of the host side of endpoint veths (`ovv<12 hex>`).
 pub const VETH_PREFIX: &str = "ovv";
 /// Prefix of the endpoint side of a veth while it is still in the host namespace
@@ -49,6 +52,18 @@ pub const RESOLV_CONF: &str = "nameserver 127.0.0.11\n";
 pub struct LocalHost {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    /// A host certificate is configured, so `--encrypted` networks can be carried.
+    pub can_encrypt: bool,
+}
+
+/// How a network's frames leave this host: the bridge's uplink port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplink {
+    /// Kernel VXLAN device `ovx-<VNI>`; the agent programs its FDB and neighbours.
+    Vxlan,
+    /// TAP device `ovu-<VNI>` read by the user-space UDP data plane, which gets the
+    /// same FDB/neighbour facts as plain data instead of netlink entries.
+    Tap { encrypted: bool },
 }
 
 /// One remote endpoint's MAC and the host it lives on.
@@ -73,7 +88,9 @@ pub struct RouteSpec {
 pub struct NetDesired {
     pub name: String,
     pub bridge: String,
-    pub vxlan: String,
+    /// `ovx-<VNI>` or `ovu-<VNI>`, per [`NetDesired::uplink_kind`].
+    pub uplink: String,
+    pub uplink_kind: Uplink,
     pub vni: u32,
     pub mtu: u32,
     pub subnet: Ipv4Network,
@@ -82,9 +99,10 @@ pub struct NetDesired {
     /// Same on every host so a cached gateway MAC never goes stale.
     pub bridge_mac: Mac,
     pub internal: bool,
-    /// Remote endpoints' MACs and the flood list (entries with [`ZERO_MAC`]).
+    /// Remote endpoints' MACs and the flood list (entries with [`ZERO_MAC`]): on the
+    /// vxlan device, or handed to the UDP data plane for a TAP uplink.
     pub fdb: BTreeSet<Fdb>,
-    /// Remote endpoint IP -> MAC, answered by the vxlan proxy.
+    /// Remote endpoint IP -> MAC, answered by the vxlan proxy (or the UDP data plane).
     pub neigh: BTreeMap<Ipv4Addr, Mac>,
 }
 
@@ -133,7 +151,8 @@ pub struct HostDesired {
     pub firewall: FirewallDesired,
     /// The host must forward (some non-internal network needs egress).
     pub host_forwarding: bool,
-    /// Networks carried here that this build cannot realise (e.g. `--encap udp`).
+    /// Networks carried here that this host cannot realise (`--encrypted` without a
+    /// host certificate).
     pub unsupported: Vec<String>,
     /// Local IP of the vxlan devices.
     pub underlay_ip: Option<Ipv4Addr>,
@@ -147,6 +166,11 @@ pub fn bridge_name(vni: u32) -> String {
 /// `ovx-<VNI>`.
 pub fn vxlan_name(vni: u32) -> String {
     format!("{VXLAN_PREFIX}{vni}")
+}
+
+/// `ovu-<VNI>`.
+pub fn tap_name(vni: u32) -> String {
+    format!("{TAP_PREFIX}{vni}")
 }
 
 /// 48 bits of FNV-1a over `endpoint/interface`, as 12 hex digits: with the 3-letter
@@ -191,10 +215,14 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
 
     for name in &carried {
         let Some(net) = catalog.networks.get(*name) else { continue };
-        if net.encap != Encap::Vxlan {
-            out.unsupported.push(net.name.clone());
-            continue;
-        }
+        let (uplink, uplink_kind) = match net.encap {
+            Encap::Vxlan => (vxlan_name(net.vni), Uplink::Vxlan),
+            Encap::Udp if net.encrypted && !local.can_encrypt => {
+                out.unsupported.push(net.name.clone());
+                continue;
+            }
+            Encap::Udp => (tap_name(net.vni), Uplink::Tap { encrypted: net.encrypted }),
+        };
         let mut fdb = BTreeSet::new();
         let mut neigh = BTreeMap::new();
         for (ep, att) in catalog.endpoints_in(name) {
@@ -210,7 +238,8 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
         let nd = NetDesired {
             name: net.name.clone(),
             bridge: bridge_name(net.vni),
-            vxlan: vxlan_name(net.vni),
+            uplink,
+            uplink_kind,
             vni: net.vni,
             mtu: net.mtu,
             subnet: net.subnet,
@@ -363,7 +392,7 @@ pub(crate) mod tests {
     }
 
     fn local(name: &str, ip: &str) -> LocalHost {
-        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap() }
+        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap(), can_encrypt: false }
     }
 
     #[test]
@@ -382,7 +411,8 @@ pub(crate) mod tests {
         assert_eq!(d.networks.keys().collect::<Vec<_>>(), vec!["front"]);
         let front = &d.networks["front"];
         assert_eq!(front.bridge, "ovb-4096");
-        assert_eq!(front.vxlan, "ovx-4096");
+        assert_eq!(front.uplink, "ovx-4096");
+        assert_eq!(front.uplink_kind, Uplink::Vxlan);
         assert_eq!(front.gateway, "10.1.0.1/24".parse().unwrap());
         let h2: Ipv4Addr = "192.0.2.2".parse().unwrap();
         let h3: Ipv4Addr = "192.0.2.3".parse().unwrap();
@@ -437,6 +467,38 @@ pub(crate) mod tests {
         assert!(gw.ip_forward);
         // Routes via itself are skipped.
         assert_eq!(gw.routes.len(), 1);
+    }
+
+    #[test]
+    fn udp_networks_get_a_tap_uplink_and_the_same_forwarding_facts() {
+        let mut c = catalog();
+        let front = c.networks.get_mut("front").unwrap();
+        front.encap = Encap::Udp;
+        let vxlan = desired_for_host(&catalog(), &local("h1", "192.0.2.1"));
+        let d = desired_for_host(&c, &local("h1", "192.0.2.1"));
+        let nd = &d.networks["front"];
+        assert_eq!(nd.uplink, "ovu-4096");
+        assert_eq!(nd.uplink_kind, Uplink::Tap { encrypted: false });
+        assert_eq!(nd.fdb, vxlan.networks["front"].fdb);
+        assert_eq!(nd.neigh, vxlan.networks["front"].neigh);
+        assert!(d.unsupported.is_empty());
+    }
+
+    #[test]
+    fn encrypted_networks_need_a_host_certificate() {
+        let mut c = catalog();
+        let front = c.networks.get_mut("front").unwrap();
+        front.encap = Encap::Udp;
+        front.encrypted = true;
+        let d = desired_for_host(&c, &local("h1", "192.0.2.1"));
+        assert_eq!(d.unsupported, vec!["front".to_string()]);
+        assert!(d.networks.is_empty());
+        // Its endpoint gets no interface in it rather than a dead one.
+        assert!(d.endpoints["web"].interfaces.is_empty());
+
+        let with_cert = LocalHost { can_encrypt: true, ..local("h1", "192.0.2.1") };
+        let d = desired_for_host(&c, &with_cert);
+        assert_eq!(d.networks["front"].uplink_kind, Uplink::Tap { encrypted: true });
     }
 
     #[test]

@@ -506,6 +506,7 @@ fn raw_link(m: LinkMessage) -> RawLink {
         Some(InfoKind::Bridge) => LinkKind::Bridge,
         Some(InfoKind::Vxlan) => LinkKind::Vxlan(vx),
         Some(InfoKind::Veth) => LinkKind::Veth,
+        Some(InfoKind::Tun) => LinkKind::Tun,
         _ if m.header.link_layer_type == LinkLayerType::Loopback => LinkKind::Loopback,
         Some(other) => LinkKind::Other(format!("{other:?}").to_lowercase()),
         None => LinkKind::Other(String::new()),

@@ -6,15 +6,11 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
-use crate::desired::{BRIDGE_PREFIX, PEER_PREFIX, VETH_PREFIX, VXLAN_PREFIX};
 use crate::nl::{Nl, RawLink};
 use crate::observed::{LinkObs, NsObs, ObservedHost};
+use crate::plan::is_owned_host_link as owned;
 use crate::store::Store;
 use crate::{firewall, netns};
-
-fn owned(name: &str) -> bool {
-    [BRIDGE_PREFIX, VXLAN_PREFIX, VETH_PREFIX, PEER_PREFIX].iter().any(|p| name.starts_with(p))
-}
 
 /// Links of one namespace with their addresses, FDB and neighbours, keyed by name.
 async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, LinkObs>> {

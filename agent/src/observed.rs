@@ -2,7 +2,7 @@
 //!
 //! [`crate::observe`] fills it from netlink; [`crate::plan`] compares it with
 //! [`crate::desired::HostDesired`]. Only devices whose names carry our prefixes
-//! (`ovb-`, `ovx-`, `ovv`, `ovp`) and namespaces the agent recorded as created by it
+//! (`ovb-`, `ovx-`, `ovu-`, `ovv`, `ovp`) and namespaces the agent recorded as created by it
 //! appear here, so nothing a user made can ever be planned away.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +27,8 @@ pub struct VxlanObs {
 pub enum LinkKind {
     Bridge,
     Vxlan(VxlanObs),
+    /// A TUN/TAP device (the UDP data plane's uplink).
+    Tun,
     Veth,
     Loopback,
     Other(String),

@@ -18,8 +18,8 @@ use ipnetwork::Ipv4Network;
 use overlay_model::Mac;
 
 use crate::desired::{
-    EndpointDesired, Fdb, HostDesired, IfaceDesired, NetDesired, RouteSpec, BRIDGE_PREFIX,
-    PEER_PREFIX, RESOLV_CONF, VETH_PREFIX, VXLAN_PORT, VXLAN_PREFIX,
+    EndpointDesired, Fdb, HostDesired, IfaceDesired, NetDesired, RouteSpec, Uplink, BRIDGE_PREFIX,
+    PEER_PREFIX, RESOLV_CONF, TAP_PREFIX, VETH_PREFIX, VXLAN_PORT, VXLAN_PREFIX,
 };
 use crate::firewall::{self, Ruleset};
 use crate::observed::{LinkKind, LinkObs, NsObs, ObservedHost, VxlanObs};
@@ -201,8 +201,12 @@ impl Out {
     }
 }
 
-fn is_owned_host_link(name: &str) -> bool {
-    [BRIDGE_PREFIX, VXLAN_PREFIX, VETH_PREFIX, PEER_PREFIX].iter().any(|p| name.starts_with(p))
+/// Prefixes of every device the agent creates in the host namespace.
+pub const OWNED_HOST_PREFIXES: [&str; 5] =
+    [BRIDGE_PREFIX, VXLAN_PREFIX, TAP_PREFIX, VETH_PREFIX, PEER_PREFIX];
+
+pub fn is_owned_host_link(name: &str) -> bool {
+    OWNED_HOST_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// The actions that take `observed` to `desired`.
@@ -212,10 +216,15 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
 
     for nd in desired.networks.values() {
         wanted_host_links.insert(&nd.bridge);
-        wanted_host_links.insert(&nd.vxlan);
+        wanted_host_links.insert(&nd.uplink);
         plan_bridge(nd, observed, &mut out);
-        if let Some(local) = desired.underlay_ip {
-            plan_vxlan(nd, local, observed, &mut out);
+        match nd.uplink_kind {
+            Uplink::Vxlan => {
+                if let Some(local) = desired.underlay_ip {
+                    plan_vxlan(nd, local, observed, &mut out);
+                }
+            }
+            Uplink::Tap { .. } => plan_tap(nd, observed, &mut out),
         }
     }
 
@@ -238,7 +247,7 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         out.firewall.push(Action::ApplyFirewall { ruleset });
     }
 
-    // Garbage: owned devices nobody wants (veths first, then vxlans, then bridges).
+    // Garbage: owned devices nobody wants (veths first, then uplinks, then bridges).
     let mut garbage: Vec<&String> = observed
         .links
         .keys()
@@ -247,7 +256,7 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
     garbage.sort_by_key(|n| {
         let rank = if n.starts_with(BRIDGE_PREFIX) {
             2
-        } else if n.starts_with(VXLAN_PREFIX) {
+        } else if n.starts_with(VXLAN_PREFIX) || n.starts_with(TAP_PREFIX) {
             1
         } else {
             0
@@ -286,27 +295,47 @@ fn plan_bridge(nd: &NetDesired, observed: &ObservedHost, out: &mut Out) {
     }
 }
 
+/// The TAP uplink of a UDP network. The UDP data plane creates it (TUNSETIFF is an
+/// ioctl, not netlink) before every pass and carries its forwarding facts itself, so
+/// here it only gets plugged in: bridge, MTU, up. One of the wrong kind is removed so
+/// the data plane can create the right one on the next pass.
+fn plan_tap(nd: &NetDesired, observed: &ObservedHost, out: &mut Out) {
+    match observed.links.get(&nd.uplink) {
+        Some(link) if link.kind == LinkKind::Tun => {
+            plan_attrs(&Ns::Host, &nd.uplink, link, nd.mtu, None, out);
+            if link.master.as_deref() != Some(nd.bridge.as_str()) {
+                out.attrs
+                    .push(Action::SetMaster { dev: nd.uplink.clone(), master: nd.bridge.clone() });
+            }
+        }
+        Some(_) => {
+            out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.uplink.clone() });
+        }
+        None => {}
+    }
+}
+
 fn vxlan_ok(v: &VxlanObs, nd: &NetDesired, local: Ipv4Addr) -> bool {
     v.vni == nd.vni && v.local == Some(local) && v.port == VXLAN_PORT && !v.learning && v.proxy
 }
 
 fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &mut Out) {
-    let existing = observed.links.get(&nd.vxlan);
+    let existing = observed.links.get(&nd.uplink);
     let (fdb, neigh) = match existing {
         Some(link) if matches!(&link.kind, LinkKind::Vxlan(v) if vxlan_ok(v, nd, local)) => {
-            plan_attrs(&Ns::Host, &nd.vxlan, link, nd.mtu, None, out);
+            plan_attrs(&Ns::Host, &nd.uplink, link, nd.mtu, None, out);
             if link.master.as_deref() != Some(nd.bridge.as_str()) {
                 out.attrs
-                    .push(Action::SetMaster { dev: nd.vxlan.clone(), master: nd.bridge.clone() });
+                    .push(Action::SetMaster { dev: nd.uplink.clone(), master: nd.bridge.clone() });
             }
             (link.fdb.clone(), link.neigh.clone())
         }
         other => {
             if other.is_some() {
-                out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.vxlan.clone() });
+                out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.uplink.clone() });
             }
             out.create.push(Action::CreateVxlan {
-                name: nd.vxlan.clone(),
+                name: nd.uplink.clone(),
                 vni: nd.vni,
                 local,
                 mtu: nd.mtu,
@@ -316,19 +345,19 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
         }
     };
     for entry in fdb.difference(&nd.fdb) {
-        out.make_room.push(Action::DelFdb { dev: nd.vxlan.clone(), entry: *entry });
+        out.make_room.push(Action::DelFdb { dev: nd.uplink.clone(), entry: *entry });
     }
     for entry in nd.fdb.difference(&fdb) {
-        out.state.push(Action::AddFdb { dev: nd.vxlan.clone(), entry: *entry });
+        out.state.push(Action::AddFdb { dev: nd.uplink.clone(), entry: *entry });
     }
     for (ip, mac) in &neigh {
         if !nd.neigh.contains_key(ip) {
-            out.make_room.push(Action::DelNeigh { dev: nd.vxlan.clone(), ip: *ip, mac: *mac });
+            out.make_room.push(Action::DelNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
     }
     for (ip, mac) in &nd.neigh {
         if neigh.get(ip) != Some(mac) {
-            out.state.push(Action::AddNeigh { dev: nd.vxlan.clone(), ip: *ip, mac: *mac });
+            out.state.push(Action::AddNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
     }
 }
@@ -452,9 +481,10 @@ mod tests {
     use crate::desired::tests::catalog;
     use crate::desired::{desired_for_host, LocalHost, ZERO_MAC};
     use crate::observed::FirewallObs;
+    use overlay_model::Catalog;
 
     fn local(name: &str, ip: &str) -> LocalHost {
-        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap() }
+        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap(), can_encrypt: false }
     }
 
     /// What a perfect apply does to the kernel, as data.
@@ -694,6 +724,50 @@ mod tests {
         assert!(obs.links.is_empty(), "{:?}", obs.links.keys());
         assert!(obs.namespaces.is_empty());
         assert_eq!(plan(&d, &obs), vec![]);
+    }
+
+    #[test]
+    fn a_tap_uplink_is_plugged_in_and_never_given_vxlan_entries() {
+        let mut cat = catalog();
+        cat.networks.get_mut("front").unwrap().encap = overlay_model::Encap::Udp;
+        let d = desired_for_host(&cat, &local("h1", "192.0.2.1"));
+        // The UDP data plane created the TAP before the pass: down, unplugged, MTU 1500.
+        let mut obs = ObservedHost::default();
+        obs.links.insert("ovu-4096".into(), LinkObs::new(LinkKind::Tun, 1500));
+        let actions = converge(&d, &mut obs);
+        let on_tap: Vec<_> =
+            actions.iter().filter(|a| format!("{a:?}").contains("ovu-4096")).cloned().collect();
+        assert_eq!(
+            on_tap,
+            vec![
+                Action::SetMtu { ns: Ns::Host, dev: "ovu-4096".into(), mtu: 1450 },
+                Action::SetUp { ns: Ns::Host, dev: "ovu-4096".into() },
+                Action::SetMaster { dev: "ovu-4096".into(), master: "ovb-4096".into() },
+            ]
+        );
+        assert!(!actions.iter().any(|a| matches!(
+            a,
+            Action::CreateVxlan { .. } | Action::AddFdb { .. } | Action::AddNeigh { .. }
+        )));
+        assert!(plan(&d, &obs).is_empty());
+
+        // Not created yet: nothing to do for it (the data plane creates it first).
+        obs.links.remove("ovu-4096");
+        assert!(plan(&d, &obs).is_empty());
+
+        // The network leaves the host: the TAP is garbage, removed before the bridge.
+        obs.links.insert("ovu-4096".into(), LinkObs::new(LinkKind::Tun, 1450));
+        let empty = desired_for_host(&Catalog::default(), &local("h1", "192.0.2.1"));
+        let gone: Vec<_> = plan(&empty, &obs)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::DeleteLink { ns: Ns::Host, name } if !name.starts_with(VETH_PREFIX) => {
+                    Some(name)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gone, vec!["ovu-4096".to_string(), "ovb-4096".to_string()]);
     }
 
     #[test]

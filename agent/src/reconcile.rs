@@ -37,7 +37,11 @@ fn network_of<'a>(desired: &'a HostDesired, action: &Action) -> Option<&'a str> 
         | Action::DelNeigh { dev, .. } => dev,
         _ => return None,
     };
-    desired.networks.values().find(|n| &n.bridge == dev || &n.vxlan == dev).map(|n| n.name.as_str())
+    desired
+        .networks
+        .values()
+        .find(|n| &n.bridge == dev || &n.uplink == dev)
+        .map(|n| n.name.as_str())
 }
 
 /// Observes, plans and applies once.
@@ -47,7 +51,7 @@ pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Resul
         warn!(endpoint = %name, "namespace {name} exists and was not created by overlay-agent; leaving it alone");
     }
     for name in &desired.unsupported {
-        warn!(network = %name, "network {name} uses an encapsulation this agent does not implement");
+        warn!(network = %name, "network {name} is --encrypted but this agent has no host certificate (tls_ca, tls_cert, tls_key); not carrying it");
     }
     let actions = plan(desired, &observed);
     for a in &actions {

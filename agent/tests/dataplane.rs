@@ -55,7 +55,7 @@ fn is_root() -> bool {
 fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::path::Path) -> Pass {
     let ns = ns.to_string();
     let catalog = catalog.clone();
-    let local = LocalHost { name: host.to_string(), underlay_ip: ip };
+    let local = LocalHost { name: host.to_string(), underlay_ip: ip, can_encrypt: false };
     let dir = dir.to_path_buf();
     std::thread::spawn(move || {
         let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
