@@ -32,6 +32,22 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// Where the DNS upstreams come from; `None`: the host's (see [`crate::dns::upstream`]).
     pub resolv_conf: Option<PathBuf>,
+    /// Port of the user-space UDP data plane's socket (on the underlay IP).
+    pub udp_port: u16,
+    /// Port of the QUIC endpoint for `--encrypted` networks.
+    pub quic_port: u16,
+    /// TAP queues (reader threads) per UDP network.
+    pub udp_queues: usize,
+    /// Host certificate for `--encrypted` networks; without it they are not carried.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the cluster CA and this host's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// MTU of the device that holds `ip` (the underlay interface).

@@ -14,6 +14,8 @@ use tracing::{error, info_span, Instrument};
 
 const DEFAULT_CONFIG: &str = "/etc/overlay/agent.toml";
 const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
+const DEFAULT_UDP_PORT: u16 = 7470;
+const DEFAULT_QUIC_PORT: u16 = 7471;
 
 /// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
 /// desired state.
@@ -42,6 +44,24 @@ struct Args {
     /// /etc/resolv.conf, or systemd-resolved's list when that names only 127.0.0.53).
     #[arg(long)]
     resolv_conf: Option<PathBuf>,
+    /// UDP port of the user-space data plane (`--encap udp` networks).
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// UDP port of the encrypted (QUIC) data plane (`--encrypted` networks).
+    #[arg(long)]
+    quic_port: Option<u16>,
+    /// TAP queues (reader threads) per UDP network; default min(CPUs, 4).
+    #[arg(long)]
+    udp_queues: Option<usize>,
+    /// The cluster CA certificate (PEM) that every host certificate must chain to.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This host's certificate (PEM, from `overlayctl cert issue`).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 /// `controller` may be one comma-separated string or a list.
@@ -61,6 +81,12 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     reconcile_interval: Option<f64>,
     resolv_conf: Option<PathBuf>,
+    udp_port: Option<u16>,
+    quic_port: Option<u16>,
+    udp_queues: Option<usize>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -109,6 +135,34 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if !(0.05..=3600.0).contains(&secs) {
         return Err(format!("reconcile interval {secs}s is out of range (0.05–3600)"));
     }
+    let udp_port = args.udp_port.or(file.udp_port).unwrap_or(DEFAULT_UDP_PORT);
+    let quic_port = args.quic_port.or(file.quic_port).unwrap_or(DEFAULT_QUIC_PORT);
+    for (flag, port) in [("--udp-port", udp_port), ("--quic-port", quic_port)] {
+        if port == 0 {
+            return Err(format!("{flag} 0 is not a usable port"));
+        }
+    }
+    if udp_port == quic_port {
+        return Err(format!("--udp-port and --quic-port are both {udp_port}; they must differ"));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let udp_queues = args.udp_queues.or(file.udp_queues).unwrap_or(cpus.min(4));
+    if !(1..=16).contains(&udp_queues) {
+        return Err(format!("--udp-queues {udp_queues} is out of range (1–16)"));
+    }
+    let tls = match (
+        args.tls_ca.or(file.tls_ca),
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(overlay_agent::agent::TlsFiles { ca, cert, key }),
+        _ => {
+            return Err(
+                "--tls-ca, --tls-cert and --tls-key go together: give all three or none".into()
+            )
+        }
+    };
     Ok(overlay_agent::agent::Config {
         name,
         underlay_ip,
@@ -116,6 +170,10 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         data_dir,
         reconcile_interval: Duration::from_secs_f64(secs),
         resolv_conf: args.resolv_conf.or(file.resolv_conf),
+        udp_port,
+        quic_port,
+        udp_queues,
+        tls,
     })
 }
 
@@ -225,6 +283,21 @@ mod tests {
         assert!(e.contains("192.0.2.9:7400"), "{e}");
         let e = config(args(&["--config", "/dev/null", "--name", "Bad_Name"])).unwrap_err();
         assert!(e.contains("--name"), "{e}");
+        let base = ["--config", "/dev/null", "--name", "h1", "--underlay-ip", "192.0.2.1"];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(&["--controller", "http://192.0.2.9:7400"]);
+            a.extend_from_slice(extra);
+            config(args(&a))
+        };
+        let e = with(&["--tls-cert", "/x.pem"]).unwrap_err();
+        assert!(e.contains("--tls-ca"), "{e}");
+        let e = with(&["--udp-port", "7471"]).unwrap_err();
+        assert!(e.contains("7471"), "{e}");
+        let e = with(&["--udp-queues", "99"]).unwrap_err();
+        assert!(e.contains("99"), "{e}");
+        let c = with(&[]).unwrap();
+        assert_eq!((c.udp_port, c.quic_port, c.tls), (7470, 7471, None));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
@@ -20,11 +21,80 @@ const T: Duration = Duration::from_secs(20);
 
 type Case = fn(&mut Lab) -> Result<()>;
 
+/// Which data plane the networks of one run use: the suite runs once per variant, each
+/// in its own lab (and test thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// Kernel VXLAN (the default).
+    Vxlan,
+    /// `--encap udp`: TAP + the user-space UDP data plane.
+    Udp,
+    /// `--encap udp --encrypted`: frames as QUIC datagrams between authenticated hosts.
+    Encrypted,
+    /// frontend on UDP, backend encrypted, every other network VXLAN: hosts carry
+    /// several kinds at once and the gateway routes between them.
+    Mixed,
+}
+
+thread_local! {
+    static VARIANT: Cell<Variant> = const { Cell::new(Variant::Vxlan) };
+}
+
+fn variant() -> Variant {
+    VARIANT.with(Cell::get)
+}
+
+/// The `network create` flags of `network` in this run.
+fn encap_flags(network: &str) -> &'static [&'static str] {
+    const UDP: &[&str] = &["--encap", "udp"];
+    const ENCRYPTED: &[&str] = &["--encap", "udp", "--encrypted"];
+    match (variant(), network) {
+        (Variant::Vxlan, _) => &[],
+        (Variant::Udp, _) | (Variant::Mixed, "frontend") => UDP,
+        (Variant::Encrypted, _) | (Variant::Mixed, "backend") => ENCRYPTED,
+        (Variant::Mixed, _) => &[],
+    }
+}
+
+/// The network's uplink is a TAP device of the user-space data plane.
+fn is_tap(network: &str) -> bool {
+    !encap_flags(network).is_empty()
+}
+
+/// underlay 1500 − 50 (VXLAN or UDP), − 100 encrypted.
+fn expected_mtu(network: &str) -> u64 {
+    if encap_flags(network).contains(&"--encrypted") {
+        1400
+    } else {
+        1450
+    }
+}
+
+/// `network create NAME --subnet SUBNET` with this run's encapsulation.
+fn create_network(lab: &Lab, name: &str, subnet: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec!["network", "create", name, "--subnet", subnet];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(encap_flags(name));
+    lab.ctl_ok(&args).map(drop)
+}
+
+/// The uplink device of `network` on a host.
+fn uplink(lab: &Lab, network: &str) -> Result<String> {
+    let prefix = if is_tap(network) { "ovu" } else { "ovx" };
+    Ok(format!("{prefix}-{}", vni(lab, network)?))
+}
+
+fn run_variant(v: Variant, cases: &[(&str, Case)]) {
+    VARIANT.with(|c| c.set(v));
+    run_cases(cases);
+}
+
 fn run_cases(cases: &[(&str, Case)]) {
     if !can_run() {
         eprintln!("skipped: needs root, ip and nsenter");
         return;
     }
+    eprintln!("=== variant {:?}", variant());
     let mut lab = Lab::start(3).expect("lab start");
     let mut failed = vec![];
     for (name, case) in cases {
@@ -72,8 +142,8 @@ fn vni(lab: &Lab, network: &str) -> Result<u64> {
 /// The README tutorial spread over three hosts: s1 (h1) and s2 (h2) on frontend, b1 (h2)
 /// on backend, gw (h3) on both with routes each way; plus an unrelated network.
 fn tutorial(lab: &mut Lab) -> Result<()> {
-    lab.ctl_ok(&["network", "create", "frontend", "--subnet", "10.0.1.0/24"])?;
-    lab.ctl_ok(&["network", "create", "backend", "--subnet", "10.0.2.0/24"])?;
+    create_network(lab, "frontend", "10.0.1.0/24", &[])?;
+    create_network(lab, "backend", "10.0.2.0/24", &[])?;
     let s1 = lab.endpoint("s1", 1, "frontend", &[])?;
     let s2 = lab.endpoint("s2", 2, "frontend", &["--alias", "web"])?;
     let b1 = lab.endpoint("b1", 2, "backend", &[])?;
@@ -90,7 +160,7 @@ fn tutorial(lab: &mut Lab) -> Result<()> {
     lab.ping_ok(&s2, &s1_ip, T)?;
     // The endpoint's MTU and default route.
     let eth0 = lab.ip_json(&s1, &["link", "show", "eth0"])?;
-    ensure!(eth0[0]["mtu"] == 1450, "s1 eth0 mtu {}", eth0[0]["mtu"]);
+    ensure!(eth0[0]["mtu"] == expected_mtu("frontend"), "s1 eth0 mtu {}", eth0[0]["mtu"]);
     let default = lab.ip_json(&s1, &["route", "show", "default"])?;
     ensure!(default[0]["gateway"] == "10.0.1.1", "s1 default route {default}");
 
@@ -123,7 +193,7 @@ fn tutorial(lab: &mut Lab) -> Result<()> {
 
     // Isolation: a second network's endpoint can reach neither the same host's nor a
     // remote endpoint of frontend, and vice versa.
-    lab.ctl_ok(&["network", "create", "other", "--subnet", "10.0.3.0/24"])?;
+    create_network(lab, "other", "10.0.3.0/24", &[])?;
     let o1 = lab.endpoint("o1", 1, "other", &[])?;
     let (o1_ip, _) = attachment(lab, &o1, "other")?;
     ensure!(!lab.ping(&o1, &s1_ip), "other -> frontend on the same host must fail");
@@ -187,7 +257,7 @@ fn tcp_ok(_lab: &Lab, server_ns: &str, ip: &str, client_ns: &str) -> Result<()> 
 
 /// An internal network works across hosts but reaches nothing outside.
 fn internal_is_cut_off(lab: &mut Lab) -> Result<()> {
-    lab.ctl_ok(&["network", "create", "vault", "--subnet", "10.0.4.0/24", "--internal"])?;
+    create_network(lab, "vault", "10.0.4.0/24", &["--internal"])?;
     let v1 = lab.endpoint("v1", 1, "vault", &[])?;
     let v2 = lab.endpoint("v2", 2, "vault", &[])?;
     let (v2_ip, _) = attachment(lab, &v2, "vault")?;
@@ -221,7 +291,7 @@ fn egress(lab: &mut Lab) -> Result<()> {
 /// DF ping exactly at the network MTU passes; one byte more fails at the sender.
 fn mtu_edge(lab: &mut Lab) -> Result<()> {
     let mtu = lab.ctl_json(&["network", "inspect", "frontend"])?["mtu"].as_u64().context("mtu")?;
-    ensure!(mtu == 1450, "frontend mtu {mtu} (underlay 1500 - 50)");
+    ensure!(mtu == expected_mtu("frontend"), "frontend mtu {mtu} (underlay 1500 - overhead)");
     let s1 = lab.ep("s1");
     let (s2_ip, _) = attachment(lab, &lab.ep("s2"), "frontend")?;
     let payload = (mtu - 28).to_string();
@@ -238,13 +308,16 @@ fn mtu_edge(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
-/// FDB entry, route and veth removed by hand come back within seconds.
+/// FDB entry (or TAP uplink), route and veth removed by hand come back within seconds.
 fn drift_repair(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
     let s2 = lab.ep("s2");
     let (s2_ip, s2_mac) = attachment(lab, &s2, "frontend")?;
-    let vxlan = format!("ovx-{}", vni(lab, "frontend")?);
     let h1 = lab.host_ns(1);
+    if is_tap("frontend") {
+        return tap_drift_repair(lab, &s1, &s2_ip);
+    }
+    let vxlan = uplink(lab, "frontend")?;
     run_ok(&["bridge", "-n", &h1, "fdb", "del", &s2_mac, "dev", &vxlan, "dst", &Lab::host_ip(2)])?;
     run_ok(&["ip", "-n", &s1, "route", "del", "default"])?;
     wait_for(T, "fdb entry and default route to come back", || {
@@ -263,10 +336,28 @@ fn drift_repair(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
+/// The TAP unplugged from its bridge, then deleted, comes back; so does a route.
+fn tap_drift_repair(lab: &mut Lab, s1: &str, s2_ip: &str) -> Result<()> {
+    let h1 = lab.host_ns(1);
+    let tap = uplink(lab, "frontend")?;
+    run_ok(&["ip", "-n", &h1, "link", "set", &tap, "nomaster"])?;
+    run_ok(&["ip", "-n", s1, "route", "del", "default"])?;
+    wait_for(T, "the TAP back on its bridge and the default route back", || {
+        let link = lab.ip_json(&h1, &["link", "show", &tap]).ok()?;
+        let r = lab.ip_json(s1, &["route", "show", "default"]).ok()?;
+        (link[0]["master"].is_string() && !r.as_array()?.is_empty()).then_some(())
+    })?;
+    lab.ping_ok(s1, s2_ip, T)?;
+    run_ok(&["ip", "-n", &h1, "link", "del", &tap])?;
+    wait_for(T, "the TAP recreated", || lab.ip_json(&h1, &["link", "show", &tap]).ok())?;
+    lab.ping_ok(s1, s2_ip, T)?;
+    Ok(())
+}
+
 /// `endpoint rm` leaves nothing: namespace, resolv.conf, veth, remote FDB/neighbour
 /// entries, and the network's bridge/vxlan on a host that no longer carries it.
 fn endpoint_rm(lab: &mut Lab) -> Result<()> {
-    lab.ctl_ok(&["network", "create", "temp", "--subnet", "10.0.5.0/24"])?;
+    create_network(lab, "temp", "10.0.5.0/24", &[])?;
     let t1 = lab.endpoint("t1", 1, "temp", &[])?;
     let t3 = lab.endpoint("t3", 3, "temp", &[])?;
     let (t3_ip, t3_mac) = attachment(lab, &t3, "temp")?;
@@ -285,11 +376,19 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
             .filter_map(|l| l["ifname"].as_str().map(str::to_string))
             .collect();
         let gone_links = !names.iter().any(|n| {
-            n == &veth_name(&t3, "eth0") || n == &format!("ovb-{vni}") || n == &format!("ovx-{vni}")
+            n == &veth_name(&t3, "eth0")
+                || n == &format!("ovb-{vni}")
+                || n == &format!("ovx-{vni}")
+                || n == &format!("ovu-{vni}")
         });
         (gone_ns && gone_etc && gone_links).then_some(())
     })?;
+    // A TAP uplink's forwarding facts live in the user-space data plane, not in the kernel.
+    let kernel_fdb = !is_tap("temp");
     wait_for(T, "h1 to forget t3's MAC and address", || {
+        if !kernel_fdb {
+            return Some(());
+        }
         let dev = format!("ovx-{vni}");
         let fdb = run_ok(&["bridge", "-j", "-n", &h1, "fdb", "show", "dev", &dev]).ok()?;
         let fdb: serde_json::Value = serde_json::from_str(&fdb).ok()?;
@@ -484,17 +583,70 @@ fn restart_without_controllers(lab: &mut Lab) -> Result<()> {
 
 #[test]
 fn e2e() {
-    run_cases(&[
-        ("tutorial", tutorial),
-        ("internal_is_cut_off", internal_is_cut_off),
-        ("egress", egress),
-        ("mtu_edge", mtu_edge),
-        ("drift_repair", drift_repair),
-        ("endpoint_rm", endpoint_rm),
-        ("agent_restart", agent_restart),
-        ("agent_sigkill", agent_sigkill),
-        ("leader_sigkill", leader_sigkill),
-        ("controller_down", controller_down),
-        ("restart_without_controllers", restart_without_controllers),
-    ]);
+    run_variant(
+        Variant::Vxlan,
+        &[
+            ("tutorial", tutorial),
+            ("internal_is_cut_off", internal_is_cut_off),
+            ("egress", egress),
+            ("mtu_edge", mtu_edge),
+            ("drift_repair", drift_repair),
+            ("endpoint_rm", endpoint_rm),
+            ("agent_restart", agent_restart),
+            ("agent_sigkill", agent_sigkill),
+            ("leader_sigkill", leader_sigkill),
+            ("controller_down", controller_down),
+            ("restart_without_controllers", restart_without_controllers),
+        ],
+    );
+}
+
+/// The same suite over the user-space UDP data plane (control-plane failure cases are
+/// the same whatever the encapsulation and run once, above).
+#[test]
+fn e2e_udp() {
+    run_variant(
+        Variant::Udp,
+        &[
+            ("tutorial", tutorial),
+            ("internal_is_cut_off", internal_is_cut_off),
+            ("egress", egress),
+            ("mtu_edge", mtu_edge),
+            ("drift_repair", drift_repair),
+            ("endpoint_rm", endpoint_rm),
+            ("agent_restart", agent_restart),
+            ("agent_sigkill", agent_sigkill),
+            ("restart_without_controllers", restart_without_controllers),
+        ],
+    );
+}
+
+#[test]
+fn e2e_encrypted() {
+    run_variant(
+        Variant::Encrypted,
+        &[
+            ("tutorial", tutorial),
+            ("internal_is_cut_off", internal_is_cut_off),
+            ("egress", egress),
+            ("mtu_edge", mtu_edge),
+            ("drift_repair", drift_repair),
+            ("endpoint_rm", endpoint_rm),
+            ("agent_restart", agent_restart),
+            ("agent_sigkill", agent_sigkill),
+        ],
+    );
+}
+
+#[test]
+fn e2e_mixed() {
+    run_variant(
+        Variant::Mixed,
+        &[
+            ("tutorial", tutorial),
+            ("egress", egress),
+            ("mtu_edge", mtu_edge),
+            ("agent_sigkill", agent_sigkill),
+        ],
+    );
 }
