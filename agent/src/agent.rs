@@ -15,7 +15,9 @@ use overlay_model::Catalog;
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
-use crate::desired::{desired_for_host, LocalHost};
+use crate::dataplane::client::DataplaneClient;
+use crate::dataplane::protocol::{tables_for, DaemonSettings};
+use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
 use crate::nl::Nl;
 use crate::reconcile::reconcile;
@@ -116,12 +118,44 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = tick.tick() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        pass(&host, &store, &local, &catalog, &mut dns, &mut last_revision).await;
+        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
     }
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
     heartbeat_task.abort();
     Ok(())
+}
+
+/// The data-plane daemon's settings: a daemon started by another build of the agent or
+/// with other settings is replaced.
+fn daemon_settings(cfg: &Config, underlay_mtu: u32) -> DaemonSettings {
+    // The binary's size and mtime stand in for a build id: an upgraded binary differs.
+    let build = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| {
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!("{} {} {}", env!("CARGO_PKG_VERSION"), m.len(), mtime.map_or(0, |d| d.as_secs()))
+        })
+        .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string());
+    DaemonSettings {
+        build,
+        host: cfg.name.clone(),
+        underlay_ip: cfg.underlay_ip,
+        underlay_mtu,
+        udp_port: cfg.udp_port,
+        quic_port: cfg.quic_port,
+        queues: cfg.udp_queues,
+        tls: cfg.tls.as_ref().map(|t| (t.ca.clone(), t.cert.clone(), t.key.clone())),
+    }
+}
+
+/// Hands the TAP-uplink networks' tables to the data-plane daemon (which creates their
+/// TAP devices), so the netlink pass that follows finds the devices to plug in.
+async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, catalog: &Catalog) {
+    let names = catalog.hosts.values().map(|h| (h.underlay_ip, h.name.clone())).collect();
+    if let Err(e) = dataplane.apply(&tables_for(desired, &names)).await {
+        warn!("data plane for --encap udp networks: {e:#}");
+    }
 }
 
 async fn pass(
@@ -130,6 +164,7 @@ async fn pass(
     local: &LocalHost,
     catalog: &Catalog,
     dns: &mut DnsServers,
+    dataplane: &mut DataplaneClient,
     last_revision: &mut Option<u64>,
 ) {
     let desired = desired_for_host(catalog, local);
@@ -144,6 +179,7 @@ async fn pass(
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
+    sync_dataplane(dataplane, &desired, catalog).await;
     match reconcile(host, store, &desired).await {
         Ok(p) if !p.actions.is_empty() => {
             info!(

@@ -10,14 +10,17 @@
 //! * [`reconcile`]: one observe/plan/apply pass; [`store`]: what survives restarts.
 //! * [`watch`]: register, heartbeat, and the controller's desired-state stream.
 //! * [`dns`]: one embedded DNS server per local endpoint.
+//! * [`dataplane`]: the daemon that carries `--encap udp` networks in user space (it
+//!   outlives agent restarts), and the agent's client of it.
 //! * [`agent`]: the main loop tying them together.
 //!
 //! The agent must never touch a device or namespace it did not create: owned devices
-//! carry the `ovb-`/`ovx-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
+//! carry the `ovb-`/`ovx-`/`ovu-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
 //! data directory.
 
 pub mod agent;
 pub mod apply;
+pub mod dataplane;
 pub mod desired;
 pub mod dns;
 pub mod firewall;

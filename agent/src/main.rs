@@ -62,6 +62,13 @@ struct Args {
     /// This host's private key (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Internal: run as the data-plane daemon listening on this socket (the agent
+    /// starts it itself; see `overlay_agent::dataplane`).
+    #[arg(long, hide = true, requires = "dataplane_settings")]
+    dataplane_daemon: Option<PathBuf>,
+    /// Internal: the daemon's settings, as JSON.
+    #[arg(long, hide = true)]
+    dataplane_settings: Option<String>,
 }
 
 /// `controller` may be one comma-separated string or a list.
@@ -200,6 +207,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(socket) = args.dataplane_daemon.clone() {
+        return run_dataplane_daemon(socket, args.dataplane_settings.as_deref().unwrap_or(""));
+    }
     let cfg = match config(args) {
         Ok(c) => c,
         Err(e) => {
@@ -221,6 +231,24 @@ fn main() -> ExitCode {
         Err(e) => {
             error!("{e:#}");
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_dataplane_daemon(socket: PathBuf, settings: &str) -> ExitCode {
+    let settings = match serde_json::from_str(settings) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: --dataplane-settings: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match overlay_agent::dataplane::daemon::run(socket, settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("data-plane daemon: {e:#}");
+            eprintln!("error: data-plane daemon: {e:#}");
             ExitCode::FAILURE
         }
     }

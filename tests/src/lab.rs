@@ -127,9 +127,30 @@ fn sweep_stale() {
         let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
         let Ok(pid) = digits.parse::<u32>() else { continue };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_dataplane_daemons(&std::env::temp_dir().join(&name));
             let _ = run(&["ip", "netns", "del", &name]);
             let _ = fs::remove_dir_all(format!("/etc/netns/{name}"));
         }
+    }
+}
+
+/// Kills the data-plane daemons the agents of the lab in `dir` started: they run in
+/// their own session (so they outlive agent restarts) and leave their pid behind.
+fn kill_dataplane_daemons(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let pid_file = e.path().join("dataplane.pid");
+        let Ok(text) = fs::read_to_string(&pid_file) else { continue };
+        let Ok(pid) = text.trim().parse::<libc::pid_t>() else { continue };
+        // Only if it is still an overlay-agent (the pid may have been reused).
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "overlay-agent" {
+            // SAFETY: kill(2) on a pid checked just above to be one of ours.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        let _ = fs::remove_file(&pid_file);
     }
 }
 
@@ -210,6 +231,7 @@ impl Lab {
             namespaces: vec![],
         };
         lab.underlay()?;
+        lab.issue_certificates()?;
         for i in 1..=3 {
             lab.controllers.push(None);
             lab.start_controller(i)?;
@@ -297,6 +319,26 @@ impl Lab {
         Ok(())
     }
 
+    /// The lab's PKI: a cluster CA and one certificate per host, made with `overlayctl
+    /// cert` (so agents can carry `--encrypted` networks).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    fn issue_certificates(&self) -> Result<()> {
+        let pki = self.pki_dir();
+        let pki = pki.to_str().context("lab dir is not UTF-8")?;
+        let ctl = bin("overlayctl");
+        let ctl = ctl.to_str().context("binary path is not UTF-8")?;
+        run_ok(&[ctl, "cert", "ca", "--out", pki])?;
+        for i in 1..=self.hosts {
+            let name = Lab::host_name(i);
+            let ip = Lab::host_ip(i);
+            run_ok(&[ctl, "cert", "issue", &name, "--ca-dir", pki, "--out", pki, "--ip", &ip])?;
+        }
+        Ok(())
+    }
+
     pub fn start_controller(&mut self, i: usize) -> Result<()> {
         let data = self.dir.join(format!("controller{i}"));
         let peers = (1..=3)
@@ -353,6 +395,12 @@ impl Lab {
             "1".into(),
             "--resolv-conf".into(),
             self.resolv_conf()?.display().to_string(),
+            "--tls-ca".into(),
+            self.pki_dir().join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            self.pki_dir().join(format!("{}.pem", Lab::host_name(i))).display().to_string(),
+            "--tls-key".into(),
+            self.pki_dir().join(format!("{}-key.pem", Lab::host_name(i))).display().to_string(),
         ];
         // Logs are appended across restarts, so a failing test shows the whole story.
         let log = self.dir.join(format!("agent{i}.log"));
@@ -592,6 +640,7 @@ impl Drop for Lab {
         for i in 1..=self.controllers.len() {
             self.kill_controller(i);
         }
+        kill_dataplane_daemons(&self.dir);
         let mut names = self.agent_namespaces();
         if let Ok(dir) = fs::read_dir("/var/run/netns") {
             names.extend(

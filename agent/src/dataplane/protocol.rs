@@ -1,0 +1,172 @@
+//! What the agent and its data-plane daemon say to each other (plain data, pure).
+//!
+//! One JSON object per line over a Unix stream socket in the agent's data directory:
+//! easy to read in a log or poke at with `socat`, and cheap next to what it carries
+//! (a table change per catalog revision, not per packet).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use overlay_model::Mac;
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{HostDesired, Uplink, ZERO_MAC};
+
+/// How the daemon runs. The agent replaces a daemon whose settings (or build) differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonSettings {
+    /// The agent build that started it (`CARGO_PKG_VERSION` + build id).
+    pub build: String,
+    pub host: String,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_mtu: u32,
+    pub udp_port: u16,
+    pub quic_port: u16,
+    pub queues: usize,
+    /// PEM files for `--encrypted` networks: (CA, certificate, key).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+/// One `--encap udp` network as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpNetworkTable {
+    pub vni: u32,
+    /// `ovu-<VNI>`.
+    pub tap: String,
+    pub encrypted: bool,
+    /// Other hosts carrying the network: broadcast goes to each, and frames are only
+    /// accepted from them.
+    pub peers: Vec<Ipv4Addr>,
+    /// Remote endpoint MAC -> the host it lives on.
+    pub macs: Vec<(Mac, Ipv4Addr)>,
+    /// Remote endpoint IP -> MAC: ARP requests for these are answered locally (as the
+    /// VXLAN device's `proxy` does), other ARP requests are dropped.
+    pub arp: Vec<(Ipv4Addr, Mac)>,
+}
+
+/// Everything the daemon forwards by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tables {
+    pub networks: Vec<UdpNetworkTable>,
+    /// Host name -> underlay IP of every peer, so the QUIC side knows which name a
+    /// connecting address must prove with its certificate.
+    pub hosts: BTreeMap<String, Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Who are you, and with what settings?
+    Hello,
+    /// Forward by these tables from now on (creating TAP devices as needed).
+    SetTables { tables: Tables },
+    /// Stop forwarding and exit (a newer agent build, or other settings).
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Hello { pid: u32, settings: DaemonSettings },
+    Applied,
+    Bye,
+    Error { message: String },
+}
+
+/// The data plane's tables for the TAP-uplink networks of `desired`; `host_names` maps
+/// underlay IPs to host names (from the catalog).
+pub fn tables_for(desired: &HostDesired, host_names: &BTreeMap<Ipv4Addr, String>) -> Tables {
+    let mut tables = Tables::default();
+    for nd in desired.networks.values() {
+        let Uplink::Tap { encrypted } = nd.uplink_kind else { continue };
+        let peers: Vec<Ipv4Addr> =
+            nd.fdb.iter().filter(|f| f.mac == ZERO_MAC).map(|f| f.dst).collect();
+        for ip in &peers {
+            if let Some(name) = host_names.get(ip) {
+                tables.hosts.insert(name.clone(), *ip);
+            }
+        }
+        tables.networks.push(UdpNetworkTable {
+            vni: nd.vni,
+            tap: nd.uplink.clone(),
+            encrypted,
+            peers,
+            macs: nd.fdb.iter().filter(|f| f.mac != ZERO_MAC).map(|f| (f.mac, f.dst)).collect(),
+            arp: nd.neigh.iter().map(|(ip, mac)| (*ip, *mac)).collect(),
+        });
+    }
+    tables
+}
+
+/// One message as a line of JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Result<String, serde_json::Error> {
+    let mut line = serde_json::to_string(msg)?;
+    line.push('\n');
+    Ok(line)
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(line: &'a str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(line.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::desired::desired_for_host;
+    use crate::desired::tests::catalog;
+    use crate::desired::LocalHost;
+    use overlay_model::Encap;
+
+    fn names() -> BTreeMap<Ipv4Addr, String> {
+        (1..=3).map(|i| (Ipv4Addr::new(192, 0, 2, i), format!("h{i}"))).collect()
+    }
+
+    #[test]
+    fn only_tap_networks_become_tables() {
+        let mut c = catalog();
+        c.networks.get_mut("front").unwrap().encap = Encap::Udp;
+        let local = LocalHost {
+            name: "h1".into(),
+            underlay_ip: "192.0.2.1".parse().unwrap(),
+            can_encrypt: false,
+        };
+        let t = tables_for(&desired_for_host(&c, &local), &names());
+        assert_eq!(t.networks.len(), 1);
+        let front = &t.networks[0];
+        assert_eq!((front.vni, front.tap.as_str(), front.encrypted), (4096, "ovu-4096", false));
+        let h2 = Ipv4Addr::new(192, 0, 2, 2);
+        let h3 = Ipv4Addr::new(192, 0, 2, 3);
+        assert_eq!(front.peers, vec![h2, h3]);
+        assert_eq!(front.macs, vec![(Mac::from_counter(2), h2), (Mac::from_counter(5), h3)]);
+        assert_eq!(front.arp.len(), 2);
+        assert_eq!(t.hosts.keys().collect::<Vec<_>>(), ["h2", "h3"]);
+
+        // A VXLAN-only host has no tables at all.
+        let t = tables_for(&desired_for_host(&catalog(), &local), &names());
+        assert_eq!(t, Tables::default());
+    }
+
+    #[test]
+    fn messages_round_trip_as_single_lines() {
+        let req = Request::SetTables {
+            tables: Tables {
+                networks: vec![UdpNetworkTable {
+                    vni: 7,
+                    tap: "ovu-7".into(),
+                    encrypted: true,
+                    peers: vec![Ipv4Addr::new(10, 0, 0, 2)],
+                    macs: vec![(Mac::from_counter(9), Ipv4Addr::new(10, 0, 0, 2))],
+                    arp: vec![(Ipv4Addr::new(10, 9, 0, 3), Mac::from_counter(9))],
+                }],
+                hosts: [("h2".to_string(), Ipv4Addr::new(10, 0, 0, 2))].into(),
+            },
+        };
+        let line = encode(&req).unwrap();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert_eq!(decode::<Request>(&line).unwrap(), req);
+        let e = decode::<Request>("{\"request\":\"bogus\"}").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}
