@@ -2,6 +2,8 @@
 //! what a value means is checked by overlay-model in `main.rs` and, authoritatively, by
 //! the controller.
 
+use std::path::PathBuf;
+
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// The controller URL used when neither `--controller` nor `$OVERLAY_CONTROLLER` is set.
@@ -72,6 +74,9 @@ pub enum Command {
     /// Static routes pushed to every endpoint of a network
     #[command(subcommand)]
     Route(RouteCmd),
+    /// Certificates for encrypted networks (offline: needs no controller)
+    #[command(subcommand)]
+    Cert(CertCmd),
 }
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]
@@ -196,6 +201,30 @@ pub enum RouteCmd {
     /// Remove a route
     #[command(visible_alias = "remove")]
     Rm { network: String, destination: String },
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum CertCmd {
+    /// Create the cluster CA: DIR/ca.pem and DIR/ca-key.pem
+    Ca {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an existing CA (every host certificate it signed stops being trusted)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate for HOST signed by the CA: DIR/HOST.pem and DIR/HOST-key.pem
+    Issue {
+        host: String,
+        /// Directory holding ca.pem and ca-key.pem
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The host's underlay IP, added to the certificate
+        #[arg(long, value_name = "IP")]
+        ip: Option<String>,
+    },
 }
 
 #[cfg(test)]

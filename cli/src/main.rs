@@ -8,6 +8,7 @@
 //! status 1 (2 for usage errors), never a panic or a backtrace.
 
 mod args;
+mod cert;
 mod client;
 #[cfg(test)]
 mod fake;
@@ -37,6 +38,8 @@ enum Failure {
     Client(client::Error),
     /// Writing the output failed.
     Output(String),
+    /// A `cert` command failed.
+    Cert(overlay_quic::pki::PkiError),
 }
 
 impl fmt::Display for Failure {
@@ -45,6 +48,7 @@ impl fmt::Display for Failure {
             Failure::Invalid(e) => write!(f, "{e}"),
             Failure::Client(e) => write!(f, "{e}"),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
+            Failure::Cert(e) => write!(f, "{e}"),
         }
     }
 }
@@ -52,6 +56,12 @@ impl fmt::Display for Failure {
 impl From<ModelError> for Failure {
     fn from(e: ModelError) -> Self {
         Failure::Invalid(e)
+    }
+}
+
+impl From<overlay_quic::pki::PkiError> for Failure {
+    fn from(e: overlay_quic::pki::PkiError) -> Self {
+        Failure::Cert(e)
     }
 }
 
@@ -78,6 +88,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // `cert` is offline: no controller URL to resolve, no async runtime.
+    if let Command::Cert(cmd) = &cli.command {
+        return match cert::run(cmd, cli.output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => fail(&failure.to_string()),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
@@ -250,6 +267,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             rpc!(ctl, Write, remove_route, request);
             emit(out, &Removed::Route { network, destination })
         }
+
+        Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
     }
 }
 
