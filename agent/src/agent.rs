@@ -83,8 +83,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
     let me = Identity { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, underlay_mtu: mtu };
-    let local =
-        LocalHost { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, can_encrypt: false };
+    let local = LocalHost {
+        name: cfg.name.clone(),
+        underlay_ip: cfg.underlay_ip,
+        can_encrypt: cfg.tls.is_some(),
+    };
+    let mut dataplane = DataplaneClient::new(&cfg.data_dir, daemon_settings(&cfg, mtu));
 
     // Until a catalog is known (from disk or a controller) nothing is reconciled, so an
     // agent that lost its state never tears down what is running.
@@ -133,8 +137,14 @@ fn daemon_settings(cfg: &Config, underlay_mtu: u32) -> DaemonSettings {
     let build = std::env::current_exe()
         .and_then(std::fs::metadata)
         .map(|m| {
-            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-            format!("{} {} {}", env!("CARGO_PKG_VERSION"), m.len(), mtime.map_or(0, |d| d.as_secs()))
+            let mtime =
+                m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!(
+                "{} {} {}",
+                env!("CARGO_PKG_VERSION"),
+                m.len(),
+                mtime.map_or(0, |d| d.as_secs())
+            )
         })
         .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string());
     DaemonSettings {

@@ -7,31 +7,24 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
-use overlay_udp::{Engine, EngineConfig, SecureTransport, UdpNetwork};
-use tracing::info;
+use overlay_udp::{Engine, EngineConfig, UdpNetwork};
 
 use super::protocol::{DaemonSettings, Tables};
+
+/// The device exists in this thread's network namespace (`if_nametoindex`, not
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in).
+fn device_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
 
 /// Host name by underlay address, shared with the QUIC plane's certificate check.
 type HostNames = Arc<RwLock<BTreeMap<IpAddr, String>>>;
 
 pub struct Planes {
     engine: Arc<Engine>,
-    quic: Option<Arc<overlay_quic::QuicPlane>>,
     names: HostNames,
-}
-
-/// The QUIC plane as the UDP engine's secure transport.
-struct Quic(Arc<overlay_quic::QuicPlane>);
-
-impl SecureTransport for Quic {
-    fn max_datagram(&self, peer: IpAddr) -> Option<usize> {
-        self.0.max_datagram(peer)
-    }
-
-    fn send(&self, peer: IpAddr, datagram: &[u8]) -> bool {
-        self.0.send(peer, datagram)
-    }
 }
 
 impl Planes {
@@ -47,32 +40,12 @@ impl Planes {
             .with_context(|| format!("UDP data plane on {ip}:{}", settings.udp_port))?,
         );
         let names: HostNames = Arc::default();
-        let quic = match &settings.tls {
-            None => None,
-            Some((ca, cert, key)) => {
-                let identity = overlay_quic::pki::Identity::load(ca, cert, key)
-                    .context("loading the host certificate")?;
-                let lookup = names.clone();
-                let sink = engine.clone();
-                let plane = overlay_quic::QuicPlane::start(
-                    overlay_quic::QuicConfig {
-                        listen: SocketAddr::new(ip, settings.quic_port),
-                        identity,
-                        underlay_mtu: settings.underlay_mtu,
-                    },
-                    Arc::new(move |addr: IpAddr| {
-                        lookup.read().ok().and_then(|m| m.get(&addr).cloned())
-                    }),
-                    Arc::new(move |from: IpAddr, datagram: &[u8]| sink.deliver(from, datagram)),
-                )
-                .with_context(|| format!("QUIC data plane on {ip}:{}", settings.quic_port))?;
-                let plane = Arc::new(plane);
-                engine.set_secure(Arc::new(Quic(plane.clone())));
-                info!(port = settings.quic_port, "encrypted data plane ready");
-                Some(plane)
-            }
-        };
-        Ok(Planes { engine, quic, names })
+        if settings.tls.is_some() {
+            tracing::warn!(
+                "the encrypted (QUIC) plane is not built in yet; --encrypted networks drop their frames"
+            );
+        }
+        Ok(Planes { engine, names })
     }
 
     /// Forwards by `tables` from now on.
@@ -89,13 +62,22 @@ impl Planes {
                 encrypted: n.encrypted,
                 peers: n.peers.iter().map(|ip| IpAddr::V4(*ip)).collect(),
                 remote_macs: n.macs.iter().map(|(mac, ip)| (mac.0, IpAddr::V4(*ip))).collect(),
-                arp: n.arp.iter().map(|(ip, mac)| (*ip, mac.0)).collect(),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A TAP deleted by hand leaves the engine holding detached queues: drop the
+        // network for a moment so the engine opens (and so creates) the device again.
+        let gone: Vec<&UdpNetwork> = networks.iter().filter(|n| !device_exists(&n.tap)).collect();
+        if !gone.is_empty() {
+            for n in &gone {
+                tracing::warn!(vni = n.vni, "TAP {} disappeared; recreating it", n.tap);
+            }
+            let kept = networks.iter().filter(|n| device_exists(&n.tap)).cloned().collect();
+            self.engine.set_networks(kept).context("detaching vanished TAP devices")?;
+        }
         self.engine.set_networks(networks).context("applying the UDP data plane's tables")
     }
 
-    /// Per-VNI counters (and the QUIC plane's) as JSON.
+    /// Per-VNI counters (and the engine-wide ones) as JSON.
     pub fn counters_json(&self) -> String {
         let udp: BTreeMap<String, serde_json::Value> = self
             .engine
@@ -103,14 +85,12 @@ impl Planes {
             .into_iter()
             .map(|(vni, c)| (vni.to_string(), serde_json::to_value(c).unwrap_or_default()))
             .collect();
-        let quic = self.quic.as_ref().map(|q| serde_json::to_value(q.counters()).unwrap_or_default());
-        serde_json::json!({ "udp": udp, "quic": quic }).to_string()
+        let engine = serde_json::to_value(self.engine.engine_counters()).unwrap_or_default();
+        serde_json::json!({ "udp": udp, "engine": engine }).to_string()
     }
 
+    /// Stops forwarding (the engine's threads end when it is dropped).
     pub fn stop(&mut self) {
-        if let Some(q) = self.quic.take() {
-            q.close();
-        }
-        self.engine.stop();
+        let _ = self.engine.set_networks(Vec::new());
     }
 }
