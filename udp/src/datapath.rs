@@ -293,10 +293,15 @@ pub(crate) fn receive(
 /// Writes one message (vnet header + frame, possibly in pieces) to a TAP queue.
 fn write_tap(tap: &File, c: &LiveCounters, parts: &[IoSlice<'_>]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
+    // A TAP takes a frame whole or not at all.
     match (&*tap).write_vectored(parts) {
-        Ok(_) => {
+        Ok(n) if n == len => {
             LiveCounters::add(&c.rx_frames, 1);
             LiveCounters::add(&c.rx_bytes, (len - VNET_HDR_LEN) as u64);
+        }
+        Ok(n) => {
+            tracing::debug!(written = n, len, "short tap write");
+            LiveCounters::add(&c.errors, 1);
         }
         Err(e) => {
             tracing::debug!(error = %e, "tap write failed");
