@@ -156,7 +156,7 @@ fn kill_dataplane_daemons(dir: &Path) {
 
 /// A child process in namespace `ns`. Unless `detached`, it dies with the thread that
 /// started it (SIGKILL if the test goes away without dropping the lab).
-fn spawn_in(
+pub fn spawn_in(
     ns: &str,
     program: &Path,
     args: &[String],

@@ -17,41 +17,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use overlay_tests::lab::{run, run_ok, wait_for, Lab};
+use overlay_tests::bench::{arg, gbit, iperf3_tcp, pct};
+use overlay_tests::lab::{run_ok, wait_for, Lab};
 
 const NET: &str = "bench";
 const SUBNET: &str = "10.77.0.0/16";
-
-fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context(name.to_string())?.parse().context(name.to_string()),
-        None => Ok(default),
-    }
-}
-
-/// iperf3 client in `client_ns` against a one-off server in `server_ns` at `ip`: bits/s.
-fn iperf(lab: &Lab, server_ns: &str, client_ns: &str, ip: &str) -> Result<f64> {
-    let pidfile = lab.dir.join(format!("iperf-{server_ns}.pid"));
-    let pid = pidfile.display().to_string();
-    run_ok(&["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-D", "-B", ip, "-I", &pid])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let out = run(&["ip", "netns", "exec", client_ns, "iperf3", "-c", ip, "-t", "5", "-J"]);
-    // The one-off server exits after its test; make sure of it either way.
-    if let Ok(p) = std::fs::read_to_string(&pidfile) {
-        if let Ok(p) = p.trim().trim_end_matches('\0').parse::<i32>() {
-            std::thread::sleep(Duration::from_millis(300));
-            // SAFETY: kill(2) on the server this function started (or a no-op if gone).
-            unsafe {
-                libc::kill(p, libc::SIGTERM);
-            }
-        }
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("iperf3 result: {}", v["error"]))
-}
 
 fn ping1(ns: &str, ip: &str) -> bool {
     Command::new("ip")
@@ -60,14 +30,6 @@ fn ping1(ns: &str, ip: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn fdb_remote_count(lab: &Lab, dev: &str, fake_prefix: &str) -> usize {
@@ -94,9 +56,9 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let hosts = arg(&args, "--hosts", 3)?;
-    let n_eps = arg(&args, "--endpoints", 100)?;
-    let n_remote = arg(&args, "--remote", 10_000)?;
+    let hosts: usize = arg(&args, "--hosts", 3)?;
+    let n_eps: usize = arg(&args, "--endpoints", 100)?;
+    let n_remote: usize = arg(&args, "--remote", 10_000)?;
     if !overlay_tests::lab::can_run() {
         bail!("needs root, ip and nsenter");
     }
@@ -117,8 +79,8 @@ fn main() -> Result<()> {
     }
 
     // 1. Throughput.
-    let overlay = iperf(&lab, &probes[1].0, &probes[0].0, &probes[1].1)?;
-    let underlay = iperf(&lab, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2))?;
+    let overlay = iperf3_tcp(&lab.dir, &probes[1].0, &probes[0].0, &probes[1].1, 5)?;
+    let underlay = iperf3_tcp(&lab.dir, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2), 5)?;
     rows.push(("iperf3 TCP, endpoint h1 -> endpoint h2 (overlay)".into(), gbit(overlay)));
     rows.push(("iperf3 TCP, host h1 -> host h2 (underlay)".into(), gbit(underlay)));
     rows.push(("overlay / underlay".into(), format!("{:.2}", overlay / underlay)));
@@ -260,8 +222,4 @@ fn main() -> Result<()> {
     }
     drop(lab);
     Ok(())
-}
-
-fn gbit(bps: f64) -> String {
-    format!("{:.2} Gbit/s", bps / 1e9)
 }
