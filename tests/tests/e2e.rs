@@ -622,7 +622,6 @@ fn e2e_udp() {
 }
 
 #[test]
-#[ignore = "needs the QUIC plane wired into the data-plane daemon (in progress)"]
 fn e2e_encrypted() {
     run_variant(
         Variant::Encrypted,
@@ -640,7 +639,6 @@ fn e2e_encrypted() {
 }
 
 #[test]
-#[ignore = "needs the QUIC plane wired into the data-plane daemon (in progress)"]
 fn e2e_mixed() {
     run_variant(
         Variant::Mixed,

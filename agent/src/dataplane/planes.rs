@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
-use overlay_udp::{Engine, EngineConfig, UdpNetwork};
+use overlay_quic::{QuicConfig, QuicPlane};
+use overlay_udp::{Engine, EngineConfig, SecureTransport, UdpNetwork};
 
 use super::protocol::{DaemonSettings, Tables};
 
@@ -24,7 +25,21 @@ type HostNames = Arc<RwLock<BTreeMap<IpAddr, String>>>;
 
 pub struct Planes {
     engine: Arc<Engine>,
+    quic: Option<Arc<QuicPlane>>,
     names: HostNames,
+}
+
+/// The QUIC plane as the UDP engine's transport for `--encrypted` networks.
+struct Encrypted(Arc<QuicPlane>);
+
+impl SecureTransport for Encrypted {
+    fn max_datagram(&self, peer: IpAddr) -> Option<usize> {
+        self.0.max_datagram(peer)
+    }
+
+    fn send(&self, peer: IpAddr, datagram: &[u8]) -> bool {
+        self.0.send(peer, datagram)
+    }
 }
 
 impl Planes {
@@ -40,12 +55,28 @@ impl Planes {
             .with_context(|| format!("UDP data plane on {ip}:{}", settings.udp_port))?,
         );
         let names: HostNames = Arc::default();
-        if settings.tls.is_some() {
-            tracing::warn!(
-                "the encrypted (QUIC) plane is not built in yet; --encrypted networks drop their frames"
-            );
-        }
-        Ok(Planes { engine, names })
+        let quic = match &settings.tls {
+            None => None,
+            Some((ca, cert, key)) => {
+                let identity = overlay_quic::pki::Identity::load(&settings.host, ca, cert, key)
+                    .context("loading this host's certificate")?;
+                let listen = SocketAddr::new(ip, settings.quic_port);
+                let mut cfg = QuicConfig::new(listen, identity, settings.underlay_mtu);
+                cfg.runtime = Some(tokio::runtime::Handle::current());
+                let lookup = names.clone();
+                let sink = engine.clone();
+                let plane = QuicPlane::start(
+                    cfg,
+                    Arc::new(move |addr| lookup.read().ok()?.get(&addr).cloned()),
+                    Arc::new(move |from, datagram| sink.deliver(from, datagram)),
+                )
+                .with_context(|| format!("encrypted data plane on {listen}"))?;
+                let plane = Arc::new(plane);
+                engine.set_secure(Arc::new(Encrypted(plane.clone())));
+                Some(plane)
+            }
+        };
+        Ok(Planes { engine, quic, names })
     }
 
     /// Forwards by `tables` from now on.
@@ -86,11 +117,22 @@ impl Planes {
             .map(|(vni, c)| (vni.to_string(), serde_json::to_value(c).unwrap_or_default()))
             .collect();
         let engine = serde_json::to_value(self.engine.engine_counters()).unwrap_or_default();
-        serde_json::json!({ "udp": udp, "engine": engine }).to_string()
+        let quic = self.quic.as_ref().map(|q| {
+            let c = q.counters();
+            serde_json::json!({
+                "sent": c.sent,
+                "received": c.received,
+                "dropped": c.dropped,
+                "rejected_peers": c.rejected_peers,
+                "connections": c.connections,
+            })
+        });
+        serde_json::json!({ "udp": udp, "engine": engine, "quic": quic }).to_string()
     }
 
     /// Stops forwarding (the engine's threads end when it is dropped).
     pub fn stop(&mut self) {
         let _ = self.engine.set_networks(Vec::new());
+        self.quic = None;
     }
 }

@@ -1,0 +1,313 @@
+//! The user-space data plane's guarantees against the underlay, in the namespace lab:
+//!
+//! * `--encap udp`: frames from an address that is not a host of the network are
+//!   dropped and counted (a control shows the very same datagram from a real host is
+//!   delivered);
+//! * `--encrypted`: a capture on the underlay switch shows no plaintext of a known
+//!   payload (a control shows the same capture of a plain UDP network does), and
+//!   frames injected by a host without a valid certificate — one from another CA, or a
+//!   real host's certificate used from another address — never reach an endpoint.
+//!
+//! The injecting "rogue" host is one more namespace on the lab's underlay switch.
+//! Needs root; skipped without.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use overlay_tests::lab::{can_run, in_netns, run_ok, wait_for, Lab};
+
+const T: Duration = Duration::from_secs(20);
+const ROGUE_IP: &str = "192.168.217.200";
+const MARKER: &[u8] = b"OVERLAY-SECRET-PAYLOAD-7f3a";
+const UDP_PORT: u16 = 7470;
+const QUIC_PORT: u16 = 7471;
+/// Where endpoints listen for injected frames.
+const SINK_PORT: u16 = 9999;
+
+struct Net {
+    vni: u32,
+    /// (endpoint on h1, endpoint on h2)
+    ends: (String, String),
+    /// Address and MAC of the h2 endpoint.
+    target: (Ipv4Addr, [u8; 6]),
+}
+
+fn setup_net(lab: &Lab, name: &str, subnet: &str, flags: &[&str]) -> Result<Net> {
+    let mut args = vec!["network", "create", name, "--subnet", subnet, "--encap", "udp"];
+    args.extend_from_slice(flags);
+    lab.ctl_ok(&args)?;
+    let a = lab.endpoint(&format!("{name}1"), 1, name, &[])?;
+    let b = lab.endpoint(&format!("{name}2"), 2, name, &[])?;
+    let v = lab.ctl_json(&["endpoint", "inspect", &b])?;
+    let att = &v["attachments"][0];
+    let ip: Ipv4Addr = att["ip"].as_str().context("ip")?.parse()?;
+    let mac = parse_mac(att["mac"].as_str().context("mac")?)?;
+    let vni = lab.ctl_json(&["network", "inspect", name])?["vni"].as_u64().context("vni")? as u32;
+    lab.ping_ok(&a, &ip.to_string(), T)?;
+    Ok(Net { vni, ends: (a, b), target: (ip, mac) })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let v: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| anyhow::anyhow!("bad mac {s}"))
+}
+
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame carrying IPv4/UDP to `dst:SINK_PORT` with `payload` (UDP checksum
+/// 0, which IPv4 allows), as a rogue would put on the wire.
+fn crafted_frame(dst_mac: [u8; 6], dst_ip: Ipv4Addr, src_ip: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&[0x02, 0xde, 0xad, 0xbe, 0xef, 0x01]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src_ip.octets());
+    ip.extend_from_slice(&dst_ip.octets());
+    let csum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&4444u16.to_be_bytes());
+    f.extend_from_slice(&SINK_PORT.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `header ++ frame`: the plain (unfragmented) datagram of network `vni`.
+fn datagram(vni: u32, frame: &[u8]) -> Vec<u8> {
+    let mut d = overlay_udp::header::Header::plain(vni).encode().to_vec();
+    d.extend_from_slice(frame);
+    d
+}
+
+/// A UDP socket inside `ns` on `ip:SINK_PORT`, to see whether anything gets through.
+fn sink(ns: &str, ip: Ipv4Addr) -> Result<UdpSocket> {
+    let s = in_netns(ns, || UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), SINK_PORT)))??;
+    s.set_read_timeout(Some(Duration::from_millis(300)))?;
+    Ok(s)
+}
+
+/// Everything `sink` receives within `window`.
+fn drain(sink: &UdpSocket, window: Duration) -> Vec<Vec<u8>> {
+    let deadline = std::time::Instant::now() + window;
+    let mut got = vec![];
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = sink.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    got
+}
+
+/// One more namespace on the underlay switch, at [`ROGUE_IP`]; removed with the lab.
+fn add_rogue(lab: &Lab) -> Result<String> {
+    let ns = format!("{}rogue", lab.id);
+    let sw = lab.switch_ns();
+    run_ok(&["ip", "netns", "add", &ns])?;
+    run_ok(&[
+        "ip", "link", "add", "ul0", "netns", &ns, "type", "veth", "peer", "name", "prg", "netns",
+        &sw,
+    ])?;
+    run_ok(&["ip", "-n", &sw, "link", "set", "prg", "master", "sw0", "up"])?;
+    run_ok(&["ip", "-n", &ns, "addr", "add", &format!("{ROGUE_IP}/24"), "dev", "ul0"])?;
+    run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "up"])?;
+    run_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+    Ok(ns)
+}
+
+/// h2's data-plane counters as the daemon last wrote them.
+fn counters(lab: &Lab) -> Result<serde_json::Value> {
+    let path = lab.agent_data_dir(2).join("dataplane-counters.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn counter(lab: &Lab, pointer: &str) -> u64 {
+    counters(lab).ok().and_then(|c| c.pointer(pointer).and_then(|v| v.as_u64())).unwrap_or(0)
+}
+
+fn plain_injection(lab: &Lab, plain: &Net, rogue: &str) -> Result<()> {
+    let (ip, mac) = plain.target;
+    let s = sink(&plain.ends.1, ip)?;
+    let h2: SocketAddr = format!("{}:{UDP_PORT}", Lab::host_ip(2)).parse()?;
+    let frame = crafted_frame(mac, ip, Ipv4Addr::new(10, 0, 21, 250), MARKER);
+    let d = datagram(plain.vni, &frame);
+    // Control: the same datagram from host h1's address is delivered.
+    let from_h1 = d.clone();
+    in_netns(&lab.host_ns(1), move || -> std::io::Result<()> {
+        let u = UdpSocket::bind((Lab::host_ip(1).as_str(), 0))?;
+        u.send_to(&from_h1, h2).map(drop)
+    })??;
+    let got = drain(&s, Duration::from_secs(1));
+    ensure!(got.iter().any(|p| p == MARKER), "control: a real host's datagram was not delivered");
+    // From the rogue: dropped and counted.
+    let before = counter(lab, &format!("/udp/{}/dropped_unknown_source", plain.vni));
+    in_netns(rogue, move || -> std::io::Result<()> {
+        let u = UdpSocket::bind((ROGUE_IP, 0))?;
+        for _ in 0..20 {
+            u.send_to(&d, h2)?;
+        }
+        Ok(())
+    })??;
+    let got = drain(&s, Duration::from_secs(1));
+    ensure!(got.is_empty(), "a frame from an unknown host reached the endpoint: {got:?}");
+    let pointer = format!("/udp/{}/dropped_unknown_source", plain.vni);
+    wait_for(T, "h2 to count the rogue's datagrams", || {
+        (counter(lab, &pointer) >= before + 20).then_some(())
+    })?;
+    Ok(())
+}
+
+/// tcpdump on the underlay switch for `port`, while `traffic` runs: the capture's bytes.
+fn capture(lab: &Lab, port: u16, traffic: impl FnOnce() -> Result<()>) -> Result<Vec<u8>> {
+    let file = lab.dir.join(format!("capture-{port}.pcap"));
+    let mut tcpdump: Child = Command::new("ip")
+        .args(["netns", "exec", &lab.switch_ns(), "tcpdump", "-i", "sw0", "-U", "-s", "0", "-w"])
+        .arg(&file)
+        .args(["udp", "port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tcpdump")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = traffic();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: SIGINT to the tcpdump we started, so it flushes and exits.
+    unsafe {
+        libc::kill(tcpdump.id() as libc::pid_t, libc::SIGINT);
+    }
+    let _ = tcpdump.wait();
+    r?;
+    std::fs::read(&file).with_context(|| file.display().to_string())
+}
+
+/// Sends MARKER-filled UDP datagrams from the h1 endpoint to the h2 endpoint's sink.
+fn send_marker(net: &Net) -> Result<()> {
+    let (ip, _) = net.target;
+    let s = sink(&net.ends.1, ip)?;
+    let dst = SocketAddr::new(IpAddr::V4(ip), SINK_PORT);
+    let payload = MARKER.repeat(20);
+    let p = payload.clone();
+    in_netns(&net.ends.0, move || -> std::io::Result<()> {
+        let u = UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..50 {
+            u.send_to(&p, dst)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    })??;
+    let got = drain(&s, Duration::from_millis(800));
+    ensure!(
+        got.iter().any(|g| g == &payload),
+        "the marker did not arrive ({} datagrams)",
+        got.len()
+    );
+    Ok(())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn no_plaintext(lab: &Lab, plain: &Net, secret: &Net) -> Result<()> {
+    let seen = capture(lab, UDP_PORT, || send_marker(plain))?;
+    ensure!(contains(&seen, MARKER), "control: the plain UDP capture should show the payload");
+    let seen = capture(lab, QUIC_PORT, || send_marker(secret))?;
+    ensure!(seen.len() > 20 * 1000, "the encrypted capture holds only {} bytes", seen.len());
+    ensure!(!contains(&seen, MARKER), "plaintext of the payload on the underlay");
+    ensure!(!contains(&seen, &MARKER[..12]), "part of the payload on the underlay");
+    Ok(())
+}
+
+/// A QUIC plane in the rogue namespace with `identity`, sending crafted frames to h2.
+fn inject_quic(rogue: &str, identity: overlay_quic::Identity, datagram: Vec<u8>) -> Result<()> {
+    in_netns(rogue, move || -> Result<()> {
+        // Peers are dialed on the plane's own port: bind the real one.
+        let listen: SocketAddr = format!("{ROGUE_IP}:{QUIC_PORT}").parse()?;
+        let plane = overlay_quic::QuicPlane::start(
+            overlay_quic::QuicConfig::new(listen, identity, 1500),
+            Arc::new(|_| Some("h2".to_string())),
+            Arc::new(|_, _| {}),
+        )?;
+        let h2: IpAddr = Lab::host_ip(2).parse()?;
+        for _ in 0..30 {
+            plane.send(h2, &datagram);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })?
+}
+
+fn encrypted_injection(lab: &Lab, secret: &Net, rogue: &str) -> Result<()> {
+    let (ip, mac) = secret.target;
+    let s = sink(&secret.ends.1, ip)?;
+    let frame = crafted_frame(mac, ip, Ipv4Addr::new(10, 0, 22, 250), MARKER);
+    let d = datagram(secret.vni, &frame);
+    let before = counter(lab, "/quic/rejected_peers");
+    // A certificate for "h1" from a CA the cluster never heard of.
+    let ca = overlay_quic::pki::Ca::generate()?;
+    let issued = ca.issue("h1", Some(ROGUE_IP.parse()?))?;
+    inject_quic(rogue, overlay_quic::Identity::from_issued(&ca, &issued)?, d.clone())?;
+    // h1's real certificate and key, used from another address.
+    let stolen = overlay_quic::Identity::load_dir(&lab.pki_dir(), "h1")?;
+    inject_quic(rogue, stolen, d.clone())?;
+    // And the encrypted network's datagram on the plain socket, from a real host.
+    let h2: SocketAddr = format!("{}:{UDP_PORT}", Lab::host_ip(2)).parse()?;
+    in_netns(&lab.host_ns(1), move || -> std::io::Result<()> {
+        let u = UdpSocket::bind((Lab::host_ip(1).as_str(), 0))?;
+        u.send_to(&d, h2).map(drop)
+    })??;
+    let got = drain(&s, Duration::from_secs(1));
+    ensure!(got.is_empty(), "an injected frame reached the endpoint: {got:?}");
+    let rejected = wait_for(T, "h2 to count the rejected connections", || {
+        let n = counter(lab, "/quic/rejected_peers");
+        (n > before).then_some(n)
+    });
+    eprintln!("h2 counters: {}", counters(lab).unwrap_or_default());
+    rejected?;
+    let wrong = format!("/udp/{}/dropped_wrong_transport", secret.vni);
+    wait_for(T, "h2 to count the plain datagram of an encrypted network", || {
+        (counter(lab, &wrong) >= 1).then_some(())
+    })?;
+    // The legitimate path still works.
+    drop(s);
+    send_marker(secret)
+}
+
+#[test]
+fn encap_security() {
+    if !can_run() || Command::new("tcpdump").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root, ip, nsenter and tcpdump");
+        return;
+    }
+    let lab = Lab::start(3).expect("lab start");
+    let result = (|| -> Result<()> {
+        let plain = setup_net(&lab, "plain", "10.0.21.0/24", &[])?;
+        let secret = setup_net(&lab, "secret", "10.0.22.0/24", &["--encrypted"])?;
+        let rogue = add_rogue(&lab)?;
+        plain_injection(&lab, &plain, &rogue).context("plain injection")?;
+        no_plaintext(&lab, &plain, &secret).context("no plaintext")?;
+        encrypted_injection(&lab, &secret, &rogue).context("encrypted injection")?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("{}", lab.logs());
+        panic!("{e:#}");
+    }
+}
