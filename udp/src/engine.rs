@@ -226,6 +226,11 @@ impl Engine {
         self.shared.local
     }
 
+    /// Number of worker threads (and TAP queues).
+    pub fn queues(&self) -> usize {
+        self.shared.queues
+    }
+
     /// Makes `networks` the full set this host carries (idempotent): opens the TAP
     /// queues of new networks (creating persistent devices as needed), closes those of
     /// networks no longer listed, and swaps all forwarding tables at once. Call it
@@ -502,5 +507,40 @@ impl Worker {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(vni: u32, tap: &str) -> UdpNetwork {
+        UdpNetwork { vni, tap: tap.into(), encrypted: false, peers: vec![], remote_macs: vec![] }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate(&[net(1, "ovu-1"), net(2, "ovu-2")]).is_ok());
+        assert!(matches!(validate(&[net(1 << 24, "a")]), Err(Error::VniRange(_))));
+        assert!(matches!(validate(&[net(1, "a b")]), Err(Error::TapName(_))));
+        assert!(matches!(validate(&[net(1, "0123456789abcdef")]), Err(Error::TapName(_))));
+        assert!(matches!(validate(&[net(1, "")]), Err(Error::TapName(_))));
+        assert!(matches!(validate(&[net(1, "a"), net(1, "b")]), Err(Error::DuplicateVni(1))));
+        assert!(matches!(validate(&[net(1, "a"), net(2, "a")]), Err(Error::DuplicateTap(_))));
+    }
+
+    #[test]
+    fn start_and_stop_without_networks() {
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        let small = Engine::start(EngineConfig { listen, underlay_mtu: 100, queues: 1 });
+        assert!(matches!(small, Err(Error::MtuTooSmall(100))));
+        let e =
+            Engine::start(EngineConfig { listen, underlay_mtu: 1500, queues: 3 }).expect("start");
+        assert_eq!(e.queues(), 3);
+        assert_ne!(e.local_addr().port(), 0);
+        assert!(e.counters().is_empty());
+        let t = Instant::now();
+        drop(e);
+        assert!(t.elapsed() < Duration::from_millis(500), "drop took {:?}", t.elapsed());
     }
 }

@@ -231,10 +231,11 @@ impl Lab {
             (format!("ovb-{}", n.vni), format!("ovu-{}", n.vni), OVERLAY_MTU.to_string());
         run_ok(&["ip", "-n", &h, "link", "add", &br, "mtu", &mtu, "type", "bridge"])?;
         run_ok(&["ip", "-n", &h, "link", "set", &br, "up"])?;
-        run_ok(&["ip", "-n", &h, "link", "set", &tap, "mtu", &mtu, "master", &br, "up"])?;
+        run_ok(&["ip", "-n", &h, "link", "set", &tap, "mtu", &mtu, "master", &br])?;
         run_ok(&["bridge", "-n", &h, "link", "set", "dev", &tap, "learning", "off"])?;
         let remote = Self::mac_str(Self::ep_mac(3 - i, n.vni));
-        run_ok(&["bridge", "-n", &h, "fdb", "add", &remote, "dev", &tap, "master", "static"])?;
+        run_ok(&["bridge", "-n", &h, "fdb", "replace", &remote, "dev", &tap, "master", "static"])?;
+        run_ok(&["ip", "-n", &h, "link", "set", &tap, "up"])?;
         let ep = self.add_ns(self.ep_ns(i, n.vni))?;
         let port = format!("ve{}", n.vni);
         let mac = Self::mac_str(Self::ep_mac(i, n.vni));
