@@ -32,6 +32,8 @@ const MAX_GSO_BYTES: usize = 65535 - 20 - 8;
 #[derive(Debug)]
 pub(crate) struct Tap {
     pub name: String,
+    /// Interface index when opened: a device recreated under the same name differs.
+    pub index: u32,
     pub queues: Vec<File>,
 }
 
@@ -340,7 +342,7 @@ mod tests {
             vni: 5,
             encrypted,
             fdb: Fdb::new(&[LOCAL], &[]),
-            tap: Arc::new(Tap { name: "test".into(), queues: vec![tap] }),
+            tap: Arc::new(Tap { name: "test".into(), index: 0, queues: vec![tap] }),
             counters: Arc::default(),
         };
         Tables { nets: HashMap::from([(5, Arc::new(net))]), secure: None }

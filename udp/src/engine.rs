@@ -243,10 +243,13 @@ impl Engine {
         let mut nets = HashMap::new();
         for n in networks {
             let prev = old.nets.get(&n.vni);
-            let reuse = old.nets.values().find(|o| o.tap.name == n.tap).map(|o| o.tap.clone());
+            // Keep open queues unless the device is gone or was recreated meanwhile.
+            let index = sys::interface_index(&n.tap);
+            let same = |t: &Tap| t.name == n.tap && Some(t.index) == index;
+            let reuse = old.nets.values().find(|o| same(&o.tap)).map(|o| o.tap.clone());
             let tap = match reuse {
                 Some(tap) => tap,
-                None => match open_tap(&n.tap, self.shared.queues) {
+                None => match open_tap(&n.tap, index.is_none(), self.shared.queues) {
                     Ok((tap, fresh)) => {
                         let tap = Arc::new(tap);
                         if fresh {
@@ -358,17 +361,17 @@ fn validate(networks: &[UdpNetwork]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Opens `queues` queues of TAP `name`, persistent; true when it did not exist.
-fn open_tap(name: &str, queues: usize) -> Result<(Tap, bool), Error> {
+/// Opens `queues` queues of TAP `name`, persistent; `fresh` when it did not exist.
+fn open_tap(name: &str, fresh: bool, queues: usize) -> Result<(Tap, bool), Error> {
     let err = |source| Error::Tap { name: name.to_string(), source };
-    let fresh = !sys::interface_exists(name);
     let files =
         (0..queues).map(|_| sys::open_tap_queue(name, &OFFLOADS)).collect::<io::Result<Vec<_>>>();
     let files = files.map_err(err)?;
     if let Some(first) = files.first() {
         sys::set_persist(first, true).map_err(err)?;
     }
-    Ok((Tap { name: name.to_string(), queues: files }, fresh))
+    let index = sys::interface_index(name).unwrap_or(0);
+    Ok((Tap { name: name.to_string(), index, queues: files }, fresh))
 }
 
 /// One worker thread's state: its buffers are allocated once, here.
@@ -463,7 +466,7 @@ impl Worker {
 
     /// Reads frames from TAP queue `q` of network `i` and sends them.
     fn pump_tap(&mut self, i: usize) {
-        let Worker { q, shared, tables, nets, msg, scratch, .. } = self;
+        let Worker { q, shared, tables, nets, msg, scratch, epoll, .. } = self;
         let Some(net) = nets.get(i) else { return };
         let Some(file) = net.tap.queues.get(*q) else { return };
         let sock = &shared.sockets[*q];
@@ -472,7 +475,11 @@ impl Worker {
                 Ok(n) => datapath::transmit(&shared.ctx, tables, net, sock, &mut msg[..n], scratch),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::debug!(tap = %net.tap.name, error = %e, "tap read failed");
+                    // The device is gone (deleted under us): stop watching it, or
+                    // level-triggered epoll would report it forever. The next
+                    // set_networks reopens or drops it.
+                    tracing::warn!(tap = %net.tap.name, error = %e, "tap read failed; queue detached");
+                    let _ = epoll.delete(file.as_raw_fd());
                     return;
                 }
             }

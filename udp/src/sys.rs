@@ -46,11 +46,12 @@ fn ifname(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
     Ok(out)
 }
 
-/// True when a network interface `name` exists in the calling thread's namespace.
-pub(crate) fn interface_exists(name: &str) -> bool {
-    let Ok(c) = CString::new(name) else { return false };
+/// Index of network interface `name` in the calling thread's namespace, if any.
+pub(crate) fn interface_index(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Opens one queue of multi-queue TAP `name` (creating the device if missing) with a
@@ -407,6 +408,14 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(raw) }))
     }
 
+    /// Stops watching `fd`.
+    pub(crate) fn delete(&self, fd: RawFd) -> io::Result<()> {
+        let mut ev = NO_EVENT;
+        // SAFETY: `ev` is valid for the call (ignored by EPOLL_CTL_DEL on new kernels).
+        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) })
+            .map(drop)
+    }
+
     /// Watches `fd` for input, reporting `token`.
     pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
@@ -461,8 +470,8 @@ mod tests {
         assert!(ifname("ovu-42").is_ok());
         assert!(ifname("").is_err());
         assert!(ifname("sixteen-chars-xx").is_err());
-        assert!(interface_exists("lo"));
-        assert!(!interface_exists("ovu-nonexistent"));
+        assert!(interface_index("lo").is_some());
+        assert_eq!(interface_index("ovu-nonexistent"), None);
     }
 
     #[test]

@@ -196,17 +196,35 @@ fn two_hosts_over_udp() {
     assert_eq!(e2.dropped_unknown_vni, e.dropped_unknown_vni + 1);
     assert_eq!(e2.dropped_malformed, e.dropped_malformed + 1);
 
+    // A TAP deleted under the engine is detached (no busy loop) and recreated by the
+    // next set_networks that still lists it.
+    let h2 = lab.host_ns(2);
+    common::run_ok(&["ip", "-n", &h2, "link", "del", &format!("ovu-{}", SECRET.vni)]).expect("del");
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_seconds() - cpu;
+    assert!(spent < 0.2, "engine spun {spent} s of CPU in 1 s after its TAP vanished");
+    let (e, all) = (lab.engines[1].clone(), lab.networks(2));
+    in_ns(&h2, move || e.set_networks(all)).expect("namespace").expect("set");
+    common::run_ok(&["ip", "-n", &h2, "link", "show", &format!("ovu-{}", SECRET.vni)])
+        .expect("recreated");
+
     // Removing a network closes its queues and keeps the others working.
-    let keep = overlay_udp::UdpNetwork {
-        vni,
-        tap: format!("ovu-{vni}"),
-        encrypted: false,
-        peers: vec![IpAddr::V4(Lab::underlay_ip(1))],
-        remote_macs: vec![(Lab::ep_mac(1, vni), IpAddr::V4(Lab::underlay_ip(1)))],
-    };
+    let keep: Vec<_> = lab.networks(2).into_iter().filter(|n| n.vni == vni).collect();
     let e = lab.engines[1].clone();
-    in_ns(&lab.host_ns(2), move || e.set_networks(vec![keep])).expect("namespace").expect("set");
+    in_ns(&h2, move || e.set_networks(keep)).expect("namespace").expect("set");
     assert_eq!(lab.engines[1].counters().keys().copied().collect::<Vec<_>>(), vec![vni]);
     let out = ping(&lab, 1, vni, &[]);
     assert!(out.status.success(), "ping after reconfiguration: {}", text(&out));
+}
+
+/// CPU time this process has used (user + system), in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime (fields 14 and 15) are the 12th and 13th after the command name.
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).expect("stat field");
+    (ticks(11) + ticks(12)) / 100.0
 }

@@ -146,6 +146,21 @@ impl Lab {
         m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
     }
 
+    /// What host `i`'s engine is told: every lab network, the other host as peer.
+    pub fn networks(&self, i: usize) -> Vec<UdpNetwork> {
+        let peer = IpAddr::V4(Self::underlay_ip(3 - i));
+        self.nets
+            .iter()
+            .map(|n| UdpNetwork {
+                vni: n.vni,
+                tap: format!("ovu-{}", n.vni),
+                encrypted: n.encrypted,
+                peers: vec![peer],
+                remote_macs: vec![(Self::ep_mac(3 - i, n.vni), peer)],
+            })
+            .collect()
+    }
+
     /// Runs a command inside namespace `ns`.
     pub fn exec(&self, ns: &str, args: &[&str]) -> Result<Output> {
         let mut full = vec!["ip", "netns", "exec", ns];
@@ -189,18 +204,7 @@ impl Lab {
             run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "mtu", &mtu, "up"])?;
         }
         for i in 1..=2 {
-            let peer = IpAddr::V4(Self::underlay_ip(3 - i));
-            let networks: Vec<UdpNetwork> = self
-                .nets
-                .iter()
-                .map(|n| UdpNetwork {
-                    vni: n.vni,
-                    tap: format!("ovu-{}", n.vni),
-                    encrypted: n.encrypted,
-                    peers: vec![peer],
-                    remote_macs: vec![(Self::ep_mac(3 - i, n.vni), peer)],
-                })
-                .collect();
+            let networks = self.networks(i);
             let listen =
                 SocketAddr::new(IpAddr::V4(Self::underlay_ip(i)), overlay_udp::DEFAULT_PORT);
             let config = EngineConfig { listen, underlay_mtu: UNDERLAY_MTU, queues };
