@@ -2,7 +2,7 @@
 //! integration test and the bench).
 //!
 //! * `<p>sw`: the underlay switch, bridge `br0`;
-//! * `<p>h1`, `<p>h2`: hosts, `ul0` at `172.31.0.<i>/24`, MTU 1500, an [`Engine`] each
+//! * `<p>h1`, `<p>h2`: hosts, `ul0` at `172.31.0.<i>/24` and `fd00:31::<i>/64`, MTU 1500, an [`Engine`] each
 //!   (started from a thread inside the host namespace) and, per network, a bridge
 //!   `ovb-<vni>` with the engine's TAP `ovu-<vni>` enslaved (learning off, static FDB
 //!   for the remote endpoint's MAC);
@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,6 +111,8 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 pub struct Lab {
     pub prefix: String,
     pub nets: Vec<NetSpec>,
+    /// The engines use IPv6 underlay addresses.
+    pub v6: bool,
     /// Engines of host 1 and host 2.
     pub engines: Vec<Arc<Engine>>,
     namespaces: Vec<String>,
@@ -127,6 +129,15 @@ impl Lab {
 
     pub fn outsider_ns(&self) -> String {
         format!("{}x", self.prefix)
+    }
+
+    /// Host `i`'s underlay address the engines use (IPv6 in an IPv6 lab).
+    pub fn underlay_addr(&self, i: usize) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, i as u16))
+        } else {
+            IpAddr::V4(Self::underlay_ip(i))
+        }
     }
 
     pub fn underlay_ip(i: usize) -> Ipv4Addr {
@@ -148,7 +159,7 @@ impl Lab {
 
     /// What host `i`'s engine is told: every lab network, the other host as peer.
     pub fn networks(&self, i: usize) -> Vec<UdpNetwork> {
-        let peer = IpAddr::V4(Self::underlay_ip(3 - i));
+        let peer = self.underlay_addr(3 - i);
         self.nets
             .iter()
             .map(|n| UdpNetwork {
@@ -170,9 +181,14 @@ impl Lab {
 
     /// Builds the lab with `queues` workers per engine.
     pub fn start(nets: &[NetSpec], queues: usize) -> Result<Lab> {
+        Self::start_with(nets, queues, false)
+    }
+
+    /// Builds the lab; with `v6` the engines talk over IPv6 on the underlay.
+    pub fn start_with(nets: &[NetSpec], queues: usize, v6: bool) -> Result<Lab> {
         let prefix = format!("ovu{}{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut lab =
-            Lab { prefix, nets: nets.to_vec(), engines: Vec::new(), namespaces: Vec::new() };
+        let nets = nets.to_vec();
+        let mut lab = Lab { prefix, nets, v6, engines: Vec::new(), namespaces: Vec::new() };
         lab.build(queues)?;
         Ok(lab)
     }
@@ -201,12 +217,13 @@ impl Lab {
             run_ok(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}/24", Self::underlay_ip(i));
             run_ok(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "ul0"])?;
+            let addr6 = format!("fd00:31::{i}/64");
+            run_ok(&["ip", "-n", &ns, "addr", "add", &addr6, "dev", "ul0", "nodad"])?;
             run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "mtu", &mtu, "up"])?;
         }
         for i in 1..=2 {
             let networks = self.networks(i);
-            let listen =
-                SocketAddr::new(IpAddr::V4(Self::underlay_ip(i)), overlay_udp::DEFAULT_PORT);
+            let listen = SocketAddr::new(self.underlay_addr(i), overlay_udp::DEFAULT_PORT);
             let config = EngineConfig { listen, underlay_mtu: UNDERLAY_MTU, queues };
             let engine = in_ns(&self.host_ns(i), move || -> Result<Engine> {
                 let e = Engine::start(config)?;
@@ -219,8 +236,8 @@ impl Lab {
             }
         }
         for i in 0..2 {
-            let me = IpAddr::V4(Self::underlay_ip(i + 1));
-            let other = IpAddr::V4(Self::underlay_ip(2 - i));
+            let me = self.underlay_addr(i + 1);
+            let other = self.underlay_addr(2 - i);
             let peers = HashMap::from([(other, Arc::downgrade(&self.engines[1 - i]))]);
             let t = Loopback { me, max: 1400, peers: Mutex::new(peers) };
             self.engines[i].set_secure(Arc::new(t));
