@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Provisions VM N of the Vagrant cluster (run as root inside the VM by the Vagrantfile):
+# installs overlay with deploy/install.sh, writes this VM's controller and agent configs,
+# and enables + starts both units. With --root DIR --no-systemctl it only writes files
+# under DIR, which is how the tests check it without a VM.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: vagrant/provision.sh --id N [--members M] [--net A.B.C] [--from DIR] [--root DIR] [--no-systemctl]
+
+  --id N          this VM's number, 1..: host name vmN, underlay IP A.B.C.(10+N),
+                  controller member N when N <= M
+  --members M     controller members, on VMs 1..M (default 3; 1, 3 or 5)
+  --net A.B.C     the private network's first three octets (default 192.168.56)
+  --from DIR      the built binaries (default: the repository's target/release)
+  --root DIR      write everything under DIR instead of /: no package installation,
+                  no sysctl, and units are only enabled (systemctl --root), not started
+  --no-systemctl  do not run systemctl at all
+  -h, --help      this text
+EOF
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(dirname "$here")"
+id=""
+members=3
+net="192.168.56"
+from="$repo/target/release"
+root=""
+systemctl=1
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --no-systemctl)
+      systemctl=0
+      shift
+      ;;
+    --id | --members | --net | --from | --root)
+      [ $# -ge 2 ] || die "$1 needs a value (see --help)"
+      case "$1" in
+        --id) id="$2" ;;
+        --members) members="$2" ;;
+        --net) net="$2" ;;
+        --from) from="$2" ;;
+        --root) root="${2%/}" ;;
+      esac
+      shift 2
+      ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+
+[ -n "$id" ] || die "--id N is required (see --help)"
+[[ "$id" =~ ^[1-9][0-9]*$ ]] && [ "$id" -le 200 ] || die "--id $id: expected a number 1..200"
+[[ "$members" =~ ^[135]$ ]] || die "--members $members: expected 1, 3 or 5"
+[[ "$net" =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "--net $net: expected three octets like 192.168.56"
+if [ -n "$root" ]; then
+  mkdir -p "$root" || die "--root $root: cannot create it"
+  root="$(cd "$root" && pwd)"
+elif [ "$(id -u)" -ne 0 ]; then
+  die "provisioning this machine needs root (or write into a directory with --root DIR)"
+fi
+
+name="vm$id"
+ip="$net.$((10 + id))"
+port=7400
+peers=""
+urls=""
+for m in $(seq 1 "$members"); do
+  peers="${peers:+$peers,}$m=$net.$((10 + m)):$port"
+  urls="${urls:+$urls,}http://$net.$((10 + m)):$port"
+done
+
+echo "==> provisioning $name ($ip)${root:+ under $root}"
+if [ -z "$root" ] && ! command -v nft >/dev/null; then
+  # The agent programs isolation and egress with nft(8).
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2
+fi
+"$repo/deploy/install.sh" --from "$from" --destdir "$root"
+
+etc="$root/etc/overlay"
+mkdir -p "$etc"
+# These configs belong to provisioning: re-provisioning rewrites them.
+if [ "$id" -le "$members" ]; then
+  cat >"$etc/controller.toml" <<EOF
+# Written by vagrant/provision.sh for $name. Every key is documented in
+# /usr/local/share/doc/overlay/controller.toml.
+id = $id
+listen = "$ip:$port"
+peers = "$peers"
+data_dir = "/var/lib/overlay/controller"
+EOF
+  chmod 0644 "$etc/controller.toml"
+  echo "  wrote      $etc/controller.toml (member $id of $members)"
+fi
+cat >"$etc/agent.toml" <<EOF
+# Written by vagrant/provision.sh for $name. Every key is documented in
+# /usr/local/share/doc/overlay/agent.toml.
+name = "$name"
+underlay_ip = "$ip"
+controller = "$urls"
+data_dir = "/var/lib/overlay/agent"
+EOF
+chmod 0644 "$etc/agent.toml"
+echo "  wrote      $etc/agent.toml"
+# overlayctl on the VM talks to the cluster without flags.
+mkdir -p "$root/etc/profile.d"
+echo "export OVERLAY_CONTROLLER=$urls" >"$root/etc/profile.d/overlay.sh"
+echo "  wrote      $root/etc/profile.d/overlay.sh"
+
+if [ -z "$root" ]; then
+  sysctl --system >/dev/null
+fi
+if [ "$systemctl" = 1 ] && [ -n "$root" ]; then
+  # Offline: only the [Install] symlinks under DIR.
+  units=(overlay-agent)
+  if [ "$id" -le "$members" ]; then units+=(overlay-controller); fi
+  systemctl --root="$root" enable "${units[@]}"
+elif [ "$systemctl" = 1 ]; then
+  systemctl daemon-reload
+  if [ "$id" -le "$members" ]; then
+    systemctl enable --now overlay-controller
+  fi
+  systemctl enable --now overlay-agent
+  echo "==> $name: overlay-controller and overlay-agent enabled and started"
+fi
