@@ -14,6 +14,18 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 lab="${CARGO_TARGET_DIR:-target}/debug/overlay-lab"
 if [ "${1:-}" = "up" ]; then
+  # What the lab runs (nft for the agents) and what the README's walk-through uses.
+  need=()
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v nsenter >/dev/null || need+=(util-linux)
+  command -v nft >/dev/null || need+=(nftables)
+  command -v ping >/dev/null || need+=(iputils-ping)
+  command -v dig >/dev/null || need+=(bind9-dnsutils)
+  if [ "${#need[@]}" -gt 0 ]; then
+    echo "==> installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  fi
   echo "==> building overlay (cargo build; the first build takes a few minutes)"
   cargo build --workspace --bins --quiet
 elif [ ! -x "$lab" ]; then

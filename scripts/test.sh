@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps)
+packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps systemd ruby git)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
