@@ -656,13 +656,13 @@ fn lab_processes() -> Vec<String> {
 }
 
 /// Runs `./scripts/lab.sh down` in the clone when dropped (also on a failed assertion).
-struct LabDown<'a>(&'a Path, &'a Path);
+struct LabDown<'a>(&'a Path);
 
 impl Drop for LabDown<'_> {
     fn drop(&mut self) {
         let _ = Command::new(self.0.join("scripts/lab.sh"))
             .arg("down")
-            .env("CARGO_TARGET_DIR", self.1)
+            .env_remove("CARGO_TARGET_DIR")
             .stdin(Stdio::null())
             .output();
     }
@@ -674,8 +674,9 @@ impl Drop for LabDown<'_> {
 /// stale lab, vagrant/smoke.sh passes against the lab, and the README's `down` leaves no
 /// namespace, process or file behind.
 ///
-/// The clone builds into this workspace's target dir (CARGO_TARGET_DIR) so only the
-/// workspace crates are compiled again (their paths differ), not every dependency.
+/// The clone's `target` is a symlink to this workspace's target dir, so its build reuses
+/// the dependencies (only the workspace crates compile again: their paths differ) and the
+/// README's `target/debug/…` paths hold as written.
 #[test]
 fn readme_walkthrough_on_a_clean_clone() {
     if !can_run() || !have("git") {
@@ -692,12 +693,13 @@ fn readme_walkthrough_on_a_clean_clone() {
     let out = sh(Command::new("git").args(["clone", "-q"]).arg(repo()).arg(&clone));
     assert!(out.status.success(), "git clone: {}", text(&out));
     let target = bin_dir().parent().expect("target dir").to_path_buf();
-    let _down = LabDown(&clone, &target);
+    std::os::unix::fs::symlink(&target, clone.join("target")).expect("target symlink");
+    let _down = LabDown(&clone);
     let bash = |script: &str| {
         sh(Command::new("bash")
             .args(["-c", script])
             .current_dir(&clone)
-            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("CARGO_TARGET_DIR")
             .env_remove("OVERLAY_CONTROLLER"))
     };
 
