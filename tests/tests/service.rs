@@ -674,9 +674,11 @@ impl Drop for LabDown<'_> {
 /// stale lab, vagrant/smoke.sh passes against the lab, and the README's `down` leaves no
 /// namespace, process or file behind.
 ///
-/// The clone's `target` is a symlink to this workspace's target dir, so its build reuses
-/// the dependencies (only the workspace crates compile again: their paths differ) and the
-/// README's `target/debug/…` paths hold as written.
+/// The clone builds for real, into its own target dir: `target` in the clone is a
+/// symlink to `readme-clone/` inside this workspace's target dir, kept between runs so a
+/// rerun only recompiles the workspace crates. (Sharing this workspace's own target dir
+/// is not safe: some artifacts of the clone's crates get the same file names as ours, and
+/// the doc tests that `cargo test` runs afterwards then link mismatched crates.)
 #[test]
 fn readme_walkthrough_on_a_clean_clone() {
     if !can_run() || !have("git") {
@@ -692,7 +694,8 @@ fn readme_walkthrough_on_a_clean_clone() {
     let clone = tmp.0.join("overlay");
     let out = sh(Command::new("git").args(["clone", "-q"]).arg(repo()).arg(&clone));
     assert!(out.status.success(), "git clone: {}", text(&out));
-    let target = bin_dir().parent().expect("target dir").to_path_buf();
+    let target = bin_dir().parent().expect("target dir").join("readme-clone");
+    std::fs::create_dir_all(&target).expect("clone target dir");
     std::os::unix::fs::symlink(&target, clone.join("target")).expect("target symlink");
     let _down = LabDown(&clone);
     let bash = |script: &str| {
@@ -700,6 +703,7 @@ fn readme_walkthrough_on_a_clean_clone() {
             .args(["-c", script])
             .current_dir(&clone)
             .env_remove("CARGO_TARGET_DIR")
+            .env("CARGO_INCREMENTAL", "0")
             .env_remove("OVERLAY_CONTROLLER"))
     };
 
