@@ -779,3 +779,144 @@ fn readme_walkthrough_on_a_clean_clone() {
     assert!(out.status.success(), "second down: {}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing was up"), "{}", text(&out));
 }
+
+/// Three controllers on loopback ports, as child processes killed on drop.
+struct LoopbackCluster {
+    dir: PathBuf,
+    ports: Vec<u16>,
+    members: Vec<Option<KillOnDrop>>,
+}
+
+impl LoopbackCluster {
+    fn new(dir: &Path) -> LoopbackCluster {
+        let ports = (0..3)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+                l.local_addr().expect("addr").port()
+            })
+            .collect();
+        LoopbackCluster { dir: dir.to_path_buf(), ports, members: vec![None, None, None] }
+    }
+
+    fn data_dir(&self, id: usize) -> PathBuf {
+        self.dir.join(format!("member{id}"))
+    }
+
+    fn urls(&self) -> String {
+        self.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn start(&mut self, id: usize) {
+        let peers: Vec<String> = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("member{id}.log")))
+            .expect("log");
+        let child = Command::new(workspace_bin("overlay-controller"))
+            .args([
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{}", self.ports[id - 1]),
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--peers", &peers.join(",")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("controller");
+        self.members[id - 1] = Some(KillOnDrop(child));
+    }
+
+    /// SIGTERM (as `systemctl stop`), then wait for a clean exit.
+    fn stop(&mut self, id: usize) {
+        if let Some(mut m) = self.members[id - 1].take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(m.0.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let status = m.0.wait().expect("wait");
+            assert!(status.success(), "member {id} did not stop cleanly: {status:?}");
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        sh(Command::new(workspace_bin("overlayctl"))
+            .args(["--controller", &self.urls()])
+            .args(args))
+    }
+
+    /// `overlayctl ARGS`, retried until it succeeds (leader elections take a moment).
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = wait_for(Duration::from_secs(20), &format!("overlayctl {args:?}"), || {
+            let out = self.ctl(args);
+            out.status.success().then_some(out)
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&self.ctl(args))));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn network_names(&self) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ctl_ok(&["-o", "json", "network", "ls"])).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|n| n["name"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+/// The README's backup and restore, as written: stop one member, archive its data dir,
+/// start it; after losing every member, the same archive in every data dir with each
+/// member's own `member-id` brings the cluster back as of the backup, writable.
+#[test]
+fn controller_backup_and_restore_as_documented() {
+    if !have("tar") {
+        eprintln!("skipped: tar is not installed");
+        return;
+    }
+    let _bins = lock_binaries();
+    let tmp = TempDir::new("backup");
+    let mut cluster = LoopbackCluster::new(&tmp.0);
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    for (i, name) in ["before1", "before2"].iter().enumerate() {
+        cluster.ctl_ok(&["network", "create", name, "--subnet", &format!("10.66.{i}.0/24")]);
+    }
+
+    cluster.stop(1);
+    let archive = tmp.0.join("backup.tar.gz");
+    let out =
+        sh(Command::new("tar").arg("-C").arg(&tmp.0).arg("-czf").arg(&archive).arg("member1"));
+    assert!(out.status.success(), "tar: {}", text(&out));
+    cluster.start(1);
+    cluster.ctl_ok(&["network", "create", "after", "--subnet", "10.66.9.0/24"]);
+    assert_eq!(cluster.network_names(), ["after", "before1", "before2"]);
+
+    // Every member lost.
+    cluster.members = vec![None, None, None];
+    for id in 1..=3 {
+        let data = cluster.data_dir(id);
+        std::fs::remove_dir_all(&data).expect("wipe");
+        let unpack = tmp.0.join(format!("unpack{id}"));
+        std::fs::create_dir_all(&unpack).expect("unpack dir");
+        let out = sh(Command::new("tar").arg("-C").arg(&unpack).arg("-xzf").arg(&archive));
+        assert!(out.status.success(), "untar: {}", text(&out));
+        std::fs::rename(unpack.join("member1"), &data).expect("restore");
+        std::fs::write(data.join("member-id"), format!("{id}\n")).expect("member-id");
+        cluster.start(id);
+    }
+    assert_eq!(cluster.network_names(), ["before1", "before2"]);
+    cluster.ctl_ok(&["network", "create", "restored", "--subnet", "10.66.10.0/24"]);
+    assert_eq!(cluster.network_names(), ["before1", "before2", "restored"]);
+}
