@@ -381,8 +381,9 @@ impl Lab {
         Ok(path)
     }
 
-    pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let args = vec![
+    /// The flags agent `i` runs with.
+    pub fn agent_args(&self, i: usize) -> Result<Vec<String>> {
+        Ok(vec![
             "--name".into(),
             Lab::host_name(i),
             "--underlay-ip".into(),
@@ -401,7 +402,11 @@ impl Lab {
             self.pki_dir().join(format!("{}.pem", Lab::host_name(i))).display().to_string(),
             "--tls-key".into(),
             self.pki_dir().join(format!("{}-key.pem", Lab::host_name(i))).display().to_string(),
-        ];
+        ])
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let args = self.agent_args(i)?;
         // Logs are appended across restarts, so a failing test shows the whole story.
         let log = self.dir.join(format!("agent{i}.log"));
         let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached)?;

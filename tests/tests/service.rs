@@ -289,6 +289,8 @@ fn units_declare_what_the_daemons_do() {
     // The controller sends READY=1 (controller/src/notify.rs); the agent does not.
     assert_eq!(controller["Type"], ["notify"]);
     assert_eq!(agent["Type"], ["exec"]);
+    // The `--encap udp` data-plane daemon the agent spawns must survive agent restarts.
+    assert_eq!(agent["KillMode"], ["process"]);
     assert_eq!(
         agent["CapabilityBoundingSet"],
         ["CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE"]
@@ -523,13 +525,7 @@ fn agent_works_with_only_the_units_capabilities() {
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
         .arg("--")
         .arg(workspace_bin("overlay-agent"))
-        .args(["--name", &Lab::host_name(1), "--underlay-ip", &Lab::host_ip(1)])
-        .args(["--controller", &lab.controller_urls()])
-        .arg("--data-dir")
-        .arg(lab.agent_data_dir(1))
-        .args(["--reconcile-interval", "1"])
-        .arg("--resolv-conf")
-        .arg(lab.resolv_conf().expect("resolv.conf"))
+        .args(lab.agent_args(1).expect("agent args"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -537,12 +533,21 @@ fn agent_works_with_only_the_units_capabilities() {
         .expect("restricted agent");
     let _agent = KillOnDrop(child);
 
-    lab.ctl_ok(&["network", "create", "capnet", "--subnet", "10.77.1.0/24"]).expect("network");
-    let a = lab.endpoint("capa", 1, "capnet", &[]).expect("endpoint on the restricted host");
-    let b = lab.endpoint("capb", 2, "capnet", &[]).expect("endpoint on another host");
-    // By name: the embedded DNS on 127.0.0.11:53 in `a` is served by the restricted agent.
-    lab.ping_ok(&a, &b, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    lab.ping_ok(&b, &a, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // A kernel VXLAN network and an `--encap udp` one (TAP devices and UDP sockets in the
+    // data-plane daemon the restricted agent starts, with the same capabilities).
+    for (net, subnet, encap) in
+        [("capvx", "10.77.1.0/24", &[][..]), ("capudp", "10.77.2.0/24", &["--encap", "udp"][..])]
+    {
+        let mut args = vec!["network", "create", net, "--subnet", subnet];
+        args.extend_from_slice(encap);
+        lab.ctl_ok(&args).expect("network");
+        let a = lab.endpoint(&format!("{net}a"), 1, net, &[]).expect("endpoint, restricted host");
+        let b = lab.endpoint(&format!("{net}b"), 2, net, &[]).expect("endpoint on another host");
+        // By name: the DNS on 127.0.0.11:53 in `a` is served by the restricted agent.
+        let t = Duration::from_secs(20);
+        lab.ping_ok(&a, &b, t).unwrap_or_else(|e| panic!("{net}: {e}\n{}", lab.logs()));
+        lab.ping_ok(&b, &a, t).unwrap_or_else(|e| panic!("{net}: {e}\n{}", lab.logs()));
+    }
     let nft = sh(Command::new("ip").args([
         "netns",
         "exec",
