@@ -147,13 +147,15 @@ fn teardown(id: &str, dir: &Path) -> (usize, usize) {
     if let Err(e) = gone {
         eprintln!("warning: {e}");
     }
+    let mut removed = 0;
     for n in &names {
+        removed += usize::from(Path::new(NETNS_DIR).join(n).exists());
         let _ = run(&["ip", "netns", "del", n]);
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{n}"));
     }
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_file(STATE);
-    (procs.len(), names.len())
+    (procs.len(), removed)
 }
 
 /// Prints what has started while `Lab::start_with` works, from what appears on disk.
