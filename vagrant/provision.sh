@@ -14,6 +14,8 @@ usage: vagrant/provision.sh --id N [--members M] [--net A.B.C] [--from DIR] [--r
   --members M     controller members, on VMs 1..M (default 3; 1, 3 or 5)
   --net A.B.C     the private network's first three octets (default 192.168.56)
   --from DIR      the built binaries (default: the repository's target/release)
+  --tls DIR       ca.pem, vmN.pem and vmN-key.pem (overlayctl cert ca / cert issue):
+                  installed into /etc/overlay/tls for --encrypted networks
   --root DIR      write everything under DIR instead of /: no package installation,
                   no sysctl, and units are only enabled (systemctl --root), not started
   --no-systemctl  do not run systemctl at all
@@ -33,6 +35,7 @@ members=3
 net="192.168.56"
 from="$repo/target/release"
 root=""
+tls=""
 systemctl=1
 
 while [ $# -gt 0 ]; do
@@ -45,7 +48,7 @@ while [ $# -gt 0 ]; do
       systemctl=0
       shift
       ;;
-    --id | --members | --net | --from | --root)
+    --id | --members | --net | --from | --root | --tls)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --id) id="$2" ;;
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
         --net) net="$2" ;;
         --from) from="$2" ;;
         --root) root="${2%/}" ;;
+        --tls) tls="$2" ;;
       esac
       shift 2
       ;;
@@ -72,6 +76,11 @@ elif [ "$(id -u)" -ne 0 ]; then
 fi
 
 name="vm$id"
+if [ -n "$tls" ]; then
+  for f in ca.pem "$name.pem" "$name-key.pem"; do
+    [ -f "$tls/$f" ] || die "--tls $tls: $f is missing (overlayctl cert issue $name --ca-dir DIR --out $tls)"
+  done
+fi
 ip="$net.$((10 + id))"
 port=7400
 peers=""
@@ -112,6 +121,17 @@ underlay_ip = "$ip"
 controller = "$urls"
 data_dir = "/var/lib/overlay/agent"
 EOF
+if [ -n "$tls" ]; then
+  install -D -m 0644 "$tls/ca.pem" "$etc/tls/ca.pem"
+  install -D -m 0644 "$tls/$name.pem" "$etc/tls/$name.pem"
+  install -D -m 0600 "$tls/$name-key.pem" "$etc/tls/$name-key.pem"
+  cat >>"$etc/agent.toml" <<EOF
+tls_ca = "/etc/overlay/tls/ca.pem"
+tls_cert = "/etc/overlay/tls/$name.pem"
+tls_key = "/etc/overlay/tls/$name-key.pem"
+EOF
+  echo "  installed  $etc/tls/{ca.pem,$name.pem,$name-key.pem}"
+fi
 chmod 0644 "$etc/agent.toml"
 echo "  wrote      $etc/agent.toml"
 # overlayctl on the VM talks to the cluster without flags.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README walk-through across the Vagrant VMs, checked: a frontend and an internal
 # backend network, s1 on vm1, s2 on vm2, a gateway endpoint gw on vm3 in both networks,
-# routes through it, names through the embedded DNS. Cleans up after itself.
+# routes through it, names through the embedded DNS; then an encrypted network (QUIC
+# between the hosts, certificates from provisioning). Cleans up after itself.
 #
 #   cd vagrant && vagrant up && ./smoke.sh
 #   ./smoke.sh --lab      # the same against `./scripts/lab.sh up` on this machine
@@ -68,8 +69,8 @@ retry() {
 }
 ready_hosts() { ctl -o json host ls | grep -o '"status": *"ready"' | wc -l; }
 cleanup() {
-  for e in s1 s2 gw; do ctl endpoint rm "$e" >/dev/null 2>&1 || true; done
-  for n in frontend backend; do ctl network rm "$n" >/dev/null 2>&1 || true; done
+  for e in s1 s2 gw e1 e2; do ctl endpoint rm "$e" >/dev/null 2>&1 || true; done
+  for n in frontend backend secure; do ctl network rm "$n" >/dev/null 2>&1 || true; done
 }
 
 step "three hosts ready"
@@ -102,6 +103,12 @@ routed_once() {
 retry 30 routed_once || fail "s1 does not reach $s2_ip through gw with TTL 63"
 step "s1 cannot resolve s2 (no shared network)"
 if on 1 ip netns exec s1 getent hosts s2 >/dev/null; then fail "s1 resolved s2"; fi
+
+step "an encrypted network: e1 (${hosts[0]}) reaches e2 (${hosts[1]}) over QUIC"
+ctl network create secure --subnet 10.0.3.0/24 --encap udp --encrypted
+ctl endpoint create e1 --host "${hosts[0]}" --network secure
+ctl endpoint create e2 --host "${hosts[1]}" --network secure
+retry 30 on 1 ip netns exec e1 ping -c 1 -W 1 e2 || fail "e1 cannot ping e2"
 
 if [ "$keep" = 0 ]; then
   step "cleaning up"

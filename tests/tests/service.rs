@@ -395,17 +395,33 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
     let _bins = lock_binaries();
     let tmp = TempDir::new("provision");
     let from = fake_binaries(&tmp.0);
+    // The cluster CA and the VMs' certificates, as the Vagrantfile makes them.
+    let pki = tmp.0.join("pki");
+    let pki_s = pki.display().to_string();
+    let ctl = workspace_bin("overlayctl");
+    let out = sh(Command::new(&ctl).args(["cert", "ca", "--out", &pki_s]));
+    assert!(out.status.success(), "cert ca: {}", text(&out));
+    for vm in 1..=4 {
+        let (name, ip) = (format!("vm{vm}"), format!("192.168.56.{}", 10 + vm));
+        let out = sh(Command::new(&ctl)
+            .args(["cert", "issue", &name, "--ca-dir", &pki_s])
+            .args(["--out", &pki_s, "--ip", &ip]));
+        assert!(out.status.success(), "cert issue: {}", text(&out));
+    }
     let peers = "1=192.168.56.11:7400,2=192.168.56.12:7400,3=192.168.56.13:7400";
     let urls = "http://192.168.56.11:7400,http://192.168.56.12:7400,http://192.168.56.13:7400";
     for vm in 1..=4u32 {
         let root = tmp.0.join(format!("vm{vm}"));
+        let root_s = root.display().to_string();
         let out = provision(&[
             "--id",
             &vm.to_string(),
             "--root",
-            &root.display().to_string(),
+            &root_s,
             "--from",
             &from,
+            "--tls",
+            &pki_s,
         ]);
         assert!(out.status.success(), "vm{vm}: {}", text(&out));
         let etc = root.join("etc/overlay");
@@ -415,6 +431,21 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
         assert_eq!(agent["name"].as_str(), Some(format!("vm{vm}").as_str()));
         assert_eq!(agent["underlay_ip"].as_str(), Some(ip.as_str()));
         assert_eq!(agent["controller"].as_str(), Some(urls));
+        for (key, file, mode) in [
+            ("tls_ca", "ca.pem".to_string(), 0o644),
+            ("tls_cert", format!("vm{vm}.pem"), 0o644),
+            ("tls_key", format!("vm{vm}-key.pem"), 0o600),
+        ] {
+            assert_eq!(agent[key].as_str(), Some(format!("/etc/overlay/tls/{file}").as_str()));
+            let installed = etc.join("tls").join(&file);
+            assert_eq!(
+                std::fs::read(&installed).ok(),
+                std::fs::read(pki.join(&file)).ok(),
+                "{file}"
+            );
+            let m = std::fs::metadata(&installed).expect("tls file").permissions().mode() & 0o777;
+            assert_eq!(m, mode, "mode of {file}");
+        }
         assert_agent_accepts(&etc.join("agent.toml"));
         let wants = root.join("etc/systemd/system/multi-user.target.wants");
         assert!(wants.join("overlay-agent.service").is_symlink(), "vm{vm}: agent not enabled");
@@ -456,6 +487,8 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
     assert!(one_line_error(&provision(&["--id", "0", "--root", tmp.path()])).contains("--id 0"));
     assert!(one_line_error(&provision(&["--id", "1", "--members", "2"])).contains("--members 2"));
     assert!(one_line_error(&provision(&["--root", tmp.path()])).contains("--id"));
+    let err = one_line_error(&provision(&["--id", "7", "--root", tmp.path(), "--tls", &pki_s]));
+    assert!(err.contains("vm7.pem"), "{err}");
 }
 
 #[test]
@@ -625,6 +658,8 @@ fn walkthrough_script(dir: &Path, commands: &[String]) -> String {
 }
 
 const LAB_STATE: &str = "/run/overlay-lab.json";
+/// Endpoints the README walk-through and vagrant/smoke.sh create.
+const WALKTHROUGH_ENDPOINTS: [&str; 5] = ["s1", "s2", "gw", "e1", "e2"];
 
 fn lab_state_pids() -> Vec<u32> {
     let v: serde_json::Value = serde_json::from_str(&read(LAB_STATE)).expect("lab state");
@@ -641,7 +676,7 @@ fn our_namespaces() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/run/netns") else { return vec![] };
     dir.flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("ovtlab") || ["s1", "s2", "gw"].contains(&n.as_str()))
+        .filter(|n| n.starts_with("ovtlab") || WALKTHROUGH_ENDPOINTS.contains(&n.as_str()))
         .collect()
 }
 
@@ -774,7 +809,7 @@ fn readme_walkthrough_on_a_clean_clone() {
     assert!(gone.is_ok(), "lab processes left: {:?}", lab_processes());
     assert_eq!(lab_processes(), Vec::<String>::new());
     assert_eq!(our_namespaces(), Vec::<String>::new());
-    for n in ["s1", "s2", "gw"] {
+    for n in WALKTHROUGH_ENDPOINTS {
         assert!(!Path::new(&format!("/etc/netns/{n}")).exists(), "/etc/netns/{n} left");
     }
     assert!(!Path::new(LAB_STATE).exists());
