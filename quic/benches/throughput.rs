@@ -48,7 +48,7 @@ fn main() {
         }),
     )
     .expect("receiver");
-    let sender = node_with(identity("h1"), a, &[(b, "h2")]);
+    let sender = node_with(identity("h1"), a, &[(b, "h2")], None);
     // Connect first, so the measurement is of the steady state.
     while receiver.counters().connections == 0 {
         sender.plane.send(ip(b), &[0; SIZE]);

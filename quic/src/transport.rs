@@ -2,9 +2,14 @@
 //! carries opaque datagrams between hosts as QUIC DATAGRAM frames.
 //!
 //! * One connection per peer is enough; when two hosts dial each other at once both
-//!   connections are kept, each side receives on both and sends on the first it has.
+//!   connections are kept, each side receives on both and sends on the newest.
 //!   A connection that closes is forgotten; the next datagram for that peer dials again,
 //!   at most once per [`DIAL_RETRY`] (so a peer that keeps refusing us is not hammered).
+//!   The stateless-reset and connection-ID keys are derived from the host's private key,
+//!   so an agent that
+//!   restarted (even after a crash) resets the connections of its previous run as soon as
+//!   their packets reach it, and its peers dial again instead of waiting for the idle
+//!   timeout.
 //! * [`QuicPlane::send`] never blocks: it hands the datagram to quinn (which has its own
 //!   bounded buffer) or, while a connection is being set up, queues a few per peer.
 //! * An accepted connection is used only if the client's address belongs to a host the
@@ -23,6 +28,7 @@ use quinn::{
     ClientConfig, Connection, ConnectionError, Endpoint, EndpointConfig, IdleTimeout,
     SendDatagramError, ServerConfig, TransportConfig, VarInt,
 };
+use quinn_proto::HashedConnectionIdGenerator;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::runtime::{Handle, Runtime};
 use tracing::{debug, info, warn};
@@ -54,6 +60,9 @@ const DATAGRAM_BUFFER: usize = 4 << 20;
 /// Congestion window at the start of a connection, so a burst of frames is not held back
 /// while the controller learns the path.
 const INITIAL_WINDOW: u64 = 1 << 20;
+/// How long dropping a plane that owns its runtime waits for the close to be sent, and
+/// then for its tasks to stop.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 /// Application close codes.
 const CLOSE_WRONG_HOST: u32 = 1;
 const CLOSE_SHUTDOWN: u32 = 0;
@@ -144,7 +153,9 @@ struct Shared {
     stats: Stats,
 }
 
-/// The encrypted datagram plane of one agent. Dropping it closes every connection.
+/// The encrypted datagram plane of one agent. Dropping it closes every connection; with
+/// its own runtime it also releases the UDP socket before `drop` returns (on a caller's
+/// runtime that happens once its tasks have seen the close, shortly after).
 pub struct QuicPlane {
     shared: Arc<Shared>,
     local: SocketAddr,
@@ -184,7 +195,7 @@ impl QuicPlane {
         server.migration(false);
         let mut client = ClientConfig::new(Arc::new(tls::client_crypto(&cfg.identity)?));
         client.transport_config(transport);
-        let mut endpoint_config = EndpointConfig::default();
+        let mut endpoint_config = endpoint_config(&cfg.identity);
         endpoint_config
             .max_udp_payload_size(udp_payload)
             .map_err(|_| QuicError::InvalidMtu(cfg.underlay_mtu))?;
@@ -217,8 +228,7 @@ impl QuicPlane {
     /// dropped. With no connection yet, this starts one and queues the datagram.
     pub fn send(&self, peer: IpAddr, datagram: &[u8]) -> bool {
         let peer = peer.to_canonical();
-        if let Some(conn) = self.shared.read_peers().get(&peer).and_then(|p| p.connections.first())
-        {
+        if let Some(conn) = self.shared.read_peers().get(&peer).and_then(|p| p.connections.last()) {
             return self.shared.send_on(conn, Bytes::copy_from_slice(datagram));
         }
         self.shared.queue_and_dial(peer, Bytes::copy_from_slice(datagram))
@@ -232,7 +242,7 @@ impl QuicPlane {
             .shared
             .read_peers()
             .get(&peer)
-            .and_then(|p| p.connections.first())
+            .and_then(|p| p.connections.last())
             .map(Connection::max_datagram_size);
         match open {
             Some(size) => size,
@@ -261,10 +271,45 @@ impl QuicPlane {
 impl Drop for QuicPlane {
     fn drop(&mut self) {
         self.shared.endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");
-        if let Some(runtime) = self.runtime.take() {
+        let Some(runtime) = self.runtime.take() else { return };
+        if Handle::try_current().is_ok() {
+            // Inside another runtime nothing may block.
             runtime.shutdown_background();
+            return;
         }
+        // Let the close reach the peers, then drop every task, so the socket is closed
+        // when `shared` goes next and the address can be bound again at once.
+        let endpoint = &self.shared.endpoint;
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT, endpoint.wait_idle()).await;
+        });
+        runtime.shutdown_timeout(SHUTDOWN_WAIT);
     }
+}
+
+/// A secret for `purpose` that is the same in every run of this host: derived from its
+/// private key.
+fn host_secret(identity: &Identity, purpose: &str) -> ring::digest::Digest {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(b"overlay-quic\0");
+    digest.update(purpose.as_bytes());
+    digest.update(b"\0");
+    digest.update(identity.key.secret_der());
+    digest.finish()
+}
+
+/// Keys that let a restarted endpoint recognise the connection IDs of its previous run
+/// (quinn drops packets whose IDs it did not sign) and reset those connections with the
+/// tokens it gave out then.
+fn endpoint_config(identity: &Identity) -> EndpointConfig {
+    let reset = host_secret(identity, "stateless reset");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+    let mut config = EndpointConfig::new(Arc::new(reset_key));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&host_secret(identity, "connection id").as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
 
 fn transport_config(udp_payload: u16, congestion: Congestion) -> TransportConfig {
@@ -347,7 +392,7 @@ impl Shared {
         };
         let mut peers = self.write_peers();
         let state = peers.entry(peer).or_default();
-        if let Some(conn) = state.connections.first() {
+        if let Some(conn) = state.connections.last() {
             // Connected since the caller looked.
             return self.send_on(conn, datagram);
         }
@@ -374,9 +419,8 @@ impl Shared {
             let mut peers = self.write_peers();
             let state = peers.entry(peer).or_default();
             state.connections.push(conn.clone());
-            let first = state.connections[0].clone();
             for datagram in std::mem::take(&mut state.pending) {
-                self.send_on(&first, datagram);
+                self.send_on(&conn, datagram);
             }
         }
         info!(%peer, id = conn.stable_id(), "connected");

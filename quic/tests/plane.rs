@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{deliver, ip, node, Node, PORT};
-use overlay_quic::pki::Ca;
+use common::{deliver, ip, node, node_with, Node, PORT};
+use overlay_quic::pki::{Ca, Identity};
 use overlay_quic::{max_datagram_for_mtu, Counters};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -57,6 +57,28 @@ fn reconnects_after_the_peer_restarts() {
     assert!(deliver(&h1, b, &h2, b"after", PATIENCE), "h1 dials the restarted h2");
     assert!(deliver(&h2, a, &h1, b"back", PATIENCE));
     assert_eq!(h1.plane.counters().rejected_peers, 0);
+}
+
+#[test]
+fn reconnects_after_the_peer_crashed() {
+    let ca = Ca::generate().expect("ca");
+    let (a, b) = ("127.77.8.1", "127.77.8.2");
+    let h1 = node(&ca, "h1", a, &[(b, "h2")]);
+    let issued = ca.issue("h2", None).expect("issue");
+    let identity = Identity::from_issued(&ca, &issued).expect("identity");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let h2 = node_with(identity.clone(), b, &[(a, "h1")], Some(runtime.handle().clone()));
+    assert!(deliver(&h1, b, &h2, b"before", PATIENCE));
+    // The plane's tasks vanish without a word to h1, as in a crash.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(h2);
+    let h2 = node_with(identity, b, &[(a, "h1")], None);
+    // Well before h1's connection to the old h2 would time out (30 s): the new h2 resets it.
+    assert!(deliver(&h1, b, &h2, b"after", Duration::from_secs(5)), "{:?}", h1.plane.counters());
 }
 
 /// Sends from `rogue` to the honest host and back for a while; neither side may receive
@@ -198,7 +220,7 @@ fn bad_configuration_is_named() {
     // An address of no local interface.
     match start("192.0.2.1", 1500) {
         Some(e @ QuicError::Bind { .. }) => {
-            assert!(e.to_string().contains("192.0.2.1:7471"), "{e}")
+            assert!(e.to_string().contains(&format!("192.0.2.1:{PORT}")), "{e}")
         }
         other => panic!("{other:?}"),
     }

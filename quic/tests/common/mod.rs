@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use overlay_quic::pki::{Ca, Identity};
 use overlay_quic::{QuicConfig, QuicPlane};
+use tokio::runtime::Handle;
 
-pub const PORT: u16 = 7471;
+/// Not the product default (7471), so a plane running on this machine is not in the way.
+pub const PORT: u16 = 17471;
 pub const MTU: u32 = 1500;
 
 pub fn ip(s: &str) -> IpAddr {
@@ -29,16 +31,24 @@ pub struct Node {
 pub fn node(ca: &Ca, host: &str, addr: &str, peers: &[(&str, &str)]) -> Node {
     let issued = ca.issue(host, Some(ip(addr))).expect("issue");
     let identity = Identity::from_issued(ca, &issued).expect("identity");
-    node_with(identity, addr, peers)
+    node_with(identity, addr, peers, None)
 }
 
-pub fn node_with(identity: Identity, addr: &str, peers: &[(&str, &str)]) -> Node {
+/// [`node`] with a given identity, on `runtime` (or one of its own).
+pub fn node_with(
+    identity: Identity,
+    addr: &str,
+    peers: &[(&str, &str)],
+    runtime: Option<Handle>,
+) -> Node {
     let table: Vec<(IpAddr, String)> =
         peers.iter().map(|(addr, name)| (ip(addr), name.to_string())).collect();
     let (tx, rx) = channel();
     let tx = Mutex::new(tx);
+    let mut cfg = QuicConfig::new(SocketAddr::new(ip(addr), PORT), identity, MTU);
+    cfg.runtime = runtime;
     let plane = QuicPlane::start(
-        QuicConfig::new(SocketAddr::new(ip(addr), PORT), identity, MTU),
+        cfg,
         Arc::new(move |peer| table.iter().find(|(a, _)| *a == peer).map(|(_, n)| n.clone())),
         Arc::new(move |peer, datagram| {
             let _ = tx.lock().map(|tx| tx.send((peer, datagram.to_vec())));
