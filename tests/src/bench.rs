@@ -50,6 +50,30 @@ pub fn iperf3_tcp(
     ip: &str,
     secs: u32,
 ) -> Result<f64> {
+    Ok(iperf3_tcp_cpu(dir, server_ns, client_ns, ip, secs)?.bps)
+}
+
+/// One iperf3 run's result.
+#[derive(Debug, Clone, Copy)]
+pub struct Iperf {
+    /// Bits per second received.
+    pub bps: f64,
+    /// CPU seconds (user + system) used by the client and server processes together.
+    /// Between namespaces on one machine most of the kernel's per-packet work (bridges,
+    /// encapsulation) runs in their context, so bits per CPU second is what a path costs
+    /// whatever else the machine is doing.
+    pub cpu_s: f64,
+}
+
+/// [`iperf3_tcp`], with the CPU time the two iperf3 processes used.
+pub fn iperf3_tcp_cpu(
+    dir: &Path,
+    server_ns: &str,
+    client_ns: &str,
+    ip: &str,
+    secs: u32,
+) -> Result<Iperf> {
+    let duration = f64::from(secs);
     let pidfile = dir.join(format!("iperf-{server_ns}.pid"));
     let pid = pidfile.display().to_string();
     run_ok(&["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-D", "-B", ip, "-I", &pid])?;
@@ -86,9 +110,13 @@ pub fn iperf3_tcp(
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .with_context(|| format!("iperf3 result: {}", v["error"]))
+        .with_context(|| format!("iperf3 result: {}", v["error"]))?;
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    let percent = cpu["host_total"].as_f64().unwrap_or(f64::NAN)
+        + cpu["remote_total"].as_f64().unwrap_or(f64::NAN);
+    Ok(Iperf { bps, cpu_s: percent / 100.0 * duration })
 }
 
 /// Round-trip times in ms of `count` pings from namespace `ns` to `ip`, `interval` apart

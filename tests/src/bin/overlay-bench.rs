@@ -1,156 +1,348 @@
-//! `overlay-bench [--hosts N] [--endpoints N] [--remote N]`: data-plane benchmark on a
-//! throwaway lab (see `bench/dataplane.sh`). Needs root, iperf3 and ping. Prints a table:
+//! `overlay-bench [--hosts N] [--endpoints N] [--remote N] [--scale-endpoints N]
+//! [--rounds N]`: data-plane benchmark on a throwaway lab (see `bench/dataplane.sh`).
+//! Needs root, iperf3 and ping. Prints a table:
 //!
-//! * iperf3 TCP throughput endpoint-to-endpoint across hosts (overlay) vs host-to-host
-//!   over the bare underlay, and their ratio (5 s each);
-//! * time from `endpoint create` returning until the new endpoint answers pings from an
-//!   endpoint on every other host, p50/p99 over `--endpoints` endpoints spread over the
-//!   hosts;
-//! * FDB programming rate and agent RSS with `--remote` endpoints on fake hosts
-//!   (`overlayctl host add`, no agent) in one network: created while host 1's agent is
-//!   stopped, then the time from its start until `bridge fdb` on h1 lists them all.
+//! 1. iperf3 TCP throughput endpoint-to-endpoint across hosts (overlay) and
+//!    host-to-host over the bare underlay, alternated `--rounds` times (5 s each, default
+//!    5) so both see the same machine load; medians, the ratio of the medians, and the
+//!    ratio of bits per CPU second of the two iperf3 processes (robust to other load).
+//! 2. Convergence, for `--endpoints` endpoints (default 100) created one after another
+//!    round-robin over the hosts: from `endpoint create` returning until the new
+//!    endpoint answers pings from a probe endpoint on *every other* host (the slowest
+//!    host counts). Two kinds of probe per host, both pinging every 10 ms from the
+//!    moment create returns:
+//!    * "ready": the probe namespace's ARP retransmit time is 10 ms, so an ARP request
+//!      sent before the host had the new endpoint's entries is repeated at once: this
+//!      measures when the data plane is programmed;
+//!    * "client": default kernel settings (ARP retried after 1 s), what a container
+//!      that talks to the new endpoint right away sees.
+//! 3. `--remote` endpoints (default 10,000) on fake hosts (`overlayctl host add`, no
+//!    agent) in the same network, created while every agent is stopped. Then on host 1:
+//!    * catch-up: its agent restarts and replays the missed changes, until `bridge
+//!      fdb` and `ip neigh` on its vxlan device list every remote endpoint;
+//!    * programming rate: agent stopped again, its vxlan device deleted (taking every
+//!      entry with it), agent started with its persisted catalog (nothing to replay):
+//!      one reconcile pass recreates everything; entries/s from that;
+//!    * the agent's VmRSS/VmHWM and CPU once all entries are in place.
+//! 4. The other agents start with no persisted state (a snapshot from the controller),
+//!    and convergence is measured again for `--scale-endpoints` endpoints (default 20)
+//!    with the remote endpoints in the network.
 //!
-//! Not run in CI. Everything lives in the lab's namespaces and is removed on exit.
+//! `--remote 0` skips 3 and 4, `--endpoints 0` skips 2. Not run in CI. Everything lives
+//! in the lab's namespaces and is removed on exit.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use overlay_tests::bench::{arg, gbit, iperf3_tcp, pct};
-use overlay_tests::lab::{run_ok, wait_for, Lab};
+use overlay_tests::bench::{arg, check_flags, gbit, iperf3_tcp_cpu, loadavg, median, pct};
+use overlay_tests::lab::{run_ok, Lab, UNDERLAY_PREFIX};
 
 const NET: &str = "bench";
 const SUBNET: &str = "10.77.0.0/16";
+/// Fake hosts carry the remote endpoints (addresses inside the lab's underlay that
+/// nobody holds: nothing is ever sent there except VXLAN frames nobody asks for).
+const FAKES: usize = 20;
+const FAKE_BASE: usize = 100;
 
-fn ping1(ns: &str, ip: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "0.2", ip])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+struct Opts {
+    hosts: usize,
+    endpoints: usize,
+    remote: usize,
+    rounds: usize,
+    scale_endpoints: usize,
 }
 
-fn fdb_remote_count(lab: &Lab, dev: &str, fake_prefix: &str) -> usize {
-    let Ok(text) = run_ok(&["bridge", "-j", "-n", &lab.host_ns(1), "fdb", "show", "dev", dev])
-    else {
-        return 0;
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return 0 };
-    v.as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|e| {
-                e["dst"].as_str().is_some_and(|d| d.starts_with(fake_prefix))
-                    && e["mac"] != "00:00:00:00:00:00"
-            })
-            .count()
+/// `(metric, value)` lines of the table.
+type Rows = Vec<(String, String)>;
+/// A probe endpoint: `(name, address)`.
+type Probe = (String, String);
+
+/// `nsenter --net=NS ARGS` (lighter than `ip netns exec`: no mount namespace).
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/var/run/netns/{ns}")).arg("--").args(args);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+fn throughput(lab: &Lab, clients: &[Probe], rounds: usize, rows: &mut Rows) -> Result<()> {
+    let (mut over, mut under, mut ratios, mut per_cpu) = (vec![], vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let o = iperf3_tcp_cpu(&lab.dir, &clients[1].0, &clients[0].0, &clients[1].1, 5)?;
+        let u = iperf3_tcp_cpu(&lab.dir, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2), 5)?;
+        let eff = (o.bps / o.cpu_s) / (u.bps / u.cpu_s);
+        eprintln!(
+            "  round {}: overlay {} ({:.1} CPU s), underlay {} ({:.1} CPU s): {:.2}, per CPU s {eff:.2}",
+            r + 1,
+            gbit(o.bps),
+            o.cpu_s,
+            gbit(u.bps),
+            u.cpu_s,
+            o.bps / u.bps
+        );
+        over.push(o.bps);
+        under.push(u.bps);
+        ratios.push(o.bps / u.bps);
+        per_cpu.push(eff);
+    }
+    let (o, u) = (median(&over), median(&under));
+    ratios.sort_by(f64::total_cmp);
+    rows.push((
+        format!("iperf3 TCP endpoint h1 -> endpoint h2 (overlay), median of {rounds}"),
+        gbit(o),
+    ));
+    rows.push((format!("iperf3 TCP host h1 -> host h2 (underlay), median of {rounds}"), gbit(u)));
+    rows.push((
+        "overlay / underlay (ratio of medians; per-round min..max)".into(),
+        format!("{:.2} ({:.2}..{:.2})", o / u, ratios[0], ratios[ratios.len() - 1]),
+    ));
+    rows.push((
+        "overlay / underlay, bits per CPU second of iperf3 (median)".into(),
+        format!("{:.2}", median(&per_cpu)),
+    ));
+    Ok(())
+}
+
+/// Pings `ip` from `ns` every 10 ms until one answer (at most 30 s from `t0`); when it
+/// came, measured from `t0`. ping gives up early when the kernel reports the neighbour
+/// unreachable (ARP failed); it is started again then.
+fn ping_until_answered(ns: &str, ip: &str, t0: Instant) -> Option<Duration> {
+    let limit = Duration::from_secs(30);
+    while t0.elapsed() < limit {
+        let left = (limit - t0.elapsed()).as_secs().max(1).to_string();
+        let ok = in_ns(ns, &["ping", "-n", "-q", "-c", "1", "-i", "0.01", "-w", &left, ip])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(t0.elapsed());
+        }
+    }
+    None
+}
+
+/// When each of `probes` got an answer from `ip`, in order.
+fn answered(probes: &[&String], ip: &str, t0: Instant) -> Option<Vec<Duration>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            probes.iter().map(|p| s.spawn(move || ping_until_answered(p, ip, t0))).collect();
+        handles.into_iter().map(|h| h.join().ok().flatten()).collect::<Option<Vec<_>>>()
     })
 }
 
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// Wall-clock time of day (UTC) `ago` before now, `HH:MM:SS.mmm`, to find an event in
+/// the agents' logs.
+fn utc_time_of_day(ago: Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(ago);
+    let ms = now.as_millis() % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let hosts: usize = arg(&args, "--hosts", 3)?;
-    let n_eps: usize = arg(&args, "--endpoints", 100)?;
-    let n_remote: usize = arg(&args, "--remote", 10_000)?;
-    if !overlay_tests::lab::can_run() {
-        bail!("needs root, ip and nsenter");
-    }
-    let mut rows: Vec<(String, String)> = vec![];
-    let mut lab = Lab::start(hosts)?;
-    eprintln!("lab {} up with {hosts} hosts ({})", lab.id, lab.dir.display());
-    lab.ctl_ok(&["network", "create", NET, "--subnet", SUBNET])?;
-    // One probe endpoint per host, at 10.77.1.<host>.
-    let mut probes = vec![];
-    for h in 1..=hosts {
-        let ip = format!("10.77.1.{h}");
-        let name = lab.endpoint(&format!("p{h}"), h, NET, &["--ip", &ip])?;
-        probes.push((name, ip));
-    }
-    for (name, _) in &probes[1..] {
-        lab.ping_ok(&probes[0].0, &probes[1].1, Duration::from_secs(20))?;
-        lab.ping_ok(name, &probes[0].1, Duration::from_secs(20))?;
-    }
-
-    // 1. Throughput.
-    let overlay = iperf3_tcp(&lab.dir, &probes[1].0, &probes[0].0, &probes[1].1, 5)?;
-    let underlay = iperf3_tcp(&lab.dir, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2), 5)?;
-    rows.push(("iperf3 TCP, endpoint h1 -> endpoint h2 (overlay)".into(), gbit(overlay)));
-    rows.push(("iperf3 TCP, host h1 -> host h2 (underlay)".into(), gbit(underlay)));
-    rows.push(("overlay / underlay".into(), format!("{:.2}", overlay / underlay)));
-
-    // 2. Time to reachable from every other host.
-    let mut times = vec![];
-    for k in 0..n_eps {
+/// Creates endpoints `e<first>`… (`n` of them), each timed as described at the top.
+/// Endpoints that took more than 300 ms to be ready are listed on stderr, with when
+/// each host could reach them.
+fn convergence(
+    lab: &Lab,
+    (clients, readies): (&[Probe], &[Probe]),
+    (first, n): (usize, usize),
+    context: &str,
+    rows: &mut Rows,
+) -> Result<()> {
+    let hosts = lab.hosts;
+    let (mut ready, mut client) = (vec![], vec![]);
+    let fulls = arp_table_fulls();
+    for k in first..first + n {
         let h = k % hosts + 1;
         let ip = format!("10.77.{}.{}", 2 + k / 250, 1 + k % 250);
         let name = lab.ep(&format!("e{k}"));
-        lab.ctl_ok(&[
-            "endpoint",
-            "create",
-            &name,
-            "--host",
-            &Lab::host_name(h),
-            "--network",
-            NET,
-            "--ip",
-            &ip,
-        ])?;
+        // Probes on the other hosts, with their host numbers.
+        let others = |v: &'_ [Probe]| -> Vec<(usize, String)> {
+            (1..=hosts).filter(|&i| i != h).map(|i| (i, v[i - 1].0.clone())).collect()
+        };
+        let (cs, rs) = (others(clients), others(readies));
+        let host = Lab::host_name(h);
+        lab.ctl_ok(&["endpoint", "create", &name, "--host", &host, "--network", NET, "--ip", &ip])?;
         let t0 = Instant::now();
-        let others: Vec<&(String, String)> =
-            probes.iter().enumerate().filter(|(i, _)| i + 1 != h).map(|(_, p)| p).collect();
-        let worst = std::thread::scope(|s| {
-            let handles: Vec<_> = others
-                .iter()
-                .map(|(probe, _)| {
-                    let ip = ip.clone();
-                    s.spawn(move || {
-                        while t0.elapsed() < Duration::from_secs(30) {
-                            if ping1(probe, &ip) {
-                                return Some(t0.elapsed());
-                            }
-                        }
-                        None
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().ok().flatten()).collect::<Option<Vec<_>>>()
-        })
-        .with_context(|| format!("{name} on h{h} not reachable from every host in 30 s"))?;
-        let max = worst.into_iter().max().unwrap_or_default();
-        times.push(max.as_secs_f64() * 1000.0);
+        let names =
+            |v: &[(usize, String)]| -> Vec<String> { v.iter().map(|(_, n)| n.clone()).collect() };
+        let (rn, cn) = (names(&rs), names(&cs));
+        let (r, c) = std::thread::scope(|s| {
+            let r = s.spawn(|| answered(&rn.iter().collect::<Vec<_>>(), &ip, t0));
+            let c = s.spawn(|| answered(&cn.iter().collect::<Vec<_>>(), &ip, t0));
+            (r.join().ok().flatten(), c.join().ok().flatten())
+        });
+        let (Some(r), Some(c)) = (r, c) else {
+            bail!("{name} on h{h} not answering every other host within 30 s");
+        };
+        let (r_max, c_max) = (
+            r.iter().max().copied().unwrap_or_default(),
+            c.iter().max().copied().unwrap_or_default(),
+        );
+        if r_max > Duration::from_millis(300) {
+            let per_host: Vec<String> =
+                rs.iter().zip(&r).map(|((i, _), d)| format!("h{i} {}", d.as_millis())).collect();
+            eprintln!(
+                "  slow: {name} on h{h}, created {} UTC: ready after {r_max:?} (ms: {})",
+                utc_time_of_day(t0.elapsed()),
+                per_host.join(", ")
+            );
+        }
+        // Forget the learned neighbours the pings made: the kernel's ARP table is one
+        // for all namespaces (gc_thresh3 = 1024 by default), and a full one stalls every
+        // new resolution for seconds, which would be measured as slow convergence.
+        for ns in rn.iter().chain(&cn).chain([&name]) {
+            let _ = in_ns(ns, &["ip", "neigh", "flush", "dev", "eth0"]).status();
+        }
+        ready.push(r_max.as_secs_f64() * 1000.0);
+        client.push(c_max.as_secs_f64() * 1000.0);
+        if (k + 1 - first) % 10 == 0 {
+            eprintln!("  {} endpoints; last: ready {r_max:?}, client {c_max:?}", k + 1 - first);
+        }
     }
-    times.sort_by(f64::total_cmp);
+    for (label, v) in [("ready", &mut ready), ("client", &mut client)] {
+        v.sort_by(f64::total_cmp);
+        rows.push((
+            format!("create -> pingable from all other hosts ({label}), {n} eps / {hosts} hosts{context}"),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                pct(v, 50.0),
+                pct(v, 99.0),
+                v.last().copied().unwrap_or(f64::NAN)
+            ),
+        ));
+    }
     rows.push((
-        format!("create -> pingable from all other hosts, {n_eps} eps / {hosts} hosts, p50"),
-        format!("{:.0} ms", pct(&times, 50.0)),
+        "  ... ARP table overflows meanwhile (machine-wide, /proc/net/stat/arp_cache)".into(),
+        arp_table_fulls().saturating_sub(fulls).to_string(),
     ));
-    rows.push((format!("  ... p99 (max {:.0} ms)", times.last().copied().unwrap_or(0.0)), {
-        format!("{:.0} ms", pct(&times, 99.0))
-    }));
+    Ok(())
+}
 
-    // 3. Remote endpoints on fake hosts: FDB rate and agent RSS on h1.
+/// How often, since boot, a neighbour could not be created because the kernel's ARP
+/// table (shared by every namespace) was full.
+fn arp_table_fulls() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/stat/arp_cache").unwrap_or_default();
+    let mut lines = text.lines();
+    let col = lines.next().and_then(|h| h.split_whitespace().position(|c| c == "table_fulls"));
+    let Some(col) = col else { return 0 };
+    lines.filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(col)?, 16).ok()).sum()
+}
+
+/// Entries on host `h`'s `dev` for remote endpoints: (unicast FDB entries towards a
+/// fake host, permanent neighbours in the remote endpoints' range 10.77.100.0–139.255).
+fn remote_entries(lab: &Lab, h: usize, dev: &str) -> (usize, usize) {
+    let fakes: Vec<String> =
+        (0..FAKES).map(|f| format!("{UNDERLAY_PREFIX}.{}", FAKE_BASE + f)).collect();
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        run_ok(args)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    };
+    let ns = lab.host_ns(h);
+    let fdb = json(&["bridge", "-j", "-n", &ns, "fdb", "show", "dev", dev])
+        .iter()
+        .filter(|e| {
+            e["dst"].as_str().is_some_and(|d| fakes.iter().any(|f| f == d))
+                && e["mac"] != "00:00:00:00:00:00"
+        })
+        .count();
+    let neigh = json(&["ip", "-j", "-n", &ns, "neigh", "show", "dev", dev, "nud", "permanent"])
+        .iter()
+        .filter(|e| {
+            e["dst"].as_str().and_then(|d| d.parse::<std::net::Ipv4Addr>().ok()).is_some_and(|ip| {
+                let o = ip.octets();
+                o[0] == 10 && o[1] == 77 && (100..140).contains(&o[2])
+            })
+        })
+        .count();
+    (fdb, neigh)
+}
+
+/// Polls until host `h` has `n` remote FDB entries and neighbours: (time to all FDB
+/// entries, time to everything), from `t0`; `None` for what did not complete within
+/// `limit`. Polls every 200 ms, or every 2 % of the time so far when that is longer
+/// (a dump of 20,000 entries is not free).
+fn wait_entries(
+    lab: &Lab,
+    h: usize,
+    dev: &str,
+    n: usize,
+    t0: Instant,
+    limit: Duration,
+) -> (Option<Duration>, Option<Duration>) {
+    let mut fdb_done = None;
+    let mut last_report = Instant::now();
+    while t0.elapsed() < limit {
+        let (fdb, neigh) = remote_entries(lab, h, dev);
+        if fdb >= n && fdb_done.is_none() {
+            fdb_done = Some(t0.elapsed());
+        }
+        if fdb >= n && neigh >= n {
+            return (fdb_done, Some(t0.elapsed()));
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("  h{h} {:.0} s: {fdb} fdb, {neigh} neighbours", t0.elapsed().as_secs_f64());
+            last_report = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200).max(t0.elapsed() / 50));
+    }
+    (fdb_done, None)
+}
+
+/// `(VmRSS, VmHWM)` in KiB of `pid`, which must be an `overlay-agent`.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    if comm.trim() != "overlay-agent" {
+        bail!("pid {pid} is {comm:?}, not the agent");
+    }
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Option<u64> {
+        s.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+    };
+    Ok((field("VmRSS:").context("VmRSS")?, field("VmHWM:").context("VmHWM")?))
+}
+
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+fn secs(d: Option<Duration>, limit: Duration) -> String {
+    d.map_or(format!("not done in {:.0} s", limit.as_secs_f64()), |d| {
+        format!("{:.1} s", d.as_secs_f64())
+    })
+}
+
+fn rate(n: usize, d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.0}/s", n as f64 / d.as_secs_f64()))
+}
+
+/// Part 3; returns the vxlan device's name.
+fn remote(lab: &mut Lab, n: usize, rows: &mut Rows) -> Result<String> {
     let vni = lab.ctl_json(&["network", "inspect", NET])?["vni"].as_u64().context("vni")?;
     let dev = format!("ovx-{vni}");
-    let rss_before = lab.agent_pid(1).and_then(vm_rss_kib).unwrap_or(0);
-    let fakes = 20usize;
-    let fake_prefix = "192.168.217.1"; // 192.168.217.100..=119: nobody, inside the lab
-    for f in 0..fakes {
-        lab.ctl_ok(&[
-            "host",
-            "add",
-            &format!("fake{f}"),
-            "--underlay-ip",
-            &format!("192.168.217.{}", 100 + f),
-        ])?;
+    let rss_before = memory_kib(lab.agent_pid(1).context("agent 1 is not running")?)?.0;
+    for f in 0..FAKES {
+        let ip = format!("{UNDERLAY_PREFIX}.{}", FAKE_BASE + f);
+        lab.ctl_ok(&["host", "add", &format!("fake{f}"), "--underlay-ip", &ip])?;
     }
-    lab.stop_agent(1);
+    // Every agent stopped: the creates and host 1's catch-up compete with no agent.
+    for h in 1..=lab.hosts {
+        lab.stop_agent(h);
+    }
     let t_create = Instant::now();
     let next = AtomicUsize::new(0);
     let errors = AtomicUsize::new(0);
@@ -158,12 +350,12 @@ fn main() -> Result<()> {
         for _ in 0..16 {
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::SeqCst);
-                if k >= n_remote {
+                if k >= n {
                     return;
                 }
                 let ip = format!("10.77.{}.{}", 100 + k / 250, 1 + k % 250);
                 let name = lab.ep(&format!("r{k}"));
-                let host = format!("fake{}", k % fakes);
+                let host = format!("fake{}", k % FAKES);
                 let args =
                     ["endpoint", "create", &name, "--host", &host, "--network", NET, "--ip", &ip];
                 if let Err(e) = lab.ctl_ok(&args) {
@@ -174,49 +366,180 @@ fn main() -> Result<()> {
             });
         }
     });
-    let create_s = t_create.elapsed().as_secs_f64();
+    let create = t_create.elapsed();
     let errors = errors.load(Ordering::SeqCst);
     if errors > 0 {
-        bail!("{errors} of {n_remote} endpoint creates failed");
+        bail!("{errors} of {n} endpoint creates failed");
     }
-    eprintln!("created {n_remote} remote endpoints in {create_s:.1} s; starting agent h1");
+    rows.push((
+        format!("controller: {n} endpoint creates, 16 overlayctl clients, no agent running"),
+        format!("{:.0}/s", n as f64 / create.as_secs_f64()),
+    ));
+    let limit = Duration::from_secs(1200);
+
+    eprintln!("created {n} remote endpoints in {create:?}; agent h1 catches up (replay)");
     let t0 = Instant::now();
     lab.start_agent(1)?;
-    let mut last = 0;
-    let full = wait_for(Duration::from_secs(600), "fdb entries for every remote endpoint", || {
-        let n = fdb_remote_count(&lab, &dev, fake_prefix);
-        if n / 1000 != last / 1000 {
-            eprintln!("  {n} fdb entries after {:.1} s", t0.elapsed().as_secs_f64());
-        }
-        last = n;
-        (n >= n_remote).then(|| t0.elapsed())
-    })?;
-    std::thread::sleep(Duration::from_secs(3));
-    let rss_after = lab.agent_pid(1).and_then(vm_rss_kib).unwrap_or(0);
+    let (fdb, all) = wait_entries(lab, 1, &dev, n, t0, limit);
+    let replay_hwm = memory_kib(lab.agent_pid(1).context("agent 1 is not running")?)?.1;
     rows.push((
-        format!("controller writes: {n_remote} endpoint creates, 16 clients"),
-        format!("{:.0} /s", n_remote as f64 / create_s),
+        format!("h1 agent restart -> {n} remote FDB entries (replaying {n} changes)"),
+        format!("{} ({})", secs(fdb, limit), rate(n, fdb)),
     ));
     rows.push((
-        format!("agent start -> {n_remote} remote FDB entries on h1"),
-        format!(
-            "{:.1} s ({:.0} entries/s)",
-            full.as_secs_f64(),
-            n_remote as f64 / full.as_secs_f64()
-        ),
+        "  ... and their neighbour entries too".into(),
+        format!("{} ({})", secs(all, limit), rate(n, all)),
+    ));
+    rows.push(("  ... agent VmHWM (peak RSS) during that catch-up".into(), mib(replay_hwm)));
+    if all.is_none() {
+        bail!("h1 never caught up; stopping here");
+    }
+
+    eprintln!("agent h1: vxlan device deleted; one pass reprograms everything");
+    lab.stop_agent(1);
+    run_ok(&["ip", "-n", &lab.host_ns(1), "link", "del", &dev])?;
+    let t0 = Instant::now();
+    lab.start_agent(1)?;
+    let (fdb, all) = wait_entries(lab, 1, &dev, n, t0, limit);
+    rows.push((
+        format!("h1 agent start, persisted catalog, no vxlan -> {n} FDB entries"),
+        format!("{} ({})", secs(fdb, limit), rate(n, fdb)),
     ));
     rows.push((
-        "agent h1 VmRSS before remote endpoints".into(),
-        format!("{:.1} MiB", rss_before as f64 / 1024.0),
-    ));
-    rows.push((
-        format!("agent h1 VmRSS with {n_remote} remote endpoints"),
-        format!("{:.1} MiB", rss_after as f64 / 1024.0),
+        format!("  ... and {n} neighbours (FDB + neighbour entries/s)"),
+        format!("{} ({})", secs(all, limit), rate(2 * n, all)),
     ));
 
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = lab.agent_pid(1).context("agent 1 is not running")?;
+    let cpu0 = cpu_seconds(pid);
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let cpu = cpu_seconds(pid).zip(cpu0).map(|(b, a)| (b - a) / window.as_secs_f64());
+    let (rss, hwm) = memory_kib(pid)?;
+    let (fdb, neigh) = remote_entries(lab, 1, &dev);
+    rows.push(("agent h1 VmRSS before remote endpoints".into(), mib(rss_before)));
+    rows.push((
+        format!("agent h1 VmRSS with {n} remote endpoints ({fdb} fdb, {neigh} neigh present)"),
+        mib(rss),
+    ));
+    rows.push(("agent h1 VmHWM (peak RSS since this start)".into(), mib(hwm)));
+    rows.push((
+        "agent h1 CPU, steady state (1 s reconcile interval)".into(),
+        cpu.map_or("-".into(), |c| format!("{:.0} % of a core", c * 100.0)),
+    ));
+    Ok(dev)
+}
+
+/// Part 4: the other agents start without persisted state (a snapshot from the
+/// controller, not a replay), then new endpoints are timed with the remote ones present.
+fn at_scale(
+    lab: &mut Lab,
+    dev: &str,
+    probes: (&[Probe], &[Probe]),
+    (first, n): (usize, usize),
+    remote: usize,
+    rows: &mut Rows,
+) -> Result<()> {
+    let t0 = Instant::now();
+    for h in 2..=lab.hosts {
+        let _ = std::fs::remove_file(lab.agent_data_dir(h).join("desired.json"));
+        lab.start_agent(h)?;
+    }
+    let limit = Duration::from_secs(1200);
+    let mut slowest = Some(Duration::ZERO);
+    for h in 2..=lab.hosts {
+        let (_, all) = wait_entries(lab, h, dev, remote, t0, limit);
+        slowest = slowest.zip(all).map(|(a, b)| a.max(b));
+    }
+    rows.push((
+        format!("h2..h{} agents start with no state (snapshot) -> all entries", lab.hosts),
+        format!("{} (slowest host)", secs(slowest, limit)),
+    ));
+    if slowest.is_none() {
+        bail!("the other hosts never got every entry; stopping here");
+    }
+    let context = format!(", {remote} remote eps in the network");
+    convergence(lab, probes, (first, n), &context, rows)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Probe endpoints on every host: `client` ones at 10.77.1.H (default settings) and
+/// `ready` ones at 10.77.1.(100+H) with a 10 ms ARP retransmit time.
+fn probes(lab: &Lab) -> Result<(Vec<Probe>, Vec<Probe>)> {
+    let (mut clients, mut readies) = (vec![], vec![]);
+    for h in 1..=lab.hosts {
+        for (short, ip, list) in [
+            (format!("p{h}"), format!("10.77.1.{h}"), &mut clients),
+            (format!("q{h}"), format!("10.77.1.{}", 100 + h), &mut readies),
+        ] {
+            let name = lab.endpoint(&short, h, NET, &["--ip", &ip])?;
+            list.push((name, ip));
+        }
+    }
+    for (name, _) in &readies {
+        let st = in_ns(name, &["sysctl", "-q", "-w", "net.ipv4.neigh.eth0.retrans_time_ms=10"])
+            .status()?;
+        if !st.success() {
+            bail!("cannot set the ARP retransmit time in {name}");
+        }
+    }
+    for (name, ip) in clients.iter().chain(&readies) {
+        lab.ping_ok(name, &clients[0].1, Duration::from_secs(20))?;
+        lab.ping_ok(&clients[0].0, ip, Duration::from_secs(20))?;
+    }
+    Ok((clients, readies))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    check_flags(&args, &["--hosts", "--endpoints", "--remote", "--scale-endpoints", "--rounds"])?;
+    let o = Opts {
+        hosts: arg(&args, "--hosts", 3)?,
+        endpoints: arg(&args, "--endpoints", 100)?,
+        remote: arg(&args, "--remote", 10_000)?,
+        rounds: arg(&args, "--rounds", 5)?.max(1),
+        scale_endpoints: arg(&args, "--scale-endpoints", 20)?,
+    };
+    if !overlay_tests::lab::can_run() {
+        bail!("needs root, ip and nsenter");
+    }
+    let load_start = loadavg()?;
+    let mut rows: Rows = vec![];
+    let mut lab = Lab::start(o.hosts)?;
+    eprintln!("lab {} up with {} hosts ({})", lab.id, o.hosts, lab.dir.display());
+    lab.ctl_ok(&["network", "create", NET, "--subnet", SUBNET])?;
+    let (clients, readies) = probes(&lab)?;
+
+    let probes = (&clients[..], &readies[..]);
+    eprintln!("1. throughput");
+    throughput(&lab, &clients, o.rounds, &mut rows)?;
+    if o.endpoints > 0 {
+        eprintln!("2. convergence");
+        convergence(&lab, probes, (0, o.endpoints), "", &mut rows)?;
+    }
+    if o.remote > 0 {
+        eprintln!("3. {} remote endpoints", o.remote);
+        let dev = remote(&mut lab, o.remote, &mut rows)?;
+        if o.scale_endpoints > 0 {
+            eprintln!("4. convergence with {} remote endpoints", o.remote);
+            let eps = (o.endpoints, o.scale_endpoints);
+            at_scale(&mut lab, &dev, probes, eps, o.remote, &mut rows)?;
+        }
+    }
+
+    println!("overlay-bench {}", args.join(" "));
+    println!(
+        "{} cores; load average (1/5/15 min) at start {load_start}, at end {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()?
+    );
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     println!("{:w$}  value", "metric");
-    println!("{}  {}", "-".repeat(w), "-".repeat(24));
+    println!("{}  {}", "-".repeat(w), "-".repeat(30));
     for (k, v) in &rows {
         println!("{k:w$}  {v}");
     }
