@@ -22,7 +22,7 @@ pub struct ApplyError {
 
 /// Applies `actions` in order with the host namespace's `host` connection.
 pub async fn apply(host: &Nl, store: &Store, actions: &[Action]) -> Vec<ApplyError> {
-    let mut ctx = Ctx { host, store, netns: BTreeMap::new() };
+    let mut ctx = Ctx { host, store, netns: BTreeMap::new(), indexes: BTreeMap::new() };
     let mut errors = Vec::new();
     for action in actions {
         debug!(netns = action.netns().unwrap_or(""), "apply {action}");
@@ -39,9 +39,35 @@ struct Ctx<'a> {
     store: &'a Store,
     /// Connections into endpoint namespaces, opened on first use.
     netns: BTreeMap<String, Nl>,
+    /// Host devices' indexes, looked up once for a run of FDB and neighbour actions
+    /// (thousands in a row for a large network: a lookup per entry doubled the netlink
+    /// round trips and parsing) and forgotten at any other action, which may create or
+    /// delete devices.
+    indexes: BTreeMap<String, u32>,
+}
+
+/// Whether `action` leaves every host device (and so its index) as it was.
+fn keeps_devices(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::AddFdb { .. }
+            | Action::DelFdb { .. }
+            | Action::AddNeigh { .. }
+            | Action::DelNeigh { .. }
+    )
 }
 
 impl Ctx<'_> {
+    /// Index of host device `dev`, from the cache when the previous actions kept it valid.
+    async fn host_index(&mut self, dev: &str) -> Result<u32> {
+        if let Some(index) = self.indexes.get(dev) {
+            return Ok(*index);
+        }
+        let index = self.host.index(dev).await?;
+        self.indexes.insert(dev.to_string(), index);
+        Ok(index)
+    }
+
     fn nl(&mut self, ns: &Ns) -> Result<&Nl> {
         match ns {
             Ns::Host => Ok(self.host),
@@ -57,6 +83,9 @@ impl Ctx<'_> {
     }
 
     async fn apply_one(&mut self, action: &Action) -> Result<()> {
+        if !keeps_devices(action) {
+            self.indexes.clear();
+        }
         match action {
             Action::CreateNamespace { name } => {
                 self.store.record_namespace(name).context("recording namespace")?;
@@ -94,10 +123,22 @@ impl Ctx<'_> {
             Action::SetUp { ns, dev } => self.nl(ns)?.set_up(dev).await,
             Action::AddAddress { ns, dev, addr } => self.nl(ns)?.add_addr(dev, *addr).await,
             Action::DelAddress { ns, dev, addr } => self.nl(ns)?.del_addr(dev, *addr).await,
-            Action::AddFdb { dev, entry } => self.host.add_fdb(dev, entry).await,
-            Action::DelFdb { dev, entry } => self.host.del_fdb(dev, entry).await,
-            Action::AddNeigh { dev, ip, mac } => self.host.add_neigh(dev, *ip, *mac).await,
-            Action::DelNeigh { dev, ip, mac } => self.host.del_neigh(dev, *ip, *mac).await,
+            Action::AddFdb { dev, entry } => {
+                let index = self.host_index(dev).await?;
+                self.host.add_fdb(index, dev, entry).await
+            }
+            Action::DelFdb { dev, entry } => {
+                let index = self.host_index(dev).await?;
+                self.host.del_fdb(index, dev, entry).await
+            }
+            Action::AddNeigh { dev, ip, mac } => {
+                let index = self.host_index(dev).await?;
+                self.host.add_neigh(index, dev, *ip, *mac).await
+            }
+            Action::DelNeigh { dev, ip, mac } => {
+                let index = self.host_index(dev).await?;
+                self.host.del_neigh(index, dev, *ip, *mac).await
+            }
             Action::AddRoute { netns: ns, route } => {
                 self.nl(&Ns::Netns(ns.clone()))?.add_route(route).await
             }
@@ -150,5 +191,42 @@ impl Ctx<'_> {
         let nl = self.nl(&Ns::Netns(ns.to_string()))?;
         nl.set_name(peer_tmp, inside).await?;
         nl.set_up(inside).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::Fdb;
+    use overlay_model::Mac;
+
+    #[test]
+    fn only_fdb_and_neighbour_actions_keep_cached_indexes() {
+        let dev = "ovx-4096".to_string();
+        let entry = Fdb { mac: Mac::from_counter(1), dst: "192.0.2.2".parse().expect("ip") };
+        let (ip, mac) = ("10.0.0.2".parse().expect("ip"), Mac::from_counter(1));
+        for a in [
+            Action::AddFdb { dev: dev.clone(), entry },
+            Action::DelFdb { dev: dev.clone(), entry },
+            Action::AddNeigh { dev: dev.clone(), ip, mac },
+            Action::DelNeigh { dev: dev.clone(), ip, mac },
+        ] {
+            assert!(keeps_devices(&a), "{a}");
+        }
+        for a in [
+            Action::DeleteLink { ns: Ns::Host, name: dev.clone() },
+            Action::CreateVxlan {
+                name: dev.clone(),
+                vni: 4096,
+                local: "192.0.2.1".parse().expect("ip"),
+                mtu: 1450,
+                bridge: "ovb-4096".into(),
+            },
+            Action::CreateBridge { name: "ovb-4096".into(), mtu: 1450, mac },
+            Action::DeleteNamespace { name: "ep".into() },
+            Action::SetUp { ns: Ns::Host, dev },
+        ] {
+            assert!(!keeps_devices(&a), "{a}");
+        }
     }
 }

@@ -134,7 +134,8 @@ impl Nl {
         }
     }
 
-    async fn index(&self, name: &str) -> Result<u32> {
+    /// Index of device `name`; an error if there is none.
+    pub async fn index(&self, name: &str) -> Result<u32> {
         self.link_index(name).await?.ok_or_else(|| anyhow!("device {name} does not exist"))
     }
 
@@ -399,9 +400,9 @@ impl Nl {
         m
     }
 
-    /// `bridge fdb append MAC dev DEV dst IP self permanent`.
-    pub async fn add_fdb(&self, dev: &str, entry: &Fdb) -> Result<()> {
-        let index = self.index(dev).await?;
+    /// `bridge fdb append MAC dev DEV dst IP self permanent`, `index` being DEV's (see
+    /// [`Nl::index`]; `dev` only names it in errors).
+    pub async fn add_fdb(&self, index: u32, dev: &str, entry: &Fdb) -> Result<()> {
         let r = self
             .neigh_request(Self::fdb_message(index, entry), true, NLM_F_CREATE | NLM_F_APPEND)
             .await;
@@ -409,8 +410,7 @@ impl Nl {
             .with_context(|| format!("adding fdb {} dst {} on {dev}", entry.mac, entry.dst))
     }
 
-    pub async fn del_fdb(&self, dev: &str, entry: &Fdb) -> Result<()> {
-        let index = self.index(dev).await?;
+    pub async fn del_fdb(&self, index: u32, dev: &str, entry: &Fdb) -> Result<()> {
         let r = self.neigh_request(Self::fdb_message(index, entry), false, 0).await;
         ok_if(r, &[libc::ENOENT])
             .with_context(|| format!("deleting fdb {} dst {} on {dev}", entry.mac, entry.dst))
@@ -426,16 +426,14 @@ impl Nl {
         m
     }
 
-    /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`.
-    pub async fn add_neigh(&self, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<()> {
-        let index = self.index(dev).await?;
+    /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`, `index` being DEV's.
+    pub async fn add_neigh(&self, index: u32, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<()> {
         self.neigh_request(Self::neigh_message(index, ip, mac), true, NLM_F_CREATE | NLM_F_REPLACE)
             .await
             .with_context(|| format!("adding neighbour {ip} lladdr {mac} on {dev}"))
     }
 
-    pub async fn del_neigh(&self, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<()> {
-        let index = self.index(dev).await?;
+    pub async fn del_neigh(&self, index: u32, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<()> {
         let r = self.neigh_request(Self::neigh_message(index, ip, mac), false, 0).await;
         ok_if(r, &[libc::ENOENT]).with_context(|| format!("deleting neighbour {ip} on {dev}"))
     }
