@@ -7,12 +7,4 @@
 # (progress on stderr). What each figure measures: tests/src/bin/overlay-bench.rs.
 set -eu
 cd "$(dirname "$0")/.."
-profile=release
-if [ "${1:-}" = "--debug" ]; then profile=debug; shift; fi
-if [ "$profile" = release ]; then
-    cargo build --release --workspace --bins
-else
-    cargo build --workspace --bins
-fi
-dir="${CARGO_TARGET_DIR:-target}/$profile"
-exec "$dir/overlay-bench" "$@"
+exec ./bench/build-and-run.sh overlay-bench "$@"

@@ -12,15 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps systemd ruby git)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "==> installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
+./scripts/ensure-packages.sh "${packages[@]}"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -182,6 +182,47 @@ pub fn spawn_in(
     cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
 }
 
+/// One end-to-end case: runs against a shared lab, later cases may use what earlier
+/// ones made.
+pub type Case = fn(&mut Lab) -> Result<()>;
+
+/// Starts a 3-host lab and runs `cases` in order, each isolated by `catch_unwind`;
+/// fails at the end listing every case that failed (with the lab's logs). When the
+/// first case (the set-up the others build on) fails, the rest are not run. Skipped
+/// without root.
+pub fn run_cases(cases: &[(&str, Case)]) {
+    if !can_run() {
+        eprintln!("skipped: needs root, ip and nsenter");
+        return;
+    }
+    let start = Instant::now();
+    let mut lab = Lab::start(3).expect("lab start");
+    let mut failed = vec![];
+    for (i, (name, case)) in cases.iter().enumerate() {
+        eprintln!("=== case {name}");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut lab))) {
+            Ok(Ok(())) => eprintln!("=== case {name}: ok"),
+            Ok(Err(e)) => {
+                eprintln!("=== case {name}: FAILED: {e:#}");
+                failed.push(*name);
+            }
+            Err(_) => {
+                eprintln!("=== case {name}: PANICKED");
+                failed.push(*name);
+            }
+        }
+        if i == 0 && !failed.is_empty() {
+            break;
+        }
+    }
+    eprintln!("cases took {:?}", start.elapsed());
+    if !failed.is_empty() {
+        eprintln!("{}", lab.logs());
+        drop(lab);
+        panic!("failed cases: {failed:?}");
+    }
+}
+
 /// How to build a lab.
 #[derive(Debug, Clone)]
 pub struct LabOptions {

@@ -15,18 +15,15 @@
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use overlay_tests::lab::{can_run, in_netns, wait_for, Lab, OUTSIDE_IP};
+use overlay_tests::lab::{in_netns, run_cases, wait_for, Case, Lab, OUTSIDE_IP};
 
 const T: Duration = Duration::from_secs(20);
-
-type Case = fn(&mut Lab) -> Result<()>;
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -571,10 +568,6 @@ fn upstream_down(lab: &mut Lab) -> Result<()> {
 
 #[test]
 fn dns() {
-    if !can_run() {
-        eprintln!("skipped: needs root, ip and nsenter");
-        return;
-    }
     let cases: &[(&str, Case)] = &[
         ("setup", setup),
         ("name_alias_network", name_alias_network),
@@ -589,30 +582,5 @@ fn dns() {
         ("local_not_forwarded", local_not_forwarded),
         ("upstream_down", upstream_down),
     ];
-    let start = Instant::now();
-    let mut lab = Lab::start(3).expect("lab start");
-    let mut failed = vec![];
-    for (name, case) in cases {
-        eprintln!("=== case {name}");
-        match catch_unwind(AssertUnwindSafe(|| case(&mut lab))) {
-            Ok(Ok(())) => eprintln!("=== case {name}: ok"),
-            Ok(Err(e)) => {
-                eprintln!("=== case {name}: FAILED: {e:#}");
-                failed.push(*name);
-            }
-            Err(_) => {
-                eprintln!("=== case {name}: PANICKED");
-                failed.push(*name);
-            }
-        }
-        if *name == "setup" && !failed.is_empty() {
-            break;
-        }
-    }
-    eprintln!("dns cases took {:?}", start.elapsed());
-    if !failed.is_empty() {
-        eprintln!("{}", lab.logs());
-        drop(lab);
-        panic!("failed cases: {failed:?}");
-    }
+    run_cases(cases);
 }

@@ -10,16 +10,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cell::Cell;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use overlay_agent::desired::veth_name;
-use overlay_tests::lab::{can_run, in_netns, run, run_ok, wait_for, Lab, OUTSIDE_IP};
+use overlay_agent::desired::{bridge_name, tap_name, veth_name, vxlan_name};
+use overlay_tests::lab::{in_netns, run, run_cases, run_ok, wait_for, Case, Lab, OUTSIDE_IP};
 
 const T: Duration = Duration::from_secs(20);
-
-type Case = fn(&mut Lab) -> Result<()>;
 
 /// Which data plane the networks of one run use: the suite runs once per variant, each
 /// in its own lab (and test thread).
@@ -80,43 +77,14 @@ fn create_network(lab: &Lab, name: &str, subnet: &str, extra: &[&str]) -> Result
 
 /// The uplink device of `network` on a host.
 fn uplink(lab: &Lab, network: &str) -> Result<String> {
-    let prefix = if is_tap(network) { "ovu" } else { "ovx" };
-    Ok(format!("{prefix}-{}", vni(lab, network)?))
+    let vni = vni(lab, network)?;
+    Ok(if is_tap(network) { tap_name(vni) } else { vxlan_name(vni) })
 }
 
 fn run_variant(v: Variant, cases: &[(&str, Case)]) {
     VARIANT.with(|c| c.set(v));
+    eprintln!("=== variant {v:?}");
     run_cases(cases);
-}
-
-fn run_cases(cases: &[(&str, Case)]) {
-    if !can_run() {
-        eprintln!("skipped: needs root, ip and nsenter");
-        return;
-    }
-    eprintln!("=== variant {:?}", variant());
-    let mut lab = Lab::start(3).expect("lab start");
-    let mut failed = vec![];
-    for (name, case) in cases {
-        eprintln!("=== case {name}");
-        let r = catch_unwind(AssertUnwindSafe(|| case(&mut lab)));
-        match r {
-            Ok(Ok(())) => eprintln!("=== case {name}: ok"),
-            Ok(Err(e)) => {
-                eprintln!("=== case {name}: FAILED: {e:#}");
-                failed.push(*name);
-            }
-            Err(_) => {
-                eprintln!("=== case {name}: PANICKED");
-                failed.push(*name);
-            }
-        }
-    }
-    if !failed.is_empty() {
-        eprintln!("{}", lab.logs());
-        drop(lab);
-        panic!("failed cases: {failed:?}");
-    }
 }
 
 fn stdout(o: &std::process::Output) -> String {
@@ -135,8 +103,9 @@ fn attachment(lab: &Lab, name: &str, network: &str) -> Result<(String, String)> 
     Ok((a["ip"].as_str().context("ip")?.into(), a["mac"].as_str().context("mac")?.into()))
 }
 
-fn vni(lab: &Lab, network: &str) -> Result<u64> {
-    lab.ctl_json(&["network", "inspect", network])?["vni"].as_u64().context("vni")
+fn vni(lab: &Lab, network: &str) -> Result<u32> {
+    let vni = lab.ctl_json(&["network", "inspect", network])?["vni"].as_u64().context("vni")?;
+    u32::try_from(vni).context("vni out of range")
 }
 
 /// The README tutorial spread over three hosts: s1 (h1) and s2 (h2) on frontend, b1 (h2)
@@ -377,9 +346,9 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
             .collect();
         let gone_links = !names.iter().any(|n| {
             n == &veth_name(&t3, "eth0")
-                || n == &format!("ovb-{vni}")
-                || n == &format!("ovx-{vni}")
-                || n == &format!("ovu-{vni}")
+                || n == &bridge_name(vni)
+                || n == &vxlan_name(vni)
+                || n == &tap_name(vni)
         });
         (gone_ns && gone_etc && gone_links).then_some(())
     })?;
@@ -389,7 +358,7 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
         if !kernel_fdb {
             return Some(());
         }
-        let dev = format!("ovx-{vni}");
+        let dev = vxlan_name(vni);
         let fdb = run_ok(&["bridge", "-j", "-n", &h1, "fdb", "show", "dev", &dev]).ok()?;
         let fdb: serde_json::Value = serde_json::from_str(&fdb).ok()?;
         // Entries the bridge learned age out by themselves; ours carry a `dst`.
@@ -403,7 +372,7 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
     lab.ctl_ok(&["network", "rm", "temp"])?;
     wait_for(T, "h1 to drop network temp", || {
         let links = run_ok(&["ip", "-n", &h1, "link", "show"]).ok()?;
-        (!links.contains(&format!("ovb-{vni}"))
+        (!links.contains(&bridge_name(vni))
             && !std::path::Path::new(&format!("/var/run/netns/{t1}")).exists())
         .then_some(())
     })?;
@@ -422,18 +391,14 @@ fn agent_restart(lab: &mut Lab) -> Result<()> {
     lab.stop_agent(2);
     lab.ping_ok(&s1, &s2_ip, T)?;
     wait_for(T, "h2 to be shown down", || {
-        let hosts = lab.ctl_json(&["host", "ls"]).ok()?;
-        let h = hosts.as_array()?.iter().find(|h| h["name"] == "h2")?.clone();
-        (h["status"] == "down").then_some(())
+        (host_status(lab, "h2").as_deref() == Some("down")).then_some(())
     })?;
     lab.ping_ok(&s1, &s2_ip, T)?;
     let log_path = lab.dir.join("agent2.log");
     let log_before = std::fs::metadata(&log_path).map(|m| m.len() as usize).unwrap_or(0);
     lab.start_agent(2)?;
     wait_for(T, "h2 to be ready again", || {
-        let hosts = lab.ctl_json(&["host", "ls"]).ok()?;
-        let h = hosts.as_array()?.iter().find(|h| h["name"] == "h2")?.clone();
-        (h["status"] == "ready").then_some(())
+        (host_status(lab, "h2").as_deref() == Some("ready")).then_some(())
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let after = lab.ip_json(&h2, &["link", "show", &veth])?[0]["ifindex"].clone();

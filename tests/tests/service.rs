@@ -499,6 +499,10 @@ fn vagrantfile_and_scripts_parse() {
         "vagrant/smoke.sh",
         "scripts/lab.sh",
         "scripts/test.sh",
+        "scripts/ensure-packages.sh",
+        "bench/build-and-run.sh",
+        "bench/dataplane.sh",
+        "bench/encap.sh",
     ];
     for script in scripts {
         let out = sh(Command::new("bash").arg("-n").arg(repo().join(script)));

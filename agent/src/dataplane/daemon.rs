@@ -42,10 +42,18 @@ async fn serve(socket: PathBuf, settings: DaemonSettings) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("listening on {}", socket.display()))?;
+    // The pid file is written only once the planes run: a daemon that failed to start
+    // leaves neither it nor its socket behind.
+    let planes = match Planes::start(&settings).await {
+        Ok(p) => Arc::new(Mutex::new(p)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     let pid = std::process::id();
     write_atomic(&pid_path(&socket), format!("{pid}\n").as_bytes())
         .context("writing the pid file")?;
-    let planes = Arc::new(Mutex::new(Planes::start(&settings).await?));
     info!(pid, udp_port = settings.udp_port, "data-plane daemon listening");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);

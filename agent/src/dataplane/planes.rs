@@ -12,14 +12,6 @@ use overlay_udp::{Engine, EngineConfig, SecureTransport, UdpNetwork};
 
 use super::protocol::{DaemonSettings, Tables};
 
-/// The device exists in this thread's network namespace (`if_nametoindex`, not
-/// `/sys/class/net`, which shows the namespace sysfs was mounted in).
-fn device_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else { return false };
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
-}
-
 /// Host name by underlay address, shared with the QUIC plane's certificate check.
 type HostNames = Arc<RwLock<BTreeMap<IpAddr, String>>>;
 
@@ -94,17 +86,8 @@ impl Planes {
                 peers: n.peers.iter().map(|ip| IpAddr::V4(*ip)).collect(),
                 remote_macs: n.macs.iter().map(|(mac, ip)| (mac.0, IpAddr::V4(*ip))).collect(),
             })
-            .collect::<Vec<_>>();
-        // A TAP deleted by hand leaves the engine holding detached queues: drop the
-        // network for a moment so the engine opens (and so creates) the device again.
-        let gone: Vec<&UdpNetwork> = networks.iter().filter(|n| !device_exists(&n.tap)).collect();
-        if !gone.is_empty() {
-            for n in &gone {
-                tracing::warn!(vni = n.vni, "TAP {} disappeared; recreating it", n.tap);
-            }
-            let kept = networks.iter().filter(|n| device_exists(&n.tap)).cloned().collect();
-            self.engine.set_networks(kept).context("detaching vanished TAP devices")?;
-        }
+            .collect();
+        // A TAP deleted by hand is reopened (so recreated) by the engine on this call.
         self.engine.set_networks(networks).context("applying the UDP data plane's tables")
     }
 
