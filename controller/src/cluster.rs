@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+use overlay_grpc::Dialer;
 use overlay_model::{Applied, Command, ModelError, State};
 use overlay_proto::pb;
 use overlay_proto::pb::peer_client::PeerClient;
@@ -23,8 +24,12 @@ use crate::watch::WatchHub;
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a linearizable read waits for the leader to confirm its commit index.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// gRPC messages between members may carry whole snapshots.
+/// gRPC messages between members may carry whole snapshots (only controllers may send
+/// them: the Peer service refuses everyone else before reading a message).
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+/// The largest request the public API reads: far above any real request, far below
+/// what would hurt a member.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -136,17 +141,24 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(addresses: BTreeMap<u64, String>) -> anyhow::Result<Peers> {
+    /// `dialer` carries this member's TLS settings (its controller certificate).
+    pub fn new(addresses: BTreeMap<u64, String>, dialer: &Dialer) -> anyhow::Result<Peers> {
         let mut channels = BTreeMap::new();
         for (id, addr) in &addresses {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            channels.insert(*id, endpoint.connect_lazy());
+            channels.insert(*id, Peers::connect(dialer, addr)?);
         }
         Ok(Peers { addresses: Arc::new(addresses), channels: Arc::new(channels) })
+    }
+
+    /// The one place a channel to a member is made.
+    fn connect(dialer: &Dialer, address: &str) -> anyhow::Result<Channel> {
+        let endpoint = dialer
+            .endpoint(&format!("{}://{address}", dialer.scheme()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(dialer.connect_lazy(endpoint))
     }
 
     pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
@@ -287,10 +299,28 @@ impl Cluster {
     }
 }
 
-/// A status that proves the request never reached the peer's handler.
+/// A status that proves the request never reached the peer's handler: the connection
+/// could not be made (refused, no route, TLS refused) or the peer said it is not leader.
 pub fn is_not_sent(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable
-        && (status.message().contains("connect") || status.message().contains("not the leader"))
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    message.contains("connect") || message.contains("not the leader") || {
+        let mut next = std::error::Error::source(status);
+        let mut refused = false;
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                refused = matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable
+                );
+                break;
+            }
+            next = e.source();
+        }
+        refused
+    }
 }
 
 pub fn encode_propose_reply(reply: ProposeReply) -> pb::ProposeResponse {

@@ -11,6 +11,7 @@ mod config;
 mod liveness;
 mod notify;
 mod raft;
+mod security;
 mod watch;
 
 use std::sync::{Arc, RwLock};
@@ -23,7 +24,9 @@ use overlay_proto::pb;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tracing::{error, info, warn};
 
-use crate::cluster::{Cluster, NodeStatus, Peers, Role, Shared, MAX_MESSAGE_BYTES};
+use crate::cluster::{
+    Cluster, NodeStatus, Peers, Role, Shared, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+};
 use crate::config::{Config, Flags};
 use crate::raft::driver::{Driver, DriverConfig};
 use crate::raft::storage::DiskStorage;
@@ -73,6 +76,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config)?;
+    let tls = security::load(&config.security, config.listen)?;
     let voters: Vec<u64> = config.peers.keys().copied().collect();
     let storage = DiskStorage::open(&config.data_dir.join("raft"), &voters)
         .with_context(|| format!("opening the raft log in {}", config.data_dir.display()))?;
@@ -93,7 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => State::new(),
     };
-    let peers = Peers::new(config.peers.clone())?;
+    let peers = Peers::new(config.peers.clone(), &tls.dialer)?;
     let recovering_until = if storage.is_fresh() && config.peers.len() > 1 {
         existing_cluster_commit(&config, &peers).await
     } else {
@@ -138,6 +142,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let liveness = Arc::new(liveness::Liveness::default());
     tokio::spawn(liveness::monitor(cluster.clone(), liveness.clone(), config.host_down_after));
+    tokio::spawn(name_the_cluster(cluster.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -145,25 +150,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let overlay = pb::overlay_server::OverlayServer::new(api::overlay::OverlayApi {
         cluster: cluster.clone(),
         liveness: liveness.clone(),
+        signer: tls.signer.map(Arc::new),
+        watches: Arc::default(),
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let peer =
+    // Refuses every caller but controllers before a (possibly huge) message is read.
+    let peer = tonic::service::interceptor::InterceptedService::new(
         pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        api::peer::only_controllers,
+    );
     let mut server_shutdown = shutdown_rx.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(overlay)
         .add_service(peer)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = server_shutdown.changed().await;
-            },
-        );
+        .serve_with_incoming_shutdown(overlay_grpc::incoming(listener, tls.server), async move {
+            let _ = server_shutdown.changed().await;
+        });
     let mut server_task = tokio::spawn(server);
     info!(id = config.id, listen = %config.listen, members = config.peers.len(), data_dir = %config.data_dir.display(), "controller started");
     notify::notify("READY=1");
@@ -193,6 +200,41 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     }
     outcome
+}
+
+/// Gives the cluster its id the first time this member leads a cluster without one.
+/// Only the leader's own proposal can set it (`InitCluster` is internal).
+async fn name_the_cluster(cluster: Cluster) {
+    let mut status = cluster.shared.status.subscribe();
+    loop {
+        let unnamed = cluster.read_state().meta().cluster_id.is_none();
+        if !unnamed {
+            return;
+        }
+        if cluster.status().role == Role::Leader {
+            let outcome = match overlay_pki::random_bytes::<16>() {
+                Ok(bytes) => {
+                    let cluster_id = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    let command = overlay_model::Command::InitCluster { cluster_id };
+                    cluster.propose_local(command).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    info!(cluster_id = ?cluster.read_state().meta().cluster_id, "cluster named")
+                }
+                Err(e) => {
+                    warn!("naming the cluster: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Holds an exclusive lock on the data dir for the life of the process, so two
