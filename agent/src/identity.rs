@@ -4,9 +4,10 @@
 //!   checks it (an `agent` certificate for this host, under `--tls-ca`) and warns as its
 //!   end nears.
 //! * With `--join-token` the agent manages it: it makes its own key, asks a controller
-//!   holding the CA key to sign a certificate for it ([`join`]), keeps both in
-//!   `DATA_DIR/tls/` (key 0600), and renews them when a third of the lifetime is left
-//!   ([`renew_forever`]), so it never needs help again.
+//!   holding the CA key to sign a certificate for it ([`join`]), keeps both in one file,
+//!   `DATA_DIR/tls/agent.pem` (0600; one file, replaced atomically, so a reader never
+//!   pairs a new key with an old certificate), and renews them when a third of the
+//!   lifetime is left ([`renew_forever`]), so it never needs help again.
 //! * With `--insecure` there is no identity: plaintext, and no encrypted networks.
 //!
 //! The resulting [`Controllers`] is what every control-plane call dials with.
@@ -76,10 +77,10 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     e.to_string()
 }
 
-/// Where a joined agent keeps its certificate and key.
+/// Where a joined agent keeps its certificate and key: one file holding both.
 pub fn joined_files(data_dir: &Path, ca: &Path) -> TlsFiles {
-    let dir = data_dir.join("tls");
-    TlsFiles { ca: ca.to_path_buf(), cert: dir.join("agent.pem"), key: dir.join("agent-key.pem") }
+    let both = data_dir.join("tls").join("agent.pem");
+    TlsFiles { ca: ca.to_path_buf(), cert: both.clone(), key: both }
 }
 
 /// Sets up the agent's identity: checks given files, or joins with the token when the
@@ -177,14 +178,12 @@ async fn join(
     Ok(identity)
 }
 
+/// Writes the certificate and its key into the one file of [`joined_files`], atomically.
 fn save(files: &TlsFiles, key_pem: &str, cert_pem: &str) -> Result<()> {
     if let Some(dir) = files.cert.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // Key first: a crash in between leaves a pair that does not match, which `establish`
-    // notices and replaces, never a certificate without its key.
-    write_file(&files.key, key_pem, 0o600)?;
-    write_file(&files.cert, cert_pem, 0o600)?;
+    write_file(&files.cert, &format!("{cert_pem}{key_pem}"), 0o600)?;
     Ok(())
 }
 

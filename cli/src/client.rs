@@ -180,7 +180,7 @@ impl Controllers {
                         };
                         match tokio::time::timeout(limit, f(client)).await {
                             Ok(Ok(response)) => return Ok(response.into_inner()),
-                            Ok(Err(status)) => match classify(&status) {
+                            Ok(Err(status)) => match classify(&status, self.dialer.is_insecure()) {
                                 Some(miss) => miss,
                                 None => return Err(Error::Status(status)),
                             },
@@ -231,7 +231,16 @@ async fn connect(dialer: &Dialer, url: &str, timeout: Duration) -> Result<Channe
 }
 
 /// `None` for a real answer from a member; otherwise why there was none.
-fn classify(status: &Status) -> Option<Miss> {
+fn classify(status: &Status, insecure: bool) -> Option<Miss> {
+    // A plaintext HTTP/2 client reads a TLS server's alert record as a frame header
+    // with an impossible length; the server never saw a request.
+    if insecure
+        && status.source().is_some_and(|e| root_cause(e).contains("frame with invalid size"))
+    {
+        return Some(Miss::Tls(
+            "the controller speaks TLS, but --insecure was given: use https:// URLs with --tls-ca, --tls-cert and --tls-key".into(),
+        ));
+    }
     // With TLS 1.3 a server refuses a client certificate only after the client's side of
     // the handshake is done, so the refusal arrives as the first call's failure; the
     // server never processed the request.

@@ -142,48 +142,63 @@ impl Dialer {
 /// What went wrong, in words a user can act on, when `err` (or one of its causes) is a
 /// TLS failure; `None` for any other error.
 pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    use tokio_rustls::rustls::{AlertDescription as Alert, CertificateError, Error as Tls};
+    use tokio_rustls::rustls::Error as Tls;
     let mut next = Some(err);
-    let mut found = None;
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<Tls>() {
-            found = Some(tls);
-            break;
+            return Some(explain(&tls.to_string()));
         }
-        if let Some(tls) = e
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<Tls>())
-        {
-            found = Some(tls);
-            break;
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            // h2 carries I/O errors on as kind and text only, so the rustls error may
+            // survive only as its message.
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = inner.downcast_ref::<Tls>() {
+                    return Some(explain(&tls.to_string()));
+                }
+            }
+            let text = io.to_string();
+            return is_tls_text(&text).then(|| explain(&text));
         }
         next = e.source();
     }
-    let tls = found?;
-    Some(match tls {
-        Tls::AlertReceived(
-            alert @ (Alert::UnknownCA
-            | Alert::BadCertificate
-            | Alert::CertificateRequired
-            | Alert::CertificateExpired
-            | Alert::CertificateRevoked
-            | Alert::CertificateUnknown
-            | Alert::DecryptError),
-        ) => format!(
-            "the controller refused this client's certificate ({alert:?}): is --tls-cert issued by the cluster CA, and still valid?"
-        ),
-        Tls::InvalidCertificate(CertificateError::Expired) => {
-            "the controller's certificate has expired".to_string()
+    None
+}
+
+/// rustls' messages for failed handshakes start like these.
+fn is_tls_text(text: &str) -> bool {
+    ["received fatal alert", "invalid peer certificate", "peer is incompatible", "peer misbehaved"]
+        .iter()
+        .any(|p| text.starts_with(p))
+        || text.contains("certificate is not a controller certificate")
+}
+
+/// A rustls error message in words a user can act on.
+fn explain(text: &str) -> String {
+    const CLIENT_REFUSED: [&str; 7] = [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateRequired",
+        "CertificateExpired",
+        "CertificateRevoked",
+        "CertificateUnknown",
+        "DecryptError",
+    ];
+    if let Some(alert) = text.strip_prefix("received fatal alert: ") {
+        if CLIENT_REFUSED.contains(&alert.trim()) {
+            return format!(
+                "the controller refused this client's certificate ({alert}): is --tls-cert issued by the cluster CA, and still valid?"
+            );
         }
-        Tls::InvalidCertificate(e) => format!(
-            "the controller's certificate is not trusted ({e:?}): is --tls-ca the cluster CA?"
-        ),
-        Tls::InvalidMessage(_) => {
-            "the controller does not speak TLS (is it running with --insecure?)".to_string()
-        }
-        other => other.to_string(),
-    })
+    }
+    if let Some(why) = text.strip_prefix("invalid peer certificate: ") {
+        return format!(
+            "the controller's certificate is not trusted ({why}): is --tls-ca the cluster CA?"
+        );
+    }
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        return "the controller does not speak TLS (is it running with --insecure?)".to_string();
+    }
+    text.to_string()
 }
 
 /// tonic's connector: TCP, then TLS unless insecure.
@@ -225,6 +240,24 @@ impl tower_service::Service<Uri> for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_are_explained_even_as_text() {
+        let alert =
+            io::Error::new(io::ErrorKind::InvalidData, "received fatal alert: DecryptError");
+        let why = tls_failure(&alert).unwrap_or_default();
+        assert!(why.starts_with("the controller refused this client's certificate"), "{why}");
+        let untrusted = io::Error::new(
+            io::ErrorKind::InvalidData,
+            tokio_rustls::rustls::Error::InvalidCertificate(
+                tokio_rustls::rustls::CertificateError::UnknownIssuer,
+            ),
+        );
+        let why = tls_failure(&untrusted).unwrap_or_default();
+        assert!(why.starts_with("the controller's certificate is not trusted"), "{why}");
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(tls_failure(&refused), None);
+    }
 
     fn secure() -> Dialer {
         let config = ClientConfig::builder_with_provider(overlay_pki::tls::provider())

@@ -34,11 +34,15 @@ impl Clone for Identity {
 
 impl Identity {
     /// Reads the CA certificate, a certificate and its key, and checks that the
-    /// certificate is valid now, chains to the CA and belongs to the key.
+    /// certificate is valid now, chains to the CA and belongs to the key. `cert` and
+    /// `key` may be one file holding both (read once, so a file replaced while it is
+    /// read still gives a matching pair).
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, PkiError> {
         let ca_der = load_ca(ca)?;
-        let cert_der = parse_cert(cert, &read_text(cert)?)?;
-        let key_der = parse_key(key, &read_text(key)?)?;
+        let cert_text = read_text(cert)?;
+        let key_text = if key == cert { cert_text.clone() } else { read_text(key)? };
+        let cert_der = parse_cert(cert, &cert_text)?;
+        let key_der = parse_key(key, &key_text)?;
         verify_chain(&ca_der, &cert_der).map_err(|reason| PkiError::NotValid {
             path: cert.to_path_buf(),
             ca: ca.to_path_buf(),

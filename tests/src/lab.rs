@@ -196,12 +196,17 @@ pub type Case = fn(&mut Lab) -> Result<()>;
 /// first case (the set-up the others build on) fails, the rest are not run. Skipped
 /// without root.
 pub fn run_cases(cases: &[(&str, Case)]) {
+    run_cases_with(LabOptions::hosts(3), cases)
+}
+
+/// [`run_cases`] on a lab built with `opts`.
+pub fn run_cases_with(opts: LabOptions, cases: &[(&str, Case)]) {
     if !can_run() {
         eprintln!("skipped: needs root, ip and nsenter");
         return;
     }
     let start = Instant::now();
-    let mut lab = Lab::start(3).expect("lab start");
+    let mut lab = Lab::start_with(opts).expect("lab start");
     let mut failed = vec![];
     for (i, (name, case)) in cases.iter().enumerate() {
         eprintln!("=== case {name}");
@@ -238,11 +243,14 @@ pub struct LabOptions {
     pub detached: bool,
     /// Extra flags for every controller (e.g. `--agent-cert-lifetime 40s`).
     pub controller_args: Vec<String>,
+    /// Hosts whose agent starts with the lab (the first ones); the rest wait for a test
+    /// to start theirs. Default: all.
+    pub agents: Option<usize>,
 }
 
 impl LabOptions {
     pub fn hosts(hosts: usize) -> LabOptions {
-        LabOptions { hosts, id: None, detached: false, controller_args: vec![] }
+        LabOptions { hosts, id: None, detached: false, controller_args: vec![], agents: None }
     }
 }
 
@@ -299,11 +307,14 @@ impl Lab {
             lab.start_controller(i)?;
         }
         lab.join_token = Some(lab.fetch_join_token()?);
+        let started = opts.agents.unwrap_or(hosts).min(hosts);
         for i in 1..=hosts {
             lab.agents.push(None);
-            lab.start_agent(i)?;
+            if i <= started {
+                lab.start_agent(i)?;
+            }
         }
-        lab.wait_ready()?;
+        lab.wait_ready(started)?;
         Ok(lab)
     }
 
@@ -361,10 +372,10 @@ impl Lab {
         })
     }
 
-    /// Agent `i`'s certificate and key (it got them by joining).
+    /// Agent `i`'s certificate and key (it got them by joining): one file holds both.
     pub fn agent_cert_files(&self, i: usize) -> (PathBuf, PathBuf) {
-        let tls = self.agent_data_dir(i).join("tls");
-        (tls.join("agent.pem"), tls.join("agent-key.pem"))
+        let both = self.agent_data_dir(i).join("tls").join("agent.pem");
+        (both.clone(), both)
     }
 
     fn underlay(&mut self) -> Result<()> {
@@ -563,13 +574,46 @@ impl Lab {
         self.agents.get(i - 1)?.as_ref().map(Child::id)
     }
 
-    /// Every agent registered and ready.
-    fn wait_ready(&self) -> Result<()> {
+    /// `n` agents registered and ready.
+    fn wait_ready(&self, n: usize) -> Result<()> {
         wait_for(Duration::from_secs(60), "all hosts ready", || {
             let v = self.ctl_json(&["host", "ls"]).ok()?;
             let ready = v.as_array()?.iter().filter(|h| h["status"] == "ready").count();
-            (ready == self.hosts).then_some(())
+            (ready == n).then_some(())
         })
+    }
+
+    /// The join token the lab's agents were started with.
+    pub fn join_token(&self) -> Option<&str> {
+        self.join_token.as_deref()
+    }
+
+    /// Sets the join token later agents start with (after a rotation).
+    pub fn set_join_token(&mut self, token: &str) {
+        self.join_token = Some(token.to_string());
+    }
+
+    /// The log of agent `i` so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("agent{i}.log"))).unwrap_or_default()
+    }
+
+    /// The log of controller `i` so far.
+    pub fn controller_log(&self, i: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("controller{i}.log"))).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for agent `i`'s process to exit; its exit status.
+    pub fn wait_agent_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let child = self.agents[i - 1].as_mut().context("agent is not running")?;
+        let status =
+            wait_for(timeout, &format!("agent {i} to exit"), || child.try_wait().ok().flatten())?;
+        self.agents[i - 1] = None;
+        Ok(status)
     }
 
     /// `overlayctl ARGS` from host 1, against every controller.
