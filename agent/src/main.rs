@@ -66,7 +66,7 @@ struct Args {
     #[arg(long)]
     tls_key: Option<PathBuf>,
     /// Join with this token (from `overlayctl cluster join-token`) instead of
-    /// --tls-cert/--tls-key: the agent gets its own certificate, keeps it in the data dir
+    /// --tls-cert and --tls-key: the agent gets its own certificate, keeps it in the data dir
     /// and renews it.
     #[arg(long, value_name = "TOKEN")]
     join_token: Option<String>,
