@@ -1,0 +1,1 @@
+//! Placeholder: the simulated-network test of the driver (being written).
