@@ -434,8 +434,7 @@ impl Driver {
             // This member only proposes V2; a V1 change is one single change.
             ConfChange::parse_from_bytes(&entry.data)
                 .map(|v1| {
-                    let mut single = ConfChangeSingle::default();
-                    single.node_id = v1.node_id;
+                    let mut single = ConfChangeSingle { node_id: v1.node_id, ..Default::default() };
                     single.set_change_type(v1.get_change_type());
                     let mut v2 = ConfChangeV2::default();
                     v2.set_changes(vec![single].into());

@@ -65,8 +65,7 @@ impl MemberChange {
             MemberChange::Promote { id } => (*id, ConfChangeType::AddNode),
             MemberChange::Remove { id } => (*id, ConfChangeType::RemoveNode),
         };
-        let mut single = ConfChangeSingle::default();
-        single.node_id = id;
+        let mut single = ConfChangeSingle { node_id: id, ..Default::default() };
         single.set_change_type(change_type);
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
