@@ -533,8 +533,14 @@ fn change_error_from_status(status: &tonic::Status) -> ChangeError {
 
 /// A status that proves the request never reached the peer's handler.
 pub fn is_not_sent(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable
-        && (status.message().contains("connect") || status.message().contains("not the leader"))
+    // hyper reports "canceled" only for a request it never handed to the connection
+    // (the connection closed first: the peer just died); one that was written and then
+    // lost its connection fails differently. A client timeout is "Timeout expired".
+    let unsent_on_closed_connection =
+        status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled";
+    unsent_on_closed_connection
+        || status.code() == tonic::Code::Unavailable
+            && (status.message().contains("connect") || status.message().contains("not the leader"))
 }
 
 pub fn encode_propose_reply(reply: ProposeReply) -> pb::ProposeResponse {

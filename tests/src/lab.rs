@@ -182,6 +182,17 @@ pub fn spawn_in(
     cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
 }
 
+/// `overlayctl --controller URLS ARGS` run inside namespace `ns` (usable from threads
+/// that do not hold the [`Lab`]).
+pub fn ctl_in(ns: &str, urls: &str, args: &[&str]) -> Output {
+    let ns = format!("--net=/var/run/netns/{ns}");
+    let ctl = bin("overlayctl");
+    let mut all: Vec<&str> =
+        vec!["nsenter", &ns, "--", ctl.to_str().unwrap_or("overlayctl"), "--controller", urls];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
 /// One end-to-end case: runs against a shared lab, later cases may use what earlier
 /// ones made.
 pub type Case = fn(&mut Lab) -> Result<()>;
@@ -191,12 +202,17 @@ pub type Case = fn(&mut Lab) -> Result<()>;
 /// first case (the set-up the others build on) fails, the rest are not run. Skipped
 /// without root.
 pub fn run_cases(cases: &[(&str, Case)]) {
+    run_cases_on(3, cases)
+}
+
+/// [`run_cases`] on a lab of `hosts` hosts (controllers still on the first three).
+pub fn run_cases_on(hosts: usize, cases: &[(&str, Case)]) {
     if !can_run() {
         eprintln!("skipped: needs root, ip and nsenter");
         return;
     }
     let start = Instant::now();
-    let mut lab = Lab::start(3).expect("lab start");
+    let mut lab = Lab::start(hosts).expect("lab start");
     let mut failed = vec![];
     for (i, (name, case)) in cases.iter().enumerate() {
         eprintln!("=== case {name}");
@@ -403,8 +419,61 @@ impl Lab {
         Ok(())
     }
 
+    /// `http://IP:PORT` of the controller on host `i`.
+    pub fn controller_url(i: usize) -> String {
+        format!("http://{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// `IP:PORT` the controller on host `i` listens on (its member address).
+    pub fn controller_address(i: usize) -> String {
+        format!("{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// Starts a controller on host `i` as a new member `id` with `--join` through the
+    /// controllers on hosts `via`, on an empty data dir. It starts from their snapshot
+    /// and takes part once `overlayctl cluster member add` has added it.
+    pub fn start_controller_join(&mut self, i: usize, id: u64, via: &[usize]) -> Result<()> {
+        let data = self.dir.join(format!("controller{i}"));
+        let join = via.iter().map(|&j| Lab::controller_url(j)).collect::<Vec<_>>().join(",");
+        // The same flags as `start_controller`, with --join instead of --peers.
+        let args = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            Lab::controller_address(i),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--join".into(),
+            join,
+        ];
+        let log = self.dir.join(format!("controller{i}.log"));
+        let child =
+            spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
+        if self.controllers.len() < i {
+            self.controllers.resize_with(i, || None);
+        }
+        self.controllers[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Cuts host `i` off the underlay: its `ul0` goes down (processes keep running).
+    pub fn partition_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "down"]).map(drop)
+    }
+
+    /// Undoes [`partition_host`](Self::partition_host).
+    pub fn heal_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "up"]).map(drop)
+    }
+
+    /// `overlayctl --controller URLS ARGS` run inside host `from`'s namespace.
+    pub fn ctl_via(&self, from: usize, urls: &str, args: &[&str]) -> Output {
+        ctl_in(&self.host_ns(from), urls, args)
+    }
+
     pub fn kill_controller(&mut self, i: usize) {
-        if let Some(mut c) = self.controllers[i - 1].take() {
+        let Some(slot) = self.controllers.get_mut(i - 1) else { return };
+        if let Some(mut c) = slot.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
