@@ -35,9 +35,6 @@
 //! `RawNode` with `Config::applied` equal to the snapshot index (see
 //! [`DiskStorage::snapshot_metadata`]).
 
-// The driver that calls the write side is being written separately.
-#![allow(dead_code)]
-
 mod format;
 #[cfg(test)]
 mod tests;
@@ -343,11 +340,7 @@ impl DiskStorage {
         self.recovery_note.as_deref()
     }
 
-    /// The directory this storage lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
+    #[cfg(test)]
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
     }
