@@ -240,6 +240,12 @@ impl Driver {
     }
 
     fn step(&mut self, mut m: Message) {
+        // A removed member that never learnt of its removal still believes it votes and
+        // may campaign; granting it votes could let it lead a configuration it is not in.
+        if self.membership.removed.contains(&m.from) {
+            debug!(from = m.from, "message from a removed member dropped");
+            return;
+        }
         if m.from != 0 {
             self.last_heard.insert(m.from, self.ticks);
         }

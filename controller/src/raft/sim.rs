@@ -15,7 +15,9 @@
 //! down (check_quorum) and acknowledges no write proposed after the cut; the majority
 //! elects a new leader and goes on; after healing every acknowledged write is on every
 //! member and all members converge to the same state digest; restarts with and without
-//! the data dir keep every acknowledged write; membership changes keep all of that.
+//! the data dir keep every acknowledged write; membership changes keep all of that, and
+//! a removed member that never learnt of its removal cannot take over (it did, before
+//! members dropped its messages: `a_removed_member_that_missed_its_removal_cannot_take_over`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -122,6 +124,9 @@ struct Sim {
     faults: Faults,
     /// Directed links that drop everything.
     cut: BTreeSet<(u64, u64)>,
+    /// (member, index): messages to that member telling of a commit index at or past
+    /// the index are dropped, so it holds entries without learning they committed.
+    hide_commit: Option<(u64, u64)>,
     /// Term -> the member that led it.
     leaders: BTreeMap<u64, u64>,
     /// FNV-1a over every member's (role, term, commit, applied) after every tick.
@@ -166,6 +171,7 @@ impl Sim {
             in_flight: Vec::new(),
             faults,
             cut: BTreeSet::new(),
+            hide_commit: None,
             leaders: BTreeMap::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             next_write: 0,
@@ -324,6 +330,9 @@ impl Sim {
                 let (from, to) = (f.msg.from, f.msg.to);
                 // A partition also eats what was already on the wire.
                 if self.cut.contains(&(from, to)) || !self.is_up(to) {
+                    continue;
+                }
+                if self.hide_commit.is_some_and(|(m, i)| m == to && f.msg.commit >= i) {
                     continue;
                 }
                 self.driver(to).handle(DriverMsg::Raft(Box::new(f.msg)));
@@ -796,4 +805,53 @@ fn same_seed_replays_the_same_run() {
     let first = run(7);
     assert_eq!(first, run(7));
     assert_ne!(first.0, run(8).0, "another seed should make another run");
+}
+
+#[test]
+fn a_removed_member_that_missed_its_removal_cannot_take_over() {
+    let mut sim = Sim::new(41, 3, FLAKY);
+    sim.run_until(200, "led", |s| s.leader().is_some());
+    for _ in 0..20 {
+        sim.client_write();
+        sim.step();
+    }
+    let leader = sim.leader().expect("leader");
+    sim.start_from_snapshot(4, leader);
+    sim.change_membership(MemberChange::AddLearner { id: 4, address: address(4) }).expect("add 4");
+    sim.run_until(400, "member 4 a voter", |s| {
+        s.leader().is_some_and(|l| s.voters(l).contains(&4))
+    });
+    sim.settle();
+    // 4 gets the entry removing it but never learns that it committed (the leader stops
+    // talking to it once applied), so it still believes it is one of four voters, with
+    // a log as long as everyone's: the cluster stays idle from here on.
+    let leader = sim.leader().expect("leader");
+    let removal = sim.status(leader).progress[&leader].matched + 1;
+    sim.hide_commit = Some((4, removal));
+    let mut rx = sim.change(leader, MemberChange::Remove { id: 4 });
+    sim.run_until(100, "4 removed", |_| !matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+    sim.run(50);
+    assert!(sim.status(4).members.contains_key(&4), "4 must not have learnt of its removal");
+    // With the cluster leaderless, it campaigns.
+    let old = sim.leader().expect("leader");
+    sim.crash(old);
+    for _ in 0..600 {
+        sim.step();
+        assert_ne!(
+            sim.status(4).role,
+            Role::Leader,
+            "the removed member took over{}",
+            sim.describe()
+        );
+    }
+    let new = sim.leader().expect("the two remaining members elected a leader");
+    assert_ne!(new, 4);
+    sim.restart(old);
+    for _ in 0..20 {
+        sim.client_write();
+        sim.step();
+    }
+    sim.crash(4); // stopped, as the README says to
+    sim.settle();
+    sim.check_acked();
 }
