@@ -128,6 +128,7 @@ pub fn sample_cluster() -> pb::ClusterStatusResponse {
             member(2, "follower", true),
             member(3, "unreachable", false),
         ],
+        cluster_id: "0123456789abcdef0123456789abcdef".into(),
     }
 }
 
@@ -254,7 +255,8 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.answer(|| pb::HeartbeatResponse { status: "ready".into() }).await
+        self.answer(|| pb::HeartbeatResponse { status: "ready".into(), cluster_id: String::new() })
+            .await
     }
     type WatchStream = WatchStream;
     async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
@@ -282,5 +284,27 @@ impl Overlay for Fake {
     ) -> Result<Response<pb::MemberChangeResponse>, Status> {
         let id = r.into_inner().id;
         self.answer(|| pb::MemberChangeResponse { id, ..Default::default() }).await
+    }
+
+    async fn join_token(
+        &self,
+        _: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        self.answer(|| pb::JoinTokenResponse {
+            token: "OVTKN-1-0123456789abcdef-0123456789abcdef0123456789abcdef".into(),
+        })
+        .await
+    }
+    async fn join(
+        &self,
+        _: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.answer(pb::CertificateResponse::default).await
+    }
+    async fn renew_certificate(
+        &self,
+        _: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.answer(pb::CertificateResponse::default).await
     }
 }

@@ -19,7 +19,9 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::str::FromStr;
 
+use overlay_grpc::Dialer;
 use overlay_model::{names::validate_name, parse, Encap, ModelError};
+use overlay_pki::Identity;
 use overlay_proto::pb;
 
 use crate::args::{
@@ -38,8 +40,10 @@ enum Failure {
     Client(client::Error),
     /// Writing the output failed.
     Output(String),
-    /// A `cert` command failed.
-    Cert(overlay_quic::pki::PkiError),
+    /// Flags that cannot work together or are missing.
+    Usage(String),
+    /// A `cert` command, or loading the TLS files, failed.
+    Cert(overlay_pki::PkiError),
     /// A value the model crate does not cover (member ids and addresses) is invalid.
     BadValue(String),
 }
@@ -50,6 +54,7 @@ impl fmt::Display for Failure {
             Failure::Invalid(e) => write!(f, "{e}"),
             Failure::Client(e) => write!(f, "{e}"),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
+            Failure::Usage(e) => f.write_str(e),
             Failure::Cert(e) => write!(f, "{e}"),
             Failure::BadValue(e) => f.write_str(e),
         }
@@ -62,8 +67,8 @@ impl From<ModelError> for Failure {
     }
 }
 
-impl From<overlay_quic::pki::PkiError> for Failure {
-    fn from(e: overlay_quic::pki::PkiError) -> Self {
+impl From<overlay_pki::PkiError> for Failure {
+    fn from(e: overlay_pki::PkiError) -> Self {
         Failure::Cert(e)
     }
 }
@@ -102,8 +107,15 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
+    let insecure = cli.insecure;
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // After the output, and only on success: a failure stays one line.
+            if insecure {
+                eprintln!("warning: --insecure: this talked to the controllers in plaintext, unauthenticated");
+            }
+            ExitCode::SUCCESS
+        }
         Err(failure) => fail(&failure.to_string()),
     }
 }
@@ -159,10 +171,25 @@ macro_rules! rpc {
     }};
 }
 
+/// How to reach the controllers: TLS with the user's identity, or `--insecure`.
+fn dialer(cli: &Cli) -> Result<Dialer, Failure> {
+    if cli.insecure {
+        return Ok(Dialer::insecure());
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) else {
+        return Err(Failure::Usage(
+            "TLS is required: give --tls-ca, --tls-cert and --tls-key (or set OVERLAY_TLS_CA, OVERLAY_TLS_CERT and OVERLAY_TLS_KEY), or --insecure for a cluster running without TLS".into(),
+        ));
+    };
+    let identity = Identity::load(ca, cert, key)?;
+    Ok(Dialer::tls(overlay_pki::tls::client_config(&identity.ca, Some(&identity))?))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let dialer = dialer(&cli)?;
     let env = std::env::var(CONTROLLER_ENV).ok();
-    let urls = client::resolve_urls(cli.controller.as_deref(), env.as_deref())?;
-    let ctl = Controllers::new(urls, Policy::default());
+    let urls = client::resolve_urls(cli.controller.as_deref(), env.as_deref(), &dialer)?;
+    let ctl = Controllers::new(urls, Policy::default(), dialer);
     let out = cli.output;
     use Call::{Read, Write};
 
@@ -182,6 +209,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let response = rpc!(ctl, Write, remove_member, pb::RemoveMemberRequest { id });
             emit(out, &MemberChanged::Removed(response))
         }
+        // Read, not Write: a member without the CA key answers unavailable and the next
+        // one is asked; a rotation repeated that way only makes one more new token.
+        Command::Cluster(ClusterCmd::JoinToken { rotate }) => {
+            let token = rpc!(ctl, Read, join_token, pb::JoinTokenRequest { rotate });
+            emit(out, &token)
+        }
 
         Command::Host(HostCmd::Ls) => {
             let list = rpc!(ctl, Read, list_hosts, pb::ListHostsRequest::default());
@@ -190,8 +223,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Host(HostCmd::Add { name, underlay_ip, mtu }) => {
             validate_name(&name)?;
             parse::ipv4(&underlay_ip)?;
-            let request =
-                pb::RegisterHostRequest { name, underlay_ip, underlay_mtu: explicit_mtu(mtu)? };
+            let request = pb::RegisterHostRequest {
+                name,
+                underlay_ip,
+                underlay_mtu: explicit_mtu(mtu)?,
+                ..Default::default()
+            };
             emit(out, &rpc!(ctl, Write, register_host, request))
         }
         Command::Host(HostCmd::Rm { name }) => {

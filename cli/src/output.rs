@@ -78,6 +78,8 @@ pub struct ClusterJson {
     /// `None` (null) while no leader is known.
     pub leader: Option<u64>,
     pub members: Vec<MemberJson>,
+    /// `None` until the first leader named the cluster.
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -363,6 +365,7 @@ impl Render for pb::ClusterStatusResponse {
         ClusterJson {
             leader: (self.leader != 0).then_some(self.leader),
             members: self.members.iter().map(MemberJson::from).collect(),
+            cluster_id: (!self.cluster_id.is_empty()).then(|| self.cluster_id.clone()),
         }
     }
     fn table(&self, _now_ms: i64) -> String {
@@ -466,6 +469,26 @@ impl Render for MemberChanged {
             }
             MemberChanged::Removed(r) => format!("removed member {} ({})\n", r.id, r.address),
         }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JoinTokenJson {
+    pub token: String,
+}
+
+impl Render for pb::JoinTokenResponse {
+    type Json = JoinTokenJson;
+    fn json(&self) -> Self::Json {
+        JoinTokenJson { token: self.token.clone() }
+    }
+    /// The token is the last word, so `$(overlayctl cluster join-token | awk '{print $NF}')`
+    /// and the like work.
+    fn table(&self, _now_ms: i64) -> String {
+        format!(
+            "To add a host, run on it: overlay-agent --name HOST --underlay-ip IP --controller URLS --tls-ca ca.pem --join-token TOKEN, with TOKEN:\n{}\n",
+            self.token
+        )
     }
 }
 
@@ -721,12 +744,14 @@ mod tests {
         assert_eq!(
             value(&sample_cluster()),
             json!({
+                "cluster_id": "0123456789abcdef0123456789abcdef",
                 "leader": 1,
                 "members": [member(1, "leader", true), member(2, "follower", true), member(3, "unreachable", false)],
             })
         );
-        let leaderless = pb::ClusterStatusResponse { leader: 0, members: vec![] };
-        assert_eq!(value(&leaderless), json!({"leader": null, "members": []}));
+        let leaderless =
+            pb::ClusterStatusResponse { leader: 0, members: vec![], cluster_id: String::new() };
+        assert_eq!(value(&leaderless), json!({"leader": null, "members": [], "cluster_id": null}));
     }
 
     #[test]

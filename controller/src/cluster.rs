@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+use overlay_grpc::Dialer;
 use overlay_model::{Applied, Command, ModelError, State};
 use overlay_proto::pb;
 use overlay_proto::pb::peer_client::PeerClient;
@@ -24,8 +25,12 @@ use crate::watch::WatchHub;
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a linearizable read waits for the leader to confirm its commit index.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// gRPC messages between members may carry whole snapshots.
+/// gRPC messages between members may carry whole snapshots (only controllers may send
+/// them: the Peer service refuses everyone else before reading a message).
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+/// The largest request the public API reads: far above any real request, far below
+/// what would hurt a member.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -220,6 +225,8 @@ impl From<ClusterError> for tonic::Status {
 #[derive(Clone)]
 pub struct Peers {
     inner: Arc<RwLock<BTreeMap<u64, PeerChannel>>>,
+    /// How channels to members are made (TLS), also for members added later.
+    dialer: Dialer,
 }
 
 struct PeerChannel {
@@ -228,25 +235,16 @@ struct PeerChannel {
 }
 
 impl Peers {
-    pub fn new(addresses: &BTreeMap<u64, String>) -> anyhow::Result<Peers> {
+    /// `dialer` carries this member's TLS settings (its controller certificate).
+    pub fn new(addresses: &BTreeMap<u64, String>, dialer: &Dialer) -> anyhow::Result<Peers> {
         let mut map = BTreeMap::new();
         for (&id, address) in addresses {
             map.insert(
                 id,
-                PeerChannel { address: address.clone(), channel: Peers::connect(address)? },
+                PeerChannel { address: address.clone(), channel: Peers::connect(dialer, address)? },
             );
         }
-        Ok(Peers { inner: Arc::new(RwLock::new(map)) })
-    }
-
-    /// The one place a channel to another member (`IP:PORT`) is made.
-    pub fn connect(address: &str) -> Result<Channel, tonic::transport::Error> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        Ok(endpoint.connect_lazy())
+        Ok(Peers { inner: Arc::new(RwLock::new(map)), dialer: dialer.clone() })
     }
 
     /// A Peer-service client on `channel`, sized for snapshots.
@@ -264,7 +262,7 @@ impl Peers {
             if map.contains_key(&id) {
                 continue;
             }
-            match Peers::connect(address) {
+            match Peers::connect(&self.dialer, address) {
                 Ok(channel) => {
                     map.insert(id, PeerChannel { address: address.clone(), channel });
                 }
@@ -275,9 +273,25 @@ impl Peers {
         }
     }
 
+    /// `id` is a member this one knows (the applied configuration).
+    pub fn contains(&self, id: u64) -> bool {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    }
+
     pub fn addresses(&self) -> BTreeMap<u64, String> {
         let map = self.inner.read().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(&id, p)| (id, p.address.clone())).collect()
+    }
+
+    /// The one place a channel to a member (`IP:PORT`) is made.
+    pub fn connect(dialer: &Dialer, address: &str) -> anyhow::Result<Channel> {
+        let endpoint = dialer
+            .endpoint(&format!("{}://{address}", dialer.scheme()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(dialer.connect_lazy(endpoint))
     }
 
     pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
@@ -531,16 +545,35 @@ fn change_error_from_status(status: &tonic::Status) -> ChangeError {
     }
 }
 
-/// A status that proves the request never reached the peer's handler.
+/// A status that proves the request never reached the peer's handler: the connection
+/// could not be made (refused, no route, TLS refused), the peer said it is not leader,
+/// or hyper never handed the request to a connection that closed under it.
 pub fn is_not_sent(status: &tonic::Status) -> bool {
     // hyper reports "canceled" only for a request it never handed to the connection
     // (the connection closed first: the peer just died); one that was written and then
     // lost its connection fails differently. A client timeout is "Timeout expired".
-    let unsent_on_closed_connection =
-        status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled";
-    unsent_on_closed_connection
-        || status.code() == tonic::Code::Unavailable
-            && (status.message().contains("connect") || status.message().contains("not the leader"))
+    if status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled" {
+        return true;
+    }
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    message.contains("connect") || message.contains("not the leader") || {
+        let mut next = std::error::Error::source(status);
+        let mut refused = false;
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                refused = matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable
+                );
+                break;
+            }
+            next = e.source();
+        }
+        refused
+    }
 }
 
 pub fn encode_propose_reply(reply: ProposeReply) -> pb::ProposeResponse {

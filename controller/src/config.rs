@@ -31,7 +31,7 @@ pub struct Flags {
     #[arg(long, conflicts_with = "join")]
     pub peers: Option<String>,
     /// Join an existing cluster through any of its members, `URL[,URL...]`
-    /// (`http://IP:PORT`), instead of `--peers`: the new member starts from a snapshot
+    /// (`https://IP:PORT`), instead of `--peers`: the new member starts from a snapshot
     /// and takes part once `overlayctl cluster member add` has added it.
     #[arg(long, value_name = "URL[,URL...]")]
     pub join: Option<String>,
@@ -47,6 +47,27 @@ pub struct Flags {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `overlay_controller=debug`.
     #[arg(long)]
     pub log: Option<String>,
+    /// The cluster CA certificate (PEM): every client and member must present a
+    /// certificate it signed.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This member's certificate (PEM, role controller).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This member's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA's private key: lets this member sign agent certificates for join tokens.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca_key: Option<PathBuf>,
+    /// Lifetime of the agent certificates this member signs (e.g. 30d, 12h, 90s); agents
+    /// renew them when a third is left.
+    #[arg(long, value_name = "DURATION")]
+    pub agent_cert_lifetime: Option<String>,
+    /// Serve plaintext without authentication: anyone who can reach --listen can change
+    /// the network. For labs only.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The file's keys mirror the flags (snake_case).
@@ -61,7 +82,30 @@ pub struct FileConfig {
     pub host_down_after_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
     pub log: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca_key: Option<PathBuf>,
+    pub agent_cert_lifetime: Option<String>,
+    pub insecure: Option<bool>,
 }
+
+/// How the member secures its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    Tls {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        /// With the CA key, the member signs agent certificates for join tokens.
+        ca_key: Option<PathBuf>,
+        agent_cert_lifetime: Duration,
+    },
+    Insecure,
+}
+
+/// Default lifetime of agent certificates signed for join tokens.
+pub const DEFAULT_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,6 +120,7 @@ pub struct Config {
     pub host_down_after: Duration,
     pub snapshot_every: u64,
     pub log: Option<String>,
+    pub security: Security,
 }
 
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -114,7 +159,7 @@ pub fn parse_join(s: &str) -> anyhow::Result<Vec<String>> {
         let addr: SocketAddr = rest
             .parse()
             .or_else(|_| format!("{rest}:7400").parse())
-            .with_context(|| format!("invalid --join URL {url:?}: expected http://IP:PORT"))?;
+            .with_context(|| format!("invalid --join URL {url:?}: expected https://IP:PORT"))?;
         out.push(addr.to_string());
     }
     if out.is_empty() {
@@ -164,6 +209,16 @@ impl Config {
             flags.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000),
         );
         let snapshot_every = flags.snapshot_every.or(file.snapshot_every).unwrap_or(10_000).max(1);
+        let security = security(
+            flags.insecure || file.insecure.unwrap_or(false),
+            [
+                flags.tls_ca.or(file.tls_ca),
+                flags.tls_cert.or(file.tls_cert),
+                flags.tls_key.or(file.tls_key),
+                flags.tls_ca_key.or(file.tls_ca_key),
+            ],
+            flags.agent_cert_lifetime.or(file.agent_cert_lifetime),
+        )?;
         Ok(Config {
             id,
             listen,
@@ -173,8 +228,41 @@ impl Config {
             host_down_after,
             snapshot_every,
             log: flags.log.or(file.log),
+            security,
         })
     }
+}
+
+/// TLS files or `--insecure`, never both and never neither.
+fn security(
+    insecure: bool,
+    [ca, cert, key, ca_key]: [Option<PathBuf>; 4],
+    lifetime: Option<String>,
+) -> anyhow::Result<Security> {
+    let any_tls = ca.is_some() || cert.is_some() || key.is_some() || ca_key.is_some();
+    if insecure {
+        if any_tls {
+            bail!("--insecure and the --tls-* files exclude each other: give one or the other");
+        }
+        return Ok(Security::Insecure);
+    }
+    let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+        bail!(
+            "TLS is required: give --tls-ca, --tls-cert and --tls-key (config keys tls_ca, tls_cert, tls_key), or --insecure to run without TLS"
+        );
+    };
+    let agent_cert_lifetime = match lifetime {
+        Some(text) => {
+            let d = overlay_model::parse::duration(&text)
+                .map_err(|e| anyhow::anyhow!("--agent-cert-lifetime: {e}"))?;
+            if d < Duration::from_secs(30) {
+                bail!("--agent-cert-lifetime {text} is too short: agents need at least 30s");
+            }
+            d
+        }
+        None => DEFAULT_AGENT_CERT_LIFETIME,
+    };
+    Ok(Security::Tls { ca, cert, key, ca_key, agent_cert_lifetime })
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -205,6 +293,22 @@ mod tests {
         let e = parse_join("http://10.0.0.1:7400,http://nowhere").expect_err("bad").to_string();
         assert!(e.contains("http://nowhere"), "{e}");
         assert!(parse_join(" , ").is_err());
+    }
+
+    #[test]
+    fn tls_or_insecure_never_both_never_neither() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let files = [p("ca.pem"), p("c1.pem"), p("c1-key.pem"), None];
+        assert!(matches!(security(false, files.clone(), None), Ok(Security::Tls { .. })));
+        assert_eq!(security(true, [None, None, None, None], None).ok(), Some(Security::Insecure));
+        let e = security(true, files.clone(), None).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("exclude each other")));
+        let e = security(false, [None, None, None, None], None).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.starts_with("TLS is required")));
+        let e = security(false, files.clone(), Some("10x".into())).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("\"10x\"")));
+        let e = security(false, files, Some("5s".into())).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("too short")));
     }
 
     #[test]

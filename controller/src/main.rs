@@ -11,6 +11,7 @@ mod config;
 mod liveness;
 mod notify;
 mod raft;
+mod security;
 mod watch;
 
 use std::sync::{Arc, RwLock};
@@ -18,11 +19,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use overlay_grpc::Dialer;
 use overlay_proto::pb;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tracing::{error, info, warn};
 
-use crate::cluster::{Cluster, NodeStatus, Peers, Shared, MAX_MESSAGE_BYTES};
+use crate::cluster::{
+    Cluster, NodeStatus, Peers, Role, Shared, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+};
 use crate::config::{Config, Flags};
 use crate::raft::driver::{Driver, DriverConfig};
 use crate::raft::storage::DiskStorage;
@@ -72,10 +76,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config)?;
+    let tls = security::load(&config.security, config.listen)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Joining may wait for the cluster; a stop request must still be honoured.
     let (storage, recovering_until) = tokio::select! {
-        r = open_storage(&config) => r?,
+        r = open_storage(&config, &tls.dialer) => r?,
         _ = sigterm.recv() => { info!("SIGTERM before start-up finished"); return Ok(()) }
         _ = tokio::signal::ctrl_c() => { info!("interrupted before start-up finished"); return Ok(()) }
     };
@@ -97,7 +102,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     // The driver keeps the peer list in step with the configuration from here on.
-    let peers = Peers::new(&membership.addresses)?;
+    let peers = Peers::new(&membership.addresses, &tls.dialer)?;
 
     let (status_tx, _) =
         tokio_watch::channel(NodeStatus::initial(config.id, recovering_until.is_some()));
@@ -128,6 +133,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let liveness = Arc::new(liveness::Liveness::default());
     tokio::spawn(liveness::monitor(cluster.clone(), liveness.clone(), config.host_down_after));
+    tokio::spawn(name_the_cluster(cluster.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -135,25 +141,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let overlay = pb::overlay_server::OverlayServer::new(api::overlay::OverlayApi {
         cluster: cluster.clone(),
         liveness: liveness.clone(),
+        signer: tls.signer.map(Arc::new),
+        watches: Arc::default(),
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let peer =
+    // Refuses every caller but controllers before a (possibly huge) message is read.
+    let peer = tonic::service::interceptor::InterceptedService::new(
         pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        api::peer::only_controllers,
+    );
     let mut server_shutdown = shutdown_rx.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(overlay)
         .add_service(peer)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = server_shutdown.changed().await;
-            },
-        );
+        .serve_with_incoming_shutdown(overlay_grpc::incoming(listener, tls.server), async move {
+            let _ = server_shutdown.changed().await;
+        });
     let mut server_task = tokio::spawn(server);
     info!(id = config.id, listen = %config.listen, members = peers.addresses().len(), data_dir = %config.data_dir.display(), "controller started");
     notify::notify("READY=1");
@@ -182,6 +190,41 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     }
     outcome
+}
+
+/// Gives the cluster its id the first time this member leads a cluster without one.
+/// Only the leader's own proposal can set it (`InitCluster` is internal).
+async fn name_the_cluster(cluster: Cluster) {
+    let mut status = cluster.shared.status.subscribe();
+    loop {
+        let unnamed = cluster.read_state().meta().cluster_id.is_none();
+        if !unnamed {
+            return;
+        }
+        if cluster.status().role == Role::Leader {
+            let outcome = match overlay_pki::random_bytes::<16>() {
+                Ok(bytes) => {
+                    let cluster_id = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    let command = overlay_model::Command::InitCluster { cluster_id };
+                    cluster.propose_local(command).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    info!(cluster_id = ?cluster.read_state().meta().cluster_id, "cluster named")
+                }
+                Err(e) => {
+                    warn!("naming the cluster: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Holds an exclusive lock on the data dir for the life of the process, so two
@@ -222,7 +265,10 @@ fn lock_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
 /// * `--peers` on an empty data dir: a new cluster, unless the others already hold data
 ///   (this member lost its disk, or starts late); then it starts from their snapshot
 ///   and, having maybe voted before, does not vote until it has caught up.
-async fn open_storage(config: &Config) -> anyhow::Result<(DiskStorage, Option<u64>)> {
+async fn open_storage(
+    config: &Config,
+    dialer: &Dialer,
+) -> anyhow::Result<(DiskStorage, Option<u64>)> {
     let dir = config.data_dir.join("raft");
     let open_err = || format!("opening the raft log in {}", config.data_dir.display());
     let voters: Vec<u64> = config.peers.keys().copied().collect();
@@ -235,7 +281,7 @@ async fn open_storage(config: &Config) -> anyhow::Result<(DiskStorage, Option<u6
     if !config.join.is_empty() {
         let mut backoff = Duration::from_millis(500);
         loop {
-            if let Some(joined) = fetch_join_snapshot(config.id, &config.join).await? {
+            if let Some(joined) = fetch_join_snapshot(dialer, config.id, &config.join).await? {
                 return joined_storage(config, &dir, joined);
             }
             warn!(join = ?config.join, "no member answered with a snapshot to join from yet; retrying");
@@ -246,14 +292,14 @@ async fn open_storage(config: &Config) -> anyhow::Result<(DiskStorage, Option<u6
     let others: Vec<String> =
         config.peers.iter().filter(|(&id, _)| id != config.id).map(|(_, a)| a.clone()).collect();
     if !others.is_empty() {
-        if let Some(joined) = fetch_join_snapshot(config.id, &others).await? {
+        if let Some(joined) = fetch_join_snapshot(dialer, config.id, &others).await? {
             return joined_storage(config, &dir, joined);
         }
     }
     let storage = DiskStorage::open(&dir, &voters).with_context(open_err)?;
     // Peers without the JoinSnapshot call (an older version) still say how far they are.
     let recovering_until =
-        if others.is_empty() { None } else { existing_cluster_commit(&others).await };
+        if others.is_empty() { None } else { existing_cluster_commit(dialer, &others).await };
     Ok((storage, recovering_until))
 }
 
@@ -285,12 +331,13 @@ fn joined_storage(
 /// The first snapshot (index > 0) a member at one of `addresses` gives, with its commit
 /// index. `None` when no member answered with data; an error when one refused us.
 async fn fetch_join_snapshot(
+    dialer: &Dialer,
     id: u64,
     addresses: &[String],
 ) -> anyhow::Result<Option<(::raft::prelude::Snapshot, u64)>> {
     use protobuf::Message as _;
     for address in addresses {
-        let channel = match Peers::connect(address) {
+        let channel = match Peers::connect(dialer, address) {
             Ok(c) => c,
             Err(e) => {
                 warn!(address, error = %e, "unusable member address");
@@ -330,10 +377,10 @@ async fn fetch_join_snapshot(
 
 /// The highest commit index any reachable member at `addresses` reports, if the cluster
 /// already holds data.
-async fn existing_cluster_commit(addresses: &[String]) -> Option<u64> {
+async fn existing_cluster_commit(dialer: &Dialer, addresses: &[String]) -> Option<u64> {
     let mut highest = 0;
     for address in addresses {
-        let Ok(channel) = Peers::connect(address) else { continue };
+        let Ok(channel) = Peers::connect(dialer, address) else { continue };
         let mut client = Peers::client_on(channel);
         let mut request = tonic::Request::new(pb::Empty {});
         request.set_timeout(Duration::from_secs(1));

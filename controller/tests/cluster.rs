@@ -132,8 +132,9 @@ async fn concurrent_creates_survive_leader_kill_and_restart() {
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let acked = acked.clone();
-            let clients: Vec<Client> =
-                (0..urls.len()).map(|k| client_for(&urls[(c + k) % urls.len()])).collect();
+            let clients: Vec<Client> = (0..urls.len())
+                .map(|k| client_for(cluster.dialer(), &urls[(c + k) % urls.len()]))
+                .collect();
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 for i in 0..PER_CLIENT {
@@ -400,7 +401,8 @@ async fn watch_resumes_on_another_member_without_gaps() {
     create_concurrently(&all, (0..600).map(|i| format!("s{i}")).collect()).await;
 
     let mut first = cluster.client(1);
-    let watch = |from_revision| pb::WatchRequest { host: "h1".into(), from_revision };
+    let watch =
+        |from_revision| pb::WatchRequest { host: "h1".into(), from_revision, ..Default::default() };
     let mut stream = first.watch(watch(0)).await.expect("watch").into_inner();
     let mut catalog = Catalog::default();
     let head = next(&mut stream).await;
@@ -468,7 +470,10 @@ fn heartbeats(cluster: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHand
         let mut i = 0;
         while !stop.load(Ordering::SeqCst) {
             let mut c = all[i % all.len()].clone();
-            let _ = timed(c.heartbeat(pb::HeartbeatRequest { host: "h1".into() })).await;
+            let _ = timed(
+                c.heartbeat(pb::HeartbeatRequest { host: "h1".into(), ..Default::default() }),
+            )
+            .await;
             i += 1;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{client_for, create_endpoint_request, timed, Cluster};
+use overlay_grpc::Dialer;
 use overlay_proto::pb;
 use tonic::Code;
 
@@ -35,6 +36,7 @@ struct Load {
 /// test can change the list), until `stop`. A failed write is recorded and not retried
 /// (its outcome may be unknown); the next write goes to the next member.
 fn writer(
+    dialer: Dialer,
     urls: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     load: Arc<Mutex<Load>>,
@@ -47,7 +49,7 @@ fn writer(
             let list = urls.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let url = &list[n as usize % list.len()];
             let name = format!("load{n}");
-            let mut client = client_for(url);
+            let mut client = client_for(&dialer, url);
             match timed(client.create_endpoint(create_endpoint_request(&name, "h1", "net"))).await {
                 Ok(_) => {
                     let mut l = load.lock().unwrap_or_else(|p| p.into_inner());
@@ -128,7 +130,7 @@ async fn a_member_joins_and_members_leave_under_write_load() {
     let urls = Arc::new(Mutex::new(cluster.urls()));
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Mutex::new(Load::default()));
-    let task = writer(urls.clone(), stop.clone(), load.clone());
+    let task = writer(cluster.dialer().clone(), urls.clone(), stop.clone(), load.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Member 4 starts first and waits quietly to be added; then it is added.
@@ -194,7 +196,7 @@ async fn replacing_a_sigkilled_member_fails_no_write() {
     let urls = Arc::new(Mutex::new(alive.iter().map(|&id| cluster.url(id)).collect::<Vec<_>>()));
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Mutex::new(Load::default()));
-    let task = writer(urls.clone(), stop.clone(), load.clone());
+    let task = writer(cluster.dialer().clone(), urls.clone(), stop.clone(), load.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     cluster.kill(dead);

@@ -77,11 +77,23 @@ pub enum Command {
         status: HostStatus,
         now_ms: u64,
     },
+    /// Names the cluster, once: proposed by the first leader of a cluster that has no
+    /// id yet; a second one is ignored. Agents refuse state from another cluster's id.
+    InitCluster {
+        cluster_id: String,
+    },
+    /// A new join token: only its SHA-256 is kept, with the nonce a controller holding
+    /// the CA key derives the token from again (see overlay-pki's `token`).
+    SetJoinToken {
+        nonce: [u8; 16],
+        hash: [u8; 32],
+    },
 }
 
 impl Command {
-    /// True for commands only the system issues (not users through overlayctl).
+    /// True for commands only the leader's own tasks issue (never a client, never a
+    /// forwarded proposal from another member).
     pub fn is_internal(&self) -> bool {
-        matches!(self, Command::SetHostStatus { .. })
+        matches!(self, Command::SetHostStatus { .. } | Command::InitCluster { .. })
     }
 }

@@ -32,7 +32,8 @@ use crate::{Command, ModelError, NetworkSpec};
 const LISTED_NAMES: usize = 5;
 
 /// First byte of [`State::to_bytes`], so a future layout can still read old snapshots.
-const SNAPSHOT_FORMAT: u8 = 1;
+/// Format 1 had no [`ClusterMeta`].
+const SNAPSHOT_FORMAT: u8 = 2;
 
 /// The desired state as watchers see it: plain objects and the revision they reflect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +191,24 @@ pub struct State {
     /// Counter for [`Mac::from_counter`]; only ever grows, so no MAC is handed out twice
     /// even after its endpoint is gone (agents and peers may still cache it).
     next_mac: u64,
+    meta: ClusterMeta,
     index: Index,
+}
+
+/// What the cluster knows about itself (not part of the catalog watchers replicate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    /// 32 hex digits, set once by the first leader (`Command::InitCluster`).
+    pub cluster_id: Option<String>,
+    /// The current join token, if one was ever made.
+    pub join_token: Option<JoinTokenRecord>,
+}
+
+/// A join token as the replicated state keeps it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub nonce: [u8; 16],
+    pub hash: [u8; 32],
 }
 
 impl Default for State {
@@ -205,6 +223,7 @@ impl PartialEq for State {
         self.catalog == other.catalog
             && self.ipams == other.ipams
             && self.next_mac == other.next_mac
+            && self.meta == other.meta
     }
 }
 
@@ -215,6 +234,7 @@ struct StateRef<'a> {
     catalog: &'a Catalog,
     ipams: &'a BTreeMap<String, Ipam>,
     next_mac: u64,
+    meta: &'a ClusterMeta,
 }
 
 #[derive(Deserialize)]
@@ -222,20 +242,56 @@ struct StateOwned {
     catalog: Catalog,
     ipams: BTreeMap<String, Ipam>,
     next_mac: u64,
+    meta: ClusterMeta,
+}
+
+/// Snapshot format 1.
+#[derive(Deserialize)]
+struct StateOwnedV1 {
+    catalog: Catalog,
+    ipams: BTreeMap<String, Ipam>,
+    next_mac: u64,
+}
+
+impl From<StateOwnedV1> for StateOwned {
+    fn from(v1: StateOwnedV1) -> StateOwned {
+        StateOwned {
+            catalog: v1.catalog,
+            ipams: v1.ipams,
+            next_mac: v1.next_mac,
+            meta: ClusterMeta::default(),
+        }
+    }
+}
+
+impl From<StateOwned> for State {
+    fn from(owned: StateOwned) -> State {
+        let index = Index::build(&owned.catalog);
+        State {
+            catalog: owned.catalog,
+            ipams: owned.ipams,
+            next_mac: owned.next_mac,
+            meta: owned.meta,
+            index,
+        }
+    }
 }
 
 impl Serialize for State {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        StateRef { catalog: &self.catalog, ipams: &self.ipams, next_mac: self.next_mac }
-            .serialize(serializer)
+        StateRef {
+            catalog: &self.catalog,
+            ipams: &self.ipams,
+            next_mac: self.next_mac,
+            meta: &self.meta,
+        }
+        .serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let owned = StateOwned::deserialize(deserializer)?;
-        let index = Index::build(&owned.catalog);
-        Ok(State { catalog: owned.catalog, ipams: owned.ipams, next_mac: owned.next_mac, index })
+        StateOwned::deserialize(deserializer).map(State::from)
     }
 }
 
@@ -372,6 +428,7 @@ impl State {
             catalog: Catalog::default(),
             ipams: BTreeMap::new(),
             next_mac: 1,
+            meta: ClusterMeta::default(),
             index: Index::default(),
         }
     }
@@ -403,6 +460,11 @@ impl State {
             Command::SetHostStatus { name, status, now_ms } => {
                 self.set_host_status(name, *status, *now_ms)?
             }
+            Command::InitCluster { cluster_id } => self.init_cluster(cluster_id)?,
+            Command::SetJoinToken { nonce, hash } => {
+                self.meta.join_token = Some(JoinTokenRecord { nonce: *nonce, hash: *hash });
+                Vec::new()
+            }
         };
         if !changes.is_empty() {
             self.catalog.revision += 1;
@@ -423,10 +485,14 @@ impl State {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<State, SnapshotError> {
         let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
-        if format != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format(format));
-        }
-        let (state, rest): (State, _) = postcard::take_from_bytes(body)?;
+        let (state, rest): (State, _) = match format {
+            SNAPSHOT_FORMAT => postcard::take_from_bytes(body)?,
+            1 => {
+                let (v1, rest): (StateOwnedV1, _) = postcard::take_from_bytes(body)?;
+                (State::from(StateOwned::from(v1)), rest)
+            }
+            _ => return Err(SnapshotError::Format(format)),
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
@@ -442,6 +508,11 @@ impl State {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         self.to_bytes().iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    }
+
+    /// The cluster's id and join token.
+    pub fn meta(&self) -> &ClusterMeta {
+        &self.meta
     }
 
     /// A network's allocator, for showing usage.
@@ -874,6 +945,17 @@ impl State {
             self.index.underlay.remove(&host.underlay_ip);
         }
         Ok(vec![Change::DeleteHost(name.to_string())])
+    }
+
+    fn init_cluster(&mut self, cluster_id: &str) -> Result<Vec<Change>, ModelError> {
+        if cluster_id.len() != 32 || !cluster_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ModelError::InvalidClusterId(cluster_id.to_string()));
+        }
+        // The first id wins: two leaders in a row may both have proposed one.
+        if self.meta.cluster_id.is_none() {
+            self.meta.cluster_id = Some(cluster_id.to_ascii_lowercase());
+        }
+        Ok(Vec::new())
     }
 
     fn set_host_status(
@@ -1781,6 +1863,52 @@ mod tests {
         assert!(
             matches!(State::from_bytes(&broken.to_bytes()), Err(SnapshotError::MissingIpam(n)) if n == "backend")
         );
+    }
+
+    #[test]
+    fn format_1_snapshots_still_load() {
+        let mut state = setup();
+        ok(&mut state, create_endpoint("gw", "h1", "frontend"));
+        #[derive(Serialize)]
+        struct V1<'a> {
+            catalog: &'a Catalog,
+            ipams: &'a BTreeMap<String, Ipam>,
+            next_mac: u64,
+        }
+        let v1 = V1 { catalog: &state.catalog, ipams: &state.ipams, next_mac: state.next_mac };
+        let mut bytes = vec![1];
+        bytes.extend(postcard::to_stdvec(&v1).unwrap());
+        let back = State::from_bytes(&bytes).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.meta(), &ClusterMeta::default());
+    }
+
+    #[test]
+    fn cluster_id_is_set_once_and_tokens_are_replaced() {
+        let mut state = State::new();
+        let id = "0123456789abcdef0123456789ABCDEF";
+        let applied = ok(&mut state, Command::InitCluster { cluster_id: id.into() });
+        assert!(applied.changes.is_empty(), "the catalog revision does not move");
+        assert_eq!(state.meta().cluster_id.as_deref(), Some("0123456789abcdef0123456789abcdef"));
+        ok(&mut state, Command::InitCluster { cluster_id: "f".repeat(32) });
+        assert_eq!(state.meta().cluster_id.as_deref(), Some("0123456789abcdef0123456789abcdef"));
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&Command::InitCluster { cluster_id: "xyz".into() }),
+            Err(ModelError::InvalidClusterId("xyz".into()))
+        );
+        assert_eq!(state, before);
+
+        ok(&mut state, Command::SetJoinToken { nonce: [1; 16], hash: [2; 32] });
+        ok(&mut state, Command::SetJoinToken { nonce: [3; 16], hash: [4; 32] });
+        assert_eq!(
+            state.meta().join_token,
+            Some(JoinTokenRecord { nonce: [3; 16], hash: [4; 32] })
+        );
+        let back = State::from_bytes(&state.to_bytes()).unwrap();
+        assert_eq!(back.meta(), state.meta());
+        assert!(Command::InitCluster { cluster_id: id.into() }.is_internal());
+        assert!(!Command::SetJoinToken { nonce: [0; 16], hash: [0; 32] }.is_internal());
     }
 
     #[test]

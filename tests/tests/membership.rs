@@ -56,7 +56,7 @@ fn member_urls() -> String {
 
 /// `overlayctl ARGS` from the switch against the current members.
 fn ctl(lab: &Lab, args: &[&str]) -> Result<String> {
-    let out = ctl_in(&lab.switch_ns(), &member_urls(), args);
+    let out = ctl_in(&lab.switch_ns(), &member_urls(), &lab.admin_args(), args);
     if !out.status.success() {
         bail!("overlayctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -113,6 +113,7 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let load = Arc::new(Mutex::new(Load::default()));
         let ns = lab.switch_ns();
+        let admin = lab.admin_args();
         let thread = {
             let (stop, load) = (stop.clone(), load.clone());
             std::thread::spawn(move || {
@@ -121,7 +122,7 @@ impl Writer {
                     let name = format!("load{n}");
                     let subnet = format!("10.{}.{}.0/24", 64 + n / 256, n % 256);
                     let args = ["network", "create", name.as_str(), "--subnet", subnet.as_str()];
-                    let out = ctl_in(&ns, &member_urls(), &args);
+                    let out = ctl_in(&ns, &member_urls(), &admin, &args);
                     let mut l = load.lock().unwrap_or_else(|p| p.into_inner());
                     if out.status.success() {
                         l.acked.push(name);
@@ -212,6 +213,7 @@ fn replace_a_sigkilled_member(lab: &mut Lab) -> Result<()> {
     let out = ctl_in(
         &lab.switch_ns(),
         &member_urls(),
+        &lab.admin_args(),
         &["cluster", "member", "add", "5", &Lab::controller_address(5)],
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -248,13 +250,15 @@ fn partitioned_leader(lab: &mut Lab) -> Result<()> {
     // Writes straight to the cut-off leader, from inside its host, while the majority
     // goes on: none may be acknowledged.
     let ns = lab.host_ns(old_host);
+    let admin = lab.admin_args();
     let direct = std::thread::spawn(move || {
         (0..3)
             .map(|i| {
                 let name = format!("cut{i}");
                 let subnet = format!("10.63.{i}.0/24");
                 let url = Lab::controller_url(old_host);
-                let out = ctl_in(&ns, &url, &["network", "create", &name, "--subnet", &subnet]);
+                let args = ["network", "create", name.as_str(), "--subnet", subnet.as_str()];
+                let out = ctl_in(&ns, &url, &admin, &args);
                 (name, out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
             })
             .collect::<Vec<_>>()
@@ -262,8 +266,8 @@ fn partitioned_leader(lab: &mut Lab) -> Result<()> {
     let majority: Vec<usize> =
         members().iter().map(|(_, h)| *h).filter(|&h| h != old_host).collect();
     let new = wait_for(T, "a new leader among the majority", || {
-        let out =
-            ctl_in(&lab.switch_ns(), &urls_of(&majority), &["-o", "json", "cluster", "status"]);
+        let args = ["-o", "json", "cluster", "status"];
+        let out = ctl_in(&lab.switch_ns(), &urls_of(&majority), &lab.admin_args(), &args);
         let s: Value = serde_json::from_slice(&out.stdout).ok()?;
         s["leader"].as_u64().filter(|&l| l != 0 && l != old)
     })?;

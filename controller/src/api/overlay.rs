@@ -8,16 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
+use overlay_pki::token;
 use overlay_proto::convert;
 use overlay_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use overlay_grpc::Caller;
+
+use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
 use crate::raft::membership::{MemberChange, MembershipError};
+use crate::security::{Signer, WatchLimits, WatchSlot};
 use crate::watch::{HubEvent, Start};
 
 /// Changes per watch message while streaming a snapshot.
@@ -26,6 +31,15 @@ const SNAPSHOT_CHUNK: usize = 512;
 pub struct OverlayApi {
     pub cluster: Cluster,
     pub liveness: Arc<Liveness>,
+    /// Present when this member was given the CA key.
+    pub signer: Option<Arc<Signer>>,
+    pub watches: Arc<WatchLimits>,
+}
+
+/// Refuses the request unless its caller may perform `act`.
+#[allow(clippy::result_large_err)]
+fn allow<T>(req: &Request<T>, act: Act<'_>) -> Result<(), Status> {
+    auth::check(&Caller::of(req), act)
 }
 
 fn bad(e: overlay_model::ModelError) -> Status {
@@ -69,6 +83,35 @@ impl OverlayApi {
         Ok(convert::network_with_endpoints(network, state.catalog.endpoints_in(name)))
     }
 
+    /// The cluster's id, empty until the first leader named it.
+    fn cluster_id(&self) -> String {
+        self.cluster.read_state().meta().cluster_id.clone().unwrap_or_default()
+    }
+
+    /// Refuses a caller whose state belongs to another cluster (a reinitialised cluster,
+    /// another cluster's backup): mixing the two would corrupt both.
+    #[allow(clippy::result_large_err)]
+    fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
+        let ours = self.cluster_id();
+        if theirs.is_empty() || ours.is_empty() || theirs.eq_ignore_ascii_case(&ours) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "this controller serves cluster {ours}, but the caller belongs to cluster {theirs}: refusing to mix their state (if the host really moved to this cluster, remove the agent's data dir state and restart it)"
+        )))
+    }
+
+    /// This member's signer, or the error that sends the caller to another member.
+    #[allow(clippy::result_large_err)]
+    fn signer(&self) -> Result<&Signer, Status> {
+        self.signer.as_deref().ok_or_else(|| {
+            Status::unavailable(format!(
+                "controller {} cannot sign certificates (it runs without --tls-ca-key): ask another member",
+                self.cluster.id
+            ))
+        })
+    }
+
     /// Last-seen times live in the leader's memory; ask it when we are not it.
     async fn last_seen(&self) -> std::collections::HashMap<String, i64> {
         let status = self.cluster.status();
@@ -103,6 +146,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::Network>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let spec = NetworkSpec {
@@ -124,6 +168,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::NetworkList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         let c = &state.catalog;
@@ -151,6 +196,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Network>, Status> {
+        allow(&req, Act::Read)?;
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         Ok(Response::new(self.network_pb(&req.get_ref().name)?))
     }
@@ -159,6 +205,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         let name = req.into_inner().name;
         self.write(Command::RemoveNetwork { name: name.clone() }).await?;
         info!(network = %name, "network removed");
@@ -169,6 +216,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let applied = self
             .write(Command::Connect {
@@ -185,6 +233,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let applied =
             self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
@@ -195,6 +244,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::CreateEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let applied = self
@@ -214,6 +264,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::EndpointList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         Ok(Response::new(pb::EndpointList {
@@ -226,6 +277,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Read)?;
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         let name = &req.get_ref().name;
         let state = self.cluster.read_state();
@@ -241,6 +293,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         self.write(Command::RemoveEndpoint { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -249,6 +302,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::AddRouteRequest>,
     ) -> Result<Response<pb::Route>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
         let applied = self
@@ -270,6 +324,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::RouteList>, Status> {
+        allow(&req, Act::Read)?;
         let r = req.into_inner();
         self.read(r.consistency).await?;
         let state = self.cluster.read_state();
@@ -290,6 +345,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::RemoveRouteRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
         self.write(Command::RemoveRoute { network: r.network, destination }).await?;
@@ -300,6 +356,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::HostList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let last_seen = self.last_seen().await;
         let state = self.cluster.read_state();
@@ -320,9 +377,12 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::RegisterHostRequest>,
     ) -> Result<Response<pb::Host>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
+        auth::check(&caller, Act::RegisterHost { host: &r.name, underlay_ip: underlay_ip.into() })?;
+        self.same_cluster(&r.cluster_id)?;
         let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
         self.write(Command::RegisterHost {
             name: r.name.clone(),
@@ -347,6 +407,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         self.write(Command::RemoveHost { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -355,7 +416,11 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let host = req.into_inner().host;
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let host = r.host;
+        auth::check(&caller, Act::Heartbeat { host: &host })?;
+        self.same_cluster(&r.cluster_id)?;
         let status = {
             let state = self.cluster.read_state();
             match state.catalog.hosts.get(&host) {
@@ -364,18 +429,22 @@ impl pb::overlay_server::Overlay for OverlayApi {
             }
         };
         heartbeat(&self.cluster, &self.liveness, &host).await;
-        Ok(Response::new(pb::HeartbeatResponse { status }))
+        Ok(Response::new(pb::HeartbeatResponse { status, cluster_id: self.cluster_id() }))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        auth::check(&caller, Act::Watch { host: &r.host })?;
+        self.same_cluster(&r.cluster_id)?;
+        let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             debug!(host = %r.host, from = r.from_revision, "watch started");
-            serve_watch(cluster, r.from_revision, tx).await;
+            serve_watch(cluster, r.from_revision, tx, slot).await;
             debug!(host = %r.host, "watch ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -383,8 +452,9 @@ impl pb::overlay_server::Overlay for OverlayApi {
 
     async fn cluster_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        allow(&req, Act::Read)?;
         let status = self.cluster.status();
         let mut configured: BTreeMap<u64, (String, bool)> =
             status.members.iter().map(|(&id, m)| (id, (m.address.clone(), m.voter))).collect();
@@ -448,14 +518,100 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 m
             })
             .collect();
-        Ok(Response::new(pb::ClusterStatusResponse { leader, members }))
+        let cluster_id = self.cluster_id();
+        Ok(Response::new(pb::ClusterStatusResponse { leader, members, cluster_id }))
     }
 
-    // Admin only.
+    async fn join_token(
+        &self,
+        req: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let rotate = req.into_inner().rotate;
+        let ca = self.signer()?.ca();
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        let current = self.cluster.read_state().meta().join_token.clone();
+        if let (Some(record), false) = (current, rotate) {
+            let token = token::derive(ca.cert_der(), &ca.key_der(), &record.nonce);
+            // A record made under another CA key cannot be shown again: rotate it.
+            if token::hashes_equal(&token::hash(&token), &record.hash) {
+                return Ok(Response::new(pb::JoinTokenResponse { token }));
+            }
+        }
+        let nonce = overlay_pki::random_bytes::<{ token::NONCE_LEN }>()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let token = token::derive(ca.cert_der(), &ca.key_der(), &nonce);
+        self.write(Command::SetJoinToken { nonce, hash: token::hash(&token) }).await?;
+        info!(rotated = rotate, "new join token");
+        Ok(Response::new(pb::JoinTokenResponse { token }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        allow(&req, Act::Join)?;
+        let remote = Caller::of(&req).remote();
+        let r = req.into_inner();
+        overlay_pki::validate_cert_name(&r.host)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
+        let signer = self.signer()?;
+        // A token rotated a moment ago on another member must already be refused here.
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        {
+            let state = self.cluster.read_state();
+            let Some(record) = &state.meta().join_token else {
+                return Err(Status::failed_precondition(
+                    "no join token has been made yet: run overlayctl cluster join-token",
+                ));
+            };
+            if !token::hashes_equal(&token::hash(&r.token), &record.hash) {
+                warn!(host = %r.host, ?remote, "join refused: wrong or rotated-out token");
+                return Err(Status::permission_denied(
+                    "permission denied: the join token is wrong or was rotated out (see overlayctl cluster join-token)",
+                ));
+            }
+            // A token is not a licence to take over a host that registered elsewhere.
+            if let Some(host) = state.catalog.hosts.get(&r.host) {
+                if host.underlay_ip != underlay_ip {
+                    return Err(Status::permission_denied(format!(
+                        "permission denied: host {} is registered with underlay IP {}, not {underlay_ip} (overlayctl host rm {} first, if it moved)",
+                        r.host, host.underlay_ip, r.host
+                    )));
+                }
+            }
+        }
+        let certificate = signer
+            .sign_agent(&r.csr, &r.host, vec![underlay_ip.into()])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(host = %r.host, %underlay_ip, ?remote, "signed an agent certificate for a join token");
+        Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        allow(&req, Act::RenewCertificate)?;
+        let Caller::Certified { cert, .. } = Caller::of(&req) else {
+            return Err(Status::permission_denied(
+                "permission denied: renewing needs the agent certificate being renewed",
+            ));
+        };
+        let certificate = self
+            .signer()?
+            .sign_agent(&req.get_ref().csr, &cert.name, cert.ips.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(host = %cert.name, "renewed an agent certificate");
+        Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
+    }
+
     async fn add_member(
         &self,
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         if r.id == 0 {
             return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
@@ -473,11 +629,11 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(pb::MemberChangeResponse { id: r.id, address, members }))
     }
 
-    // Admin only.
     async fn remove_member(
         &self,
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
         let id = req.into_inner().id;
         if id == 0 {
             return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
@@ -543,7 +699,7 @@ pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str) {
     }
 }
 
-fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse> {
+fn snapshot_messages(catalog: &overlay_model::Catalog, cluster_id: &str) -> Vec<pb::WatchResponse> {
     let changes: Vec<pb::Change> =
         catalog.snapshot_changes().iter().map(pb::Change::from).collect();
     let mut chunks: Vec<Vec<pb::Change>> =
@@ -560,34 +716,40 @@ fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse>
             reset: i == 0,
             snapshot_done: i == last,
             changes,
+            cluster_id: cluster_id.to_string(),
         })
         .collect()
 }
 
-fn change_message(applied: &Applied) -> pb::WatchResponse {
+fn change_message(applied: &Applied, cluster_id: &str) -> pb::WatchResponse {
     pb::WatchResponse {
         revision: applied.revision,
         reset: false,
         snapshot_done: false,
         changes: applied.changes.iter().map(pb::Change::from).collect(),
+        cluster_id: cluster_id.to_string(),
     }
 }
 
 /// Streams one watcher: a starting point, then live changes in revision order. Falls
-/// back to a fresh snapshot whenever it lagged behind or the state was reset.
+/// back to a fresh snapshot whenever it lagged behind or the state was reset. Ends when
+/// the watcher goes away (releasing its `slot`), even while nothing changes.
 async fn serve_watch(
     cluster: Cluster,
     mut from: u64,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    _slot: WatchSlot,
 ) {
     loop {
-        let (start, mut rx) = {
+        let (start, mut rx, cluster_id) = {
             let state = cluster.read_state();
-            cluster.shared.hub.subscribe(from, &state)
+            let cluster_id = state.meta().cluster_id.clone().unwrap_or_default();
+            let (start, rx) = cluster.shared.hub.subscribe(from, &state);
+            (start, rx, cluster_id)
         };
         match start {
             Start::Snapshot(catalog) => {
-                for msg in snapshot_messages(&catalog) {
+                for msg in snapshot_messages(&catalog, &cluster_id) {
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
@@ -596,7 +758,7 @@ async fn serve_watch(
             }
             Start::Replay(list) => {
                 for applied in list {
-                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
                         return;
                     }
                     from = applied.revision;
@@ -605,7 +767,11 @@ async fn serve_watch(
         }
         // Live changes until the stream ends or we must start over.
         loop {
-            match rx.recv().await {
+            let event = tokio::select! {
+                _ = tx.closed() => return,
+                event = rx.recv() => event,
+            };
+            match event {
                 Ok(HubEvent::Applied(applied)) => {
                     if applied.revision <= from {
                         continue;
@@ -613,7 +779,7 @@ async fn serve_watch(
                     if applied.revision != from + 1 {
                         break; // a gap: cannot happen by construction, but never send one
                     }
-                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
                         return;
                     }
                     from = applied.revision;

@@ -1,6 +1,11 @@
 //! The member-to-member `Peer` service: raft messages in, proposals and membership
 //! changes forwarded from followers, heartbeats passed on to the leader, this member's
 //! status, and snapshots for members that join.
+//!
+//! Only `controller` certificates get in ([`only_controllers`] runs before any message
+//! is read), and what they send is checked like a client's: raft messages must be
+//! addressed to this member from a known one, a snapshot must decode into a consistent
+//! state before raft sees it, and no member can propose an internal command for another.
 
 use std::sync::Arc;
 
@@ -8,11 +13,36 @@ use overlay_model::Command;
 use overlay_proto::pb;
 use protobuf::Message as _;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use super::auth::{self, Act};
 use crate::cluster::{change_error_status, encode_propose_reply, Cluster, DriverMsg};
 use crate::liveness::Liveness;
 use crate::raft::membership::MemberChange;
+
+/// The Peer service's interceptor: controllers only.
+#[allow(clippy::result_large_err)] // tonic's interceptor signature
+pub fn only_controllers(req: Request<()>) -> Result<Request<()>, Status> {
+    auth::check(&overlay_grpc::Caller::of(&req), Act::Peer)?;
+    Ok(req)
+}
+
+/// Why a raft message from a peer is not stepped, if it must not be.
+fn refuse_raft(cluster: &Cluster, m: &raft::prelude::Message) -> Option<String> {
+    if m.to != cluster.id {
+        return Some(format!("addressed to member {}, not this one ({})", m.to, cluster.id));
+    }
+    if !cluster.peers.contains(m.from) || m.from == cluster.id {
+        return Some(format!("from member {}, which is not a peer", m.from));
+    }
+    if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+        let data = m.get_snapshot().get_data();
+        if let Err(e) = crate::raft::snapshot::decode(data) {
+            return Some(format!("its snapshot is unusable: {e}"));
+        }
+    }
+    None
+}
 
 pub struct PeerApi {
     pub cluster: Cluster,
@@ -68,6 +98,10 @@ impl pb::peer_server::Peer for PeerApi {
                     continue;
                 }
             };
+            if let Some(why) = refuse_raft(&self.cluster, &m) {
+                warn!(from = m.from, "raft message dropped: {why}");
+                continue;
+            }
             if self.cluster.driver().send(DriverMsg::Raft(Box::new(m))).await.is_err() {
                 return Err(Status::unavailable("controller is shutting down"));
             }
@@ -81,6 +115,11 @@ impl pb::peer_server::Peer for PeerApi {
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let command: Command = postcard::from_bytes(&req.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
+        if command.is_internal() {
+            return Err(Status::permission_denied(format!(
+                "permission denied: only the leader itself may propose {command:?}"
+            )));
+        }
         Ok(Response::new(encode_propose_reply(self.cluster.propose_local(command).await)))
     }
 
