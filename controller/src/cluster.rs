@@ -273,11 +273,6 @@ impl Peers {
         }
     }
 
-    /// `id` is a member this one knows (the applied configuration).
-    pub fn contains(&self, id: u64) -> bool {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
-    }
-
     pub fn addresses(&self) -> BTreeMap<u64, String> {
         let map = self.inner.read().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(&id, p)| (id, p.address.clone())).collect()
