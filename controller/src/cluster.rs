@@ -143,8 +143,10 @@ pub enum DriverMsg {
         reply: oneshot::Sender<()>,
     },
     /// On the leader: check and propose one membership change; answered once applied.
+    /// `candidate_answers`: the member to be added answered the leader's probe.
     ChangeMembership {
         change: MemberChange,
+        candidate_answers: bool,
         reply: oneshot::Sender<ChangeReply>,
     },
     /// A snapshot of the applied state for member `id`, which joins or lost its data.
@@ -425,11 +427,19 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Asks this member's driver to make a membership change (it must lead).
+    /// Asks this member's driver to make a membership change (it must lead). A member to
+    /// be added is probed first: whether it answers counts towards quorum.
     pub async fn change_local(&self, change: MemberChange) -> ChangeReply {
+        if self.status().role != Role::Leader {
+            return Err(ChangeError::NotLeader { leader: self.status().leader });
+        }
+        let candidate_answers = match &change {
+            MemberChange::AddLearner { id, address } => self.probe(*id, address).await?,
+            _ => false,
+        };
         let (reply, rx) = oneshot::channel();
         self.driver
-            .send(DriverMsg::ChangeMembership { change, reply })
+            .send(DriverMsg::ChangeMembership { change, candidate_answers, reply })
             .await
             .map_err(|_| ChangeError::Unavailable("controller is shutting down".into()))?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
@@ -474,6 +484,30 @@ impl Cluster {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether member `id` answers at `address` (a controller started with `--join`
+    /// serves once it has its snapshot). Another member answering there is an error.
+    async fn probe(&self, id: u64, address: &str) -> Result<bool, ChangeError> {
+        let Ok(channel) = Peers::connect(&self.peers.dialer, address) else { return Ok(false) };
+        let mut client = Peers::client_on(channel);
+        let mut request = tonic::Request::new(pb::Empty {});
+        request.set_timeout(Duration::from_secs(1));
+        let answer =
+            tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await;
+        match answer {
+            Ok(Ok(resp)) => match resp.into_inner().member.map(|m| m.id) {
+                Some(answered) if answered != id => {
+                    Err(ChangeError::Refused(MembershipError::AddressAnswersAs {
+                        address: address.to_string(),
+                        answered,
+                        id,
+                    }))
+                }
+                answered => Ok(answered.is_some()),
+            },
+            _ => Ok(false),
         }
     }
 

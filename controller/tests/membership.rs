@@ -240,3 +240,44 @@ async fn replacing_a_sigkilled_member_fails_no_write() {
         check_acked(&cluster, id, &load.acked).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_grows_to_three() {
+    let mut cluster = Cluster::start(1, &QUIET);
+    setup(&cluster).await;
+    let addr2 = cluster.new_joiner(2, &QUIET);
+    // Two voters need both: refused while member 2 does not run yet.
+    let refused = add_member(&cluster, 1, 2, &addr2.to_string()).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("unreachable: 2"), "{}", refused.message());
+    cluster.restart(2);
+    add_member(&cluster, 1, 2, &addr2.to_string()).await.expect("add member 2");
+    wait_voters(&cluster, &[1, 2]).await;
+
+    let addr3 = cluster.new_joiner(3, &QUIET);
+    cluster.restart(3);
+    // The address answers as member 3: adding it under another id is refused.
+    let wrong = add_member(&cluster, 2, 9, &addr3.to_string()).await.expect_err("refused");
+    assert!(wrong.message().contains("is member 3, not 9"), "{}", wrong.message());
+    add_member(&cluster, 2, 3, &addr3.to_string()).await.expect("add member 3");
+    wait_voters(&cluster, &[1, 2, 3]).await;
+
+    // Now any one member may fail.
+    let names: Vec<String> = (0..5).map(|i| format!("grown{i}")).collect();
+    for name in &names {
+        cluster
+            .write_any(|mut c| {
+                let req = create_endpoint_request(name, "h1", "net");
+                async move { c.create_endpoint(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .expect("write");
+    }
+    let leader = cluster.wait_leader(ELECTION).await;
+    cluster.kill(leader);
+    cluster.wait_leader(ELECTION).await;
+    cluster.wait_converged(CONVERGE).await;
+    for id in cluster.running() {
+        check_acked(&cluster, id, &names).await;
+    }
+}

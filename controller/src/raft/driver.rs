@@ -216,7 +216,9 @@ impl Driver {
                 }
             }
             DriverMsg::ReadIndex { reply } => self.reads.push(reply),
-            DriverMsg::ChangeMembership { change, reply } => self.change_membership(change, reply),
+            DriverMsg::ChangeMembership { change, candidate_answers, reply } => {
+                self.change_membership(change, candidate_answers, reply)
+            }
             DriverMsg::JoinSnapshot { id, reply } => {
                 let _ = reply.send(self.join_snapshot(id));
             }
@@ -528,7 +530,12 @@ impl Driver {
         }
     }
 
-    fn change_membership(&mut self, change: MemberChange, reply: oneshot::Sender<ChangeReply>) {
+    fn change_membership(
+        &mut self,
+        change: MemberChange,
+        candidate_answers: bool,
+        reply: oneshot::Sender<ChangeReply>,
+    ) {
         if self.node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(ChangeError::NotLeader { leader: self.node.raft.leader_id }));
             return;
@@ -537,7 +544,10 @@ impl Driver {
             let _ = reply.send(Err(ChangeError::Retry("leadership is being transferred".into())));
             return;
         }
-        let view = self.view();
+        let mut view = self.view();
+        if candidate_answers {
+            view.live.insert(change.id());
+        }
         let decision = match membership::check(&view, &self.membership, &change) {
             Ok(d) => d,
             Err(MembershipError::ChangeInProgress) => {

@@ -131,7 +131,8 @@ impl Membership {
 pub struct View {
     pub voters: BTreeSet<u64>,
     pub learners: BTreeSet<u64>,
-    /// Members the leader heard from within an election timeout, itself included.
+    /// Members the leader heard from within an election timeout, itself included, and a
+    /// member to be added if it answered the leader's probe.
     pub live: BTreeSet<u64>,
     /// Members whose log is within [`CATCH_UP_SLACK`] of the leader's commit index and
     /// being replicated to (the leader itself included).
@@ -157,6 +158,11 @@ pub enum MembershipError {
     AlreadyMember { id: u64, address: String },
     #[error("address {address} is already used by member {id}")]
     AddressInUse { address: String, id: u64 },
+    #[error(
+        "the controller at {address} is member {answered}, not {id}: check the id and the \
+         address (its --id and --listen)"
+    )]
+    AddressAnswersAs { address: String, answered: u64, id: u64 },
     #[error("member id {0} was removed from this cluster and is never reused: pick a new id")]
     IdRemoved(u64),
     #[error("member {id} is not in the cluster (members: {members})")]
@@ -257,11 +263,12 @@ pub fn check(
             if let Some(&learner) = view.learners.iter().next() {
                 return Err(MembershipError::AddInProgress(learner));
             }
-            // The new member counts once it is promoted; until then the existing voters
-            // must already be able to form a majority of the grown configuration.
+            // A learner never counts for quorum, but it is added to become a voter: refuse
+            // now what could not reach a majority of the grown configuration, counting the
+            // new member only if it answers already (`View::live`, probed by the caller).
             let mut voters = view.voters.clone();
             voters.insert(id);
-            let reachable: BTreeSet<u64> = view.voters.intersection(&view.live).copied().collect();
+            let reachable: BTreeSet<u64> = voters.intersection(&view.live).copied().collect();
             if reachable.len() < majority(voters.len()) {
                 return Err(MembershipError::WouldLoseQuorum(QuorumLoss {
                     change: change.to_string(),

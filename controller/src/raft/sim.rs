@@ -489,7 +489,10 @@ impl Sim {
     /// Asks `to` for a membership change; the answer comes once it applied.
     fn change(&mut self, to: u64, change: MemberChange) -> oneshot::Receiver<ChangeReply> {
         let (reply, rx) = oneshot::channel();
-        self.driver(to).handle(DriverMsg::ChangeMembership { change, reply });
+        // What the leader's probe of a member to be added finds: whether it runs.
+        let candidate_answers =
+            matches!(change, MemberChange::AddLearner { .. }) && self.is_up(change.id());
+        self.driver(to).handle(DriverMsg::ChangeMembership { change, candidate_answers, reply });
         self.process(to);
         rx
     }
