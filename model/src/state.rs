@@ -23,16 +23,18 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::ipam::{Ipam, MAX_PREFIX};
+use crate::ipam::Ipam;
 use crate::names::validate_name;
 use crate::types::*;
-use crate::{Command, ModelError, NetworkSpec};
+use crate::{validate, Command, ModelError, NetworkSpec};
 
 /// How many names an "in use" error lists before summarising the rest as a count.
 const LISTED_NAMES: usize = 5;
 
 /// First byte of [`State::to_bytes`], so a future layout can still read old snapshots.
-const SNAPSHOT_FORMAT: u8 = 1;
+/// 2: hosts carry `underlay_prefix`. Format 1 (without it) is still read, see
+/// [`legacy`].
+const SNAPSHOT_FORMAT: u8 = 2;
 
 /// The desired state as watchers see it: plain objects and the revision they reflect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,7 +170,7 @@ const LOWEST_NET: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::UNSPECI
 pub enum SnapshotError {
     #[error("state snapshot is empty")]
     Empty,
-    #[error("state snapshot has format {0}, this build reads format {SNAPSHOT_FORMAT}")]
+    #[error("state snapshot has format {0}, this build reads formats 1 to {SNAPSHOT_FORMAT}")]
     Format(u8),
     #[error("state snapshot does not decode: {0}")]
     Decode(#[from] postcard::Error),
@@ -396,8 +398,11 @@ impl State {
             Command::RemoveRoute { network, destination } => {
                 self.remove_route(network, *destination)?
             }
-            Command::RegisterHost { name, underlay_ip, underlay_mtu, now_ms } => {
-                self.register_host(name, *underlay_ip, *underlay_mtu, *now_ms)?
+            Command::RegisterHost { name, underlay_ip, underlay_prefix, underlay_mtu, now_ms } => {
+                self.register_host(name, *underlay_ip, *underlay_prefix, *underlay_mtu, *now_ms)?
+            }
+            Command::RegisterHostV1 { name, underlay_ip, underlay_mtu, now_ms } => {
+                self.register_host(name, *underlay_ip, 0, *underlay_mtu, *now_ms)?
             }
             Command::RemoveHost { name } => self.remove_host(name)?,
             Command::SetHostStatus { name, status, now_ms } => {
@@ -423,10 +428,14 @@ impl State {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<State, SnapshotError> {
         let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
-        if format != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format(format));
-        }
-        let (state, rest): (State, _) = postcard::take_from_bytes(body)?;
+        let (state, rest): (State, _) = match format {
+            SNAPSHOT_FORMAT => postcard::take_from_bytes(body)?,
+            1 => {
+                let (old, rest): (legacy::StateV1, _) = postcard::take_from_bytes(body)?;
+                (old.into_state(), rest)
+            }
+            _ => return Err(SnapshotError::Format(format)),
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
@@ -551,9 +560,18 @@ impl State {
             return Err(ModelError::NetworkExists(spec.name.clone()));
         }
         let subnet = spec.subnet;
-        check_cidr(subnet)?;
-        if subnet.prefix() > MAX_PREFIX {
-            return Err(ModelError::SubnetTooSmall { subnet });
+        // Host bits, size and the reserved ranges (loopback, link-local, multicast,
+        // 0.0.0.0/0, ...); then no host's underlay: a bridge address there would steal
+        // the host's route to its peers.
+        validate::check_subnet(subnet)?;
+        if let Some(host) =
+            self.catalog.hosts.values().find(|h| validate::overlaps(subnet, h.underlay_network()))
+        {
+            return Err(ModelError::SubnetOverlapsUnderlay {
+                subnet,
+                host: host.name.clone(),
+                underlay: host.underlay_network(),
+            });
         }
         let (start, end) = bounds(subnet);
         if let Some(other) = self.index.overlapping(start, end) {
@@ -830,15 +848,16 @@ impl State {
         &mut self,
         name: &str,
         underlay_ip: Ipv4Addr,
+        underlay_prefix: u8,
         underlay_mtu: u32,
         now_ms: u64,
     ) -> Result<Vec<Change>, ModelError> {
         validate_name(name)?;
         // Peers send encapsulated traffic to this address: one that no host can own
         // would black-hole every network the host carries.
-        if underlay_ip.is_unspecified() || underlay_ip.is_broadcast() || underlay_ip.is_multicast()
-        {
-            return Err(ModelError::InvalidIp(underlay_ip.to_string()));
+        validate::check_underlay_ip(underlay_ip)?;
+        if underlay_prefix > 32 {
+            return Err(ModelError::InvalidCidr(format!("{underlay_ip}/{underlay_prefix}")));
         }
         if let Some(other) = self.index.underlay.get(&underlay_ip).filter(|h| *h != name) {
             return Err(ModelError::UnderlayIpInUse { ip: underlay_ip, host: other.clone() });
@@ -849,6 +868,7 @@ impl State {
             underlay_mtu: if underlay_mtu == 0 { DEFAULT_UNDERLAY_MTU } else { underlay_mtu },
             status: HostStatus::Ready,
             status_changed_ms: now_ms,
+            underlay_prefix,
         };
         if let Some(old) = self.catalog.hosts.get(name) {
             if *old == host {
@@ -894,6 +914,67 @@ impl State {
     }
 }
 
+/// Snapshot format 1: the same layout with hosts that have no `underlay_prefix`.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct HostV1 {
+        name: String,
+        underlay_ip: Ipv4Addr,
+        underlay_mtu: u32,
+        status: HostStatus,
+        status_changed_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct CatalogV1 {
+        revision: u64,
+        networks: BTreeMap<String, Network>,
+        endpoints: BTreeMap<String, Endpoint>,
+        routes: BTreeMap<RouteKey, Route>,
+        hosts: BTreeMap<String, HostV1>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct StateV1 {
+        catalog: CatalogV1,
+        ipams: BTreeMap<String, Ipam>,
+        next_mac: u64,
+    }
+
+    impl StateV1 {
+        /// The same state in today's types; the prefixes are unknown (0).
+        pub(super) fn into_state(self) -> State {
+            let c = self.catalog;
+            let hosts = c
+                .hosts
+                .into_iter()
+                .map(|(k, h)| {
+                    let host = Host {
+                        name: h.name,
+                        underlay_ip: h.underlay_ip,
+                        underlay_mtu: h.underlay_mtu,
+                        status: h.status,
+                        status_changed_ms: h.status_changed_ms,
+                        underlay_prefix: 0,
+                    };
+                    (k, host)
+                })
+                .collect();
+            let catalog = Catalog {
+                revision: c.revision,
+                networks: c.networks,
+                endpoints: c.endpoints,
+                routes: c.routes,
+                hosts,
+            };
+            let index = Index::build(&catalog);
+            State { catalog, ipams: self.ipams, next_mac: self.next_mac, index }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -928,10 +1009,12 @@ mod tests {
         Command::CreateNetwork(spec(name, subnet))
     }
 
+    /// Registers a host on a /24 underlay.
     fn register(name: &str, underlay: &str, mtu: u32) -> Command {
         Command::RegisterHost {
             name: name.into(),
             underlay_ip: ip(underlay),
+            underlay_prefix: 24,
             underlay_mtu: mtu,
             now_ms: 1000,
         }
@@ -1153,9 +1236,7 @@ mod tests {
             }
         );
         assert_eq!(err.to_string(), "subnet 10.0.1.0/25 overlaps network frontend (10.0.1.0/24)");
-        for overlapping in
-            ["10.0.1.0/24", "10.0.1.128/25", "10.0.1.252/30", "10.0.0.0/16", "0.0.0.0/0"]
-        {
+        for overlapping in ["10.0.1.0/24", "10.0.1.128/25", "10.0.1.252/30", "10.0.0.0/16"] {
             assert!(
                 matches!(
                     refused(&mut state, create_network("x", overlapping)),
@@ -1219,6 +1300,65 @@ mod tests {
             s.mtu = Some(mtu);
             ok(&mut state, Command::CreateNetwork(s));
         }
+    }
+
+    #[test]
+    fn subnets_on_reserved_ranges_or_an_underlay_are_refused_naming_the_value() {
+        let mut state = setup();
+        // h1 is 192.168.0.1/24; h2 registered by an agent that did not say its prefix.
+        ok(
+            &mut state,
+            Command::RegisterHostV1 {
+                name: "h2".into(),
+                underlay_ip: ip("172.20.5.7"),
+                underlay_mtu: 1500,
+                now_ms: 1,
+            },
+        );
+        for (subnet, want) in [
+            (
+                "192.168.0.0/24",
+                "subnet 192.168.0.0/24 overlaps the underlay network 192.168.0.0/24 of host h1",
+            ),
+            (
+                "192.168.0.128/25",
+                "subnet 192.168.0.128/25 overlaps the underlay network 192.168.0.0/24 of host h1",
+            ),
+            (
+                "192.168.0.0/16",
+                "subnet 192.168.0.0/16 overlaps the underlay network 192.168.0.0/24 of host h1",
+            ),
+            (
+                "172.20.5.0/24",
+                "subnet 172.20.5.0/24 overlaps the underlay network 172.20.5.7/32 of host h2",
+            ),
+            ("127.0.0.0/8", "subnet 127.0.0.0/8 overlaps the loopback range (127.0.0.0/8)"),
+            (
+                "169.254.0.0/16",
+                "subnet 169.254.0.0/16 overlaps the link-local range (169.254.0.0/16)",
+            ),
+            ("224.0.0.0/4", "subnet 224.0.0.0/4 overlaps the multicast range (224.0.0.0/4)"),
+            ("0.0.0.0/0", "subnet 0.0.0.0/0 overlaps the whole IPv4 address space (0.0.0.0/0)"),
+        ] {
+            let err = refused(&mut state, create_network("x", subnet)).to_string();
+            assert!(err.starts_with(want), "{subnet}: {err}");
+        }
+        // Next to an underlay is fine.
+        ok(&mut state, create_network("beside", "192.168.1.0/24"));
+        ok(&mut state, create_network("near-h2", "172.20.6.0/24"));
+        assert_eq!(
+            refused(
+                &mut state,
+                Command::RegisterHost {
+                    name: "h3".into(),
+                    underlay_ip: ip("192.168.9.1"),
+                    underlay_prefix: 33,
+                    underlay_mtu: 1500,
+                    now_ms: 1,
+                }
+            ),
+            ModelError::InvalidCidr("192.168.9.1/33".into())
+        );
     }
 
     #[test]
@@ -1651,6 +1791,7 @@ mod tests {
             underlay_mtu: DEFAULT_UNDERLAY_MTU,
             status: HostStatus::Ready,
             status_changed_ms: 1000,
+            underlay_prefix: 24,
         };
         assert_eq!(
             ok(&mut state, register("h1", "192.168.0.1", 0)),
@@ -1682,6 +1823,7 @@ mod tests {
         let moved = Command::RegisterHost {
             name: "h1".into(),
             underlay_ip: ip("192.168.0.9"),
+            underlay_prefix: 24,
             underlay_mtu: 9000,
             now_ms: 3000,
         };
@@ -1735,6 +1877,7 @@ mod tests {
             underlay_mtu: 1500,
             status: HostStatus::Down,
             status_changed_ms: 5000,
+            underlay_prefix: 24,
         };
         assert_eq!(
             ok(&mut state, set(HostStatus::Down, 5000)),
@@ -1781,6 +1924,71 @@ mod tests {
         assert!(
             matches!(State::from_bytes(&broken.to_bytes()), Err(SnapshotError::MissingIpam(n)) if n == "backend")
         );
+    }
+
+    /// A format-1 snapshot (hosts without `underlay_prefix`), byte for byte as the
+    /// previous build wrote it: one host, one network, one endpoint.
+    #[test]
+    fn format_one_snapshots_still_load() {
+        #[derive(Serialize)]
+        struct HostV1<'a> {
+            name: &'a str,
+            underlay_ip: Ipv4Addr,
+            underlay_mtu: u32,
+            status: HostStatus,
+            status_changed_ms: u64,
+        }
+        #[derive(Serialize)]
+        struct CatalogV1<'a> {
+            revision: u64,
+            networks: &'a BTreeMap<String, Network>,
+            endpoints: &'a BTreeMap<String, Endpoint>,
+            routes: &'a BTreeMap<RouteKey, Route>,
+            hosts: BTreeMap<String, HostV1<'a>>,
+        }
+        #[derive(Serialize)]
+        struct StateV1<'a> {
+            catalog: CatalogV1<'a>,
+            ipams: &'a BTreeMap<String, Ipam>,
+            next_mac: u64,
+        }
+        let mut state = setup();
+        ok(&mut state, create_endpoint("web", "h1", "frontend"));
+        let c = &state.catalog;
+        let hosts = c
+            .hosts
+            .values()
+            .map(|h| {
+                let v1 = HostV1 {
+                    name: &h.name,
+                    underlay_ip: h.underlay_ip,
+                    underlay_mtu: h.underlay_mtu,
+                    status: h.status,
+                    status_changed_ms: h.status_changed_ms,
+                };
+                (h.name.clone(), v1)
+            })
+            .collect();
+        let old = StateV1 {
+            catalog: CatalogV1 {
+                revision: c.revision,
+                networks: &c.networks,
+                endpoints: &c.endpoints,
+                routes: &c.routes,
+                hosts,
+            },
+            ipams: &state.ipams,
+            next_mac: state.next_mac,
+        };
+        let mut bytes = vec![1u8];
+        bytes.extend(postcard::to_stdvec(&old).unwrap());
+        let back = State::from_bytes(&bytes).unwrap();
+        let mut want = state.clone();
+        want.catalog.hosts.values_mut().for_each(|h| h.underlay_prefix = 0);
+        assert_eq!(back, want);
+        assert_eq!(back.index, state.index);
+        // Written again, it is format 2.
+        assert_eq!(back.to_bytes()[0], SNAPSHOT_FORMAT);
     }
 
     #[test]
