@@ -7,8 +7,9 @@
 //! * [`run_watch`]: connects to the controller URLs in turn, resumes from the last
 //!   applied revision, persists every consistent catalog to `desired.json` and
 //!   publishes it; on any error it moves on to the next URL with backoff.
-//! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second, re-registering on
-//!   `NotFound`, moving to the next URL on failure.
+//! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second (and at once when
+//!   the agent's problem changes: a host that cannot apply its firewall is shown
+//!   `degraded` with it), re-registering on `NotFound`, moving to the next URL on failure.
 //!
 //! Nothing here touches the kernel; the data plane never waits for a controller.
 
@@ -36,6 +37,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Identity {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    /// Prefix length of the underlay network (0: unknown).
+    pub underlay_prefix: u8,
     pub underlay_mtu: u32,
 }
 
@@ -171,14 +174,19 @@ async fn watch_once(
     Ok(())
 }
 
-/// Registers, then heartbeats every second, forever (until the task is dropped).
-pub async fn run_heartbeat(me: Identity, urls: Vec<String>) {
+/// Registers, then heartbeats every second, forever (until the task is dropped). Each
+/// heartbeat carries the agent's current problem from `problem` (`None`: none).
+pub async fn run_heartbeat(
+    me: Identity,
+    urls: Vec<String>,
+    mut problem: watch::Receiver<Option<String>>,
+) {
     let mut backoff = Backoff::new();
     let mut next = 0usize;
     loop {
         let url = &urls[next % urls.len()];
         next += 1;
-        if let Err(e) = heartbeat_once(&me, url, &mut backoff).await {
+        if let Err(e) = heartbeat_once(&me, url, &mut backoff, &mut problem).await {
             warn!(controller = %url, "heartbeat: {e}");
         }
         backoff.wait().await;
@@ -190,6 +198,7 @@ async fn register(client: &mut OverlayClient<Channel>, me: &Identity) -> Result<
         name: me.name.clone(),
         underlay_ip: me.underlay_ip.to_string(),
         underlay_mtu: me.underlay_mtu,
+        underlay_prefix: u32::from(me.underlay_prefix),
     };
     tokio::time::timeout(RPC_TIMEOUT, client.register_host(req))
         .await
@@ -197,15 +206,27 @@ async fn register(client: &mut OverlayClient<Channel>, me: &Identity) -> Result<
     Ok(())
 }
 
-async fn heartbeat_once(me: &Identity, url: &str, backoff: &mut Backoff) -> Result<(), String> {
+async fn heartbeat_once(
+    me: &Identity,
+    url: &str,
+    backoff: &mut Backoff,
+    problem: &mut watch::Receiver<Option<String>>,
+) -> Result<(), String> {
     let mut client = connect(url).await?;
     register(&mut client, me).await.map_err(|s| format!("register: {}", s.message()))?;
     info!(controller = %url, underlay_ip = %me.underlay_ip, underlay_mtu = me.underlay_mtu, "registered");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let req = pb::HeartbeatRequest { host: me.name.clone() };
+        tokio::select! {
+            _ = tick.tick() => {}
+            // A sender that went away leaves the last value; keep ticking.
+            r = problem.changed() => if r.is_err() { tick.tick().await; },
+        }
+        let req = pb::HeartbeatRequest {
+            host: me.name.clone(),
+            problem: problem.borrow_and_update().clone().unwrap_or_default(),
+        };
         let r = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req))
             .await
             .map_err(|_| "heartbeat timed out".to_string())?;

@@ -176,8 +176,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Host(HostCmd::Add { name, underlay_ip, mtu }) => {
             validate_name(&name)?;
             parse::ipv4(&underlay_ip)?;
-            let request =
-                pb::RegisterHostRequest { name, underlay_ip, underlay_mtu: explicit_mtu(mtu)? };
+            // The underlay prefix stays unknown until the host's agent registers it.
+            let request = pb::RegisterHostRequest {
+                name,
+                underlay_ip,
+                underlay_mtu: explicit_mtu(mtu)?,
+                underlay_prefix: 0,
+            };
             emit(out, &rpc!(ctl, Write, register_host, request))
         }
         Command::Host(HostCmd::Rm { name }) => {

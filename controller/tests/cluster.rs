@@ -462,7 +462,10 @@ fn heartbeats(cluster: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHand
         let mut i = 0;
         while !stop.load(Ordering::SeqCst) {
             let mut c = all[i % all.len()].clone();
-            let _ = timed(c.heartbeat(pb::HeartbeatRequest { host: "h1".into() })).await;
+            let _ = timed(
+                c.heartbeat(pb::HeartbeatRequest { host: "h1".into(), problem: String::new() }),
+            )
+            .await;
             i += 1;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

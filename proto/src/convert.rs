@@ -175,12 +175,9 @@ impl TryFrom<&pb::Host> for Host {
             underlay_mtu: h.underlay_mtu,
             status: h.status.parse()?,
             status_changed_ms: 0,
-            underlay_prefix: u8::try_from(h.underlay_prefix)
-                .ok()
-                .filter(|p| *p <= 32)
-                .ok_or_else(|| {
-                    ModelError::InvalidCidr(format!("{}/{}", h.underlay_ip, h.underlay_prefix))
-                })?,
+            underlay_prefix: u8::try_from(h.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(
+                || ModelError::InvalidCidr(format!("{}/{}", h.underlay_ip, h.underlay_prefix)),
+            )?,
         })
     }
 }

@@ -294,8 +294,12 @@ impl Cluster {
 
     /// Registers host `name` (retrying while a leader is being elected).
     pub async fn register_host(&self, name: &str, ip: &str) {
-        let req =
-            pb::RegisterHostRequest { name: name.into(), underlay_ip: ip.into(), underlay_mtu: 0 };
+        let req = pb::RegisterHostRequest {
+            name: name.into(),
+            underlay_ip: ip.into(),
+            underlay_mtu: 0,
+            underlay_prefix: 0,
+        };
         self.write_any(|mut c| {
             let req = req.clone();
             async move { c.register_host(req).await.map(|r| r.into_inner()) }
