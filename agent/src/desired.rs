@@ -220,7 +220,7 @@ pub fn bridge_mac(vni: u32) -> Mac {
 /// MTU or VNI is checked again (the catalog comes over the network), and its subnet
 /// must not overlap this host's underlay (a bridge address there would take over the
 /// route to the other hosts).
-fn check_network(net: &Network, underlays: &[Ipv4Network]) -> Result<(), ModelError> {
+fn check_network(net: &Network, me: &str, underlays: &[Ipv4Network]) -> Result<(), ModelError> {
     validate_name(&net.name)?;
     validate::check_subnet(net.subnet)?;
     validate::check_host_address(net.gateway, net.subnet)?;
@@ -229,7 +229,7 @@ fn check_network(net: &Network, underlays: &[Ipv4Network]) -> Result<(), ModelEr
     if let Some(u) = underlays.iter().find(|u| validate::overlaps(net.subnet, **u)) {
         return Err(ModelError::SubnetOverlapsUnderlay {
             subnet: net.subnet,
-            host: "(this host)".into(),
+            host: me.to_string(),
             underlay: *u,
         });
     }
@@ -280,11 +280,15 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
         let ip = *host_ips.get(host)?;
         (ip != local.underlay_ip && host != local.name).then_some(ip)
     };
-    let mut underlays = vec![Ipv4Network::from(local.underlay_ip)];
-    if let Some(me) = catalog.hosts.get(&local.name).filter(|h| h.underlay_ip == local.underlay_ip)
-    {
-        underlays.push(me.underlay_network());
-    }
+    // This host's underlay network as registered (widest first), and its own address.
+    let mut underlays: Vec<Ipv4Network> = catalog
+        .hosts
+        .get(&local.name)
+        .filter(|h| h.underlay_ip == local.underlay_ip)
+        .map(|h| h.underlay_network())
+        .into_iter()
+        .collect();
+    underlays.push(Ipv4Network::from(local.underlay_ip));
 
     // Local endpoints: their names become namespace names and paths.
     let mut local_eps = Vec::new();
@@ -299,7 +303,7 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
 
     for name in &carried {
         let Some(net) = catalog.networks.get(*name) else { continue };
-        if let Err(e) = check_network(net, &underlays) {
+        if let Err(e) = check_network(net, &local.name, &underlays) {
             rejected.push(format!("network {:?} skipped: {e}", net.name));
             continue;
         }
@@ -620,6 +624,88 @@ pub(crate) mod tests {
         let with_cert = LocalHost { can_encrypt: true, ..local("h1", "192.0.2.1") };
         let d = desired_for_host(&c, &with_cert);
         assert_eq!(d.networks["front"].uplink_kind, Uplink::Tap { encrypted: true });
+    }
+
+    #[test]
+    fn the_firewall_knows_every_host_and_gateway() {
+        let d = desired_for_host(&catalog(), &local("h2", "192.0.2.2"));
+        let hosts: Vec<String> = d.firewall.hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        assert_eq!(d.firewall.gateway_macs, [bridge_mac(4096), bridge_mac(4097)].into());
+        let gateways: Vec<(String, String)> =
+            d.firewall.gateways.iter().map(|(b, ip)| (b.clone(), ip.to_string())).collect();
+        assert_eq!(
+            gateways,
+            [("ovb-4096".into(), "10.1.0.1".into()), ("ovb-4097".into(), "10.2.0.1".into())]
+        );
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    }
+
+    #[test]
+    fn bad_objects_from_the_wire_are_skipped_and_the_rest_proceeds() {
+        let mut c = catalog();
+        // A namespace name that is a path, a network on loopback, one on this host's
+        // underlay, a remote host with a multicast underlay address.
+        c.endpoints
+            .insert("../../etc".into(), ep("../../etc", "h2", &[("front", "10.1.0.30", 30)]));
+        let mut lo = net("lo-net", "127.0.0.0/24", 4100, false);
+        lo.gateway = "127.0.0.1".parse().unwrap();
+        c.networks.insert(lo.name.clone(), lo);
+        c.networks.insert("under".into(), net("under", "192.0.2.0/25", 4101, false));
+        let mut bad_mtu = net("jumbo", "10.5.0.0/24", 4102, false);
+        bad_mtu.mtu = 65535;
+        c.networks.insert(bad_mtu.name.clone(), bad_mtu);
+        c.endpoints.insert(
+            "multi".into(),
+            ep(
+                "multi",
+                "h2",
+                &[
+                    ("front", "10.1.0.31", 31),
+                    ("lo-net", "127.0.0.5", 32),
+                    ("under", "192.0.2.50", 33),
+                    ("jumbo", "10.5.0.2", 34),
+                ],
+            ),
+        );
+        let mut rogue = host("rogue", "224.0.0.1");
+        rogue.underlay_prefix = 0;
+        c.hosts.insert("rogue".into(), rogue);
+        c.endpoints.insert("far".into(), ep("far", "rogue", &[("front", "10.1.0.40", 40)]));
+        // A remote endpoint with a multicast MAC, a local attachment named lo.
+        let mut bad_mac = ep("badmac", "h1", &[("front", "10.1.0.41", 41)]);
+        bad_mac.attachments[0].mac = Mac([0x01, 0, 0x5e, 0, 0, 1]);
+        c.endpoints.insert("badmac".into(), bad_mac);
+        let mut lo_if = ep("loif", "h2", &[("front", "10.1.0.42", 42)]);
+        lo_if.attachments[0].interface = "lo".into();
+        c.endpoints.insert("loif".into(), lo_if);
+
+        let d = desired_for_host(&c, &local("h2", "192.0.2.2"));
+        let rejected = d.rejected.join("\n");
+        for want in [
+            "endpoint \"../../etc\" skipped: invalid name",
+            "host \"rogue\" skipped: invalid IP address \"224.0.0.1\"",
+            "network \"lo-net\" skipped: subnet 127.0.0.0/24 overlaps the loopback range",
+            "network \"under\" skipped: subnet 192.0.2.0/25 overlaps the underlay network 192.0.2.0/24 of host h2",
+            "network \"jumbo\" skipped: invalid MTU 65535",
+            "endpoint \"badmac\" in network front: skipped: invalid MAC address \"01:00:5e:00:00:01\"",
+            "endpoint \"loif\": attachment to network front skipped: invalid interface name \"lo\"",
+        ] {
+            assert!(rejected.contains(want), "missing {want:?} in:\n{rejected}");
+        }
+        assert_eq!(d.rejected.len(), 7, "{rejected}");
+        // The rest proceeds: front and back as before, multi only in front.
+        assert_eq!(d.networks.keys().collect::<Vec<_>>(), ["back", "front"]);
+        assert!(!d.endpoints.contains_key("../../etc"));
+        let multi: Vec<&str> =
+            d.endpoints["multi"].interfaces.iter().map(|i| i.network.as_str()).collect();
+        assert_eq!(multi, ["front"]);
+        assert!(d.endpoints["loif"].interfaces.is_empty());
+        let fdb = &d.networks["front"].fdb;
+        assert!(fdb.iter().all(|f| f.dst != "224.0.0.1".parse::<Ipv4Addr>().unwrap()));
+        assert!(fdb.iter().all(|f| f.mac != Mac([0x01, 0, 0x5e, 0, 0, 1])));
+        assert!(!d.firewall.hosts.contains(&"224.0.0.1".parse().unwrap()));
+        assert_eq!(d.networks["front"].neigh.len(), 2, "api's and gw's only");
     }
 
     #[test]

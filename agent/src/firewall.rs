@@ -391,7 +391,9 @@ mod tests {
         // No networks, no hosts known yet, a guard without data ports: VXLAN is still
         // closed to everyone (the empty `hosts` set matches nobody).
         let r = render(&FirewallDesired::default());
-        assert!(r.body.contains("\tset data_ports {\n\t\ttype inet_service\n\t\telements = { 4789 }\n\t}\n"));
+        assert!(r
+            .body
+            .contains("\tset data_ports {\n\t\ttype inet_service\n\t\telements = { 4789 }\n\t}\n"));
         assert!(r.body.contains("\tset hosts {\n\t\ttype ipv4_addr\n\t}\n"));
         assert!(r.body.contains("udp dport @data_ports ip saddr != @hosts counter drop"));
         assert_eq!(r.rules, 11);
