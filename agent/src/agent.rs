@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use overlay_model::types::DEFAULT_UNDERLAY_MTU;
 use overlay_model::Catalog;
 use tokio::sync::watch;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
@@ -182,13 +182,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         let firewall = pass(&ctx, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
         if let Some(result) = firewall {
             let problem = result.err().map(|e| firewall_problem(&e));
+            // Said when it starts and when it ends, not every pass (its wording may
+            // change from pass to pass: that only goes to the heartbeat and debug).
             problem_tx.send_if_modified(|p| {
                 if *p == problem {
                     return false;
                 }
-                match &problem {
-                    Some(why) => error!("{why}"),
-                    None => info!("host firewall applied; attaching endpoints"),
+                match (&*p, &problem) {
+                    (None, Some(why)) => error!("{why}"),
+                    (Some(_), None) => info!("host firewall applied; attaching endpoints"),
+                    (_, why) => debug!("{why:?}"),
                 }
                 *p = problem;
                 true
@@ -276,9 +279,9 @@ async fn pass(
     sync_dataplane(dataplane, &desired, catalog).await;
     let firewall = match reconcile(host, store, &desired).await {
         Ok(p) => {
-            if !p.actions.is_empty() {
+            if p.applied > 0 {
                 info!(
-                    actions = p.actions.len(),
+                    actions = p.applied,
                     errors = p.errors.len(),
                     held_back = p.held_back.len(),
                     "reconcile pass applied changes"

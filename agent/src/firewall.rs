@@ -242,15 +242,16 @@ fn run_nft(batch: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run nft: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(batch.as_bytes()).map_err(|e| format!("writing to nft: {e}"))?;
-    }
+    // An nft that fails early stops reading: its own error says more than our EPIPE.
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(batch.as_bytes()),
+        None => Ok(()),
+    };
     let out = child.wait_with_output().map_err(|e| format!("waiting for nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    if !out.status.success() {
+        return Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
+    written.map_err(|e| format!("writing to nft: {e}"))
 }
 
 fn nft_list(json: bool) -> Option<Vec<u8>> {

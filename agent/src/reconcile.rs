@@ -27,6 +27,8 @@ pub struct Pass {
     pub errors: Vec<ApplyError>,
     /// Actions not applied because the firewall is not in place.
     pub held_back: Vec<Action>,
+    /// How many actions were applied (the firewall's included when it succeeded).
+    pub applied: usize,
     /// Whether the host firewall is in place, or why not.
     pub firewall: Result<(), String>,
 }
@@ -73,18 +75,59 @@ pub fn attaches(action: &Action) -> bool {
     )
 }
 
+/// The device an action works on, with its namespace.
+fn device(action: &Action) -> Option<(Ns, &str)> {
+    match action {
+        Action::DeleteLink { ns, name } => Some((ns.clone(), name)),
+        Action::SetMtu { ns, dev, .. }
+        | Action::SetMac { ns, dev, .. }
+        | Action::SetUp { ns, dev }
+        | Action::AddAddress { ns, dev, .. }
+        | Action::DelAddress { ns, dev, .. } => Some((ns.clone(), dev)),
+        Action::SetMaster { dev, .. }
+        | Action::AddFdb { dev, .. }
+        | Action::DelFdb { dev, .. }
+        | Action::AddNeigh { dev, .. }
+        | Action::DelNeigh { dev, .. } => Some((Ns::Host, dev)),
+        _ => None,
+    }
+}
+
 /// Splits a plan into (the firewall action, if any; what may run; what is held back).
-/// With the firewall in place (`fail_closed` false) nothing is held back.
+/// With the firewall in place (`fail_closed` false) nothing is held back; without it,
+/// what [`attaches`] is, and so is everything that works in a namespace or on a device
+/// that one of those would have created (it could only fail).
 pub fn split(
     actions: &[Action],
     fail_closed: bool,
 ) -> (Option<&firewall::Ruleset>, Vec<Action>, Vec<Action>) {
+    let mut namespaces = std::collections::BTreeSet::new();
+    let mut devices = std::collections::BTreeSet::new();
+    for a in actions.iter().filter(|a| fail_closed && attaches(a)) {
+        match a {
+            Action::CreateNamespace { name } => {
+                namespaces.insert(name.as_str());
+            }
+            Action::CreateBridge { name, .. } | Action::CreateVxlan { name, .. } => {
+                devices.insert((Ns::Host, name.as_str()));
+            }
+            Action::CreateVeth { netns, host_name, inside, .. } => {
+                devices.insert((Ns::Host, host_name.as_str()));
+                devices.insert((Ns::Netns(netns.clone()), inside.as_str()));
+            }
+            _ => {}
+        }
+    }
+    let depends = |a: &Action| {
+        a.netns().is_some_and(|n| namespaces.contains(n))
+            || device(a).is_some_and(|d| devices.contains(&d))
+    };
     let mut ruleset = None;
     let (mut run, mut held) = (Vec::new(), Vec::new());
     for a in actions {
         match a {
             Action::ApplyFirewall { ruleset: r } => ruleset = Some(r),
-            a if fail_closed && attaches(a) => held.push(a.clone()),
+            a if fail_closed && (attaches(a) || depends(a)) => held.push(a.clone()),
             a => run.push(a.clone()),
         }
     }
@@ -132,7 +175,8 @@ pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Resul
         info!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
     }
     let errors = apply(host, store, &run).await;
-    Ok(Pass { actions, errors, held_back, firewall })
+    let applied = run.len() + usize::from(ruleset.is_some() && firewall.is_ok());
+    Ok(Pass { actions, errors, held_back, applied, firewall })
 }
 
 #[cfg(test)]
@@ -161,6 +205,13 @@ mod tests {
 
         let (_, run, held) = split(&actions, true);
         assert!(!run.iter().any(attaches));
+        // Nor anything inside the namespaces or on the devices that were not created.
+        assert!(run.iter().all(|a| a.netns().is_none()), "{run:?}");
+        assert!(
+            !run.iter()
+                .any(|a| matches!(a, Action::AddAddress { dev, .. } if dev.starts_with("ovb-"))),
+            "{run:?}"
+        );
         // Nothing that creates or plugs in: no namespace, bridge, uplink or veth, no
         // host routing.
         for a in &run {
