@@ -300,3 +300,52 @@ async fn pass(
     dns.start_missing(&ours);
     firewall
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(controllers: &[&str]) -> Config {
+        Config {
+            name: "h1".into(),
+            underlay_ip: "192.0.2.1".parse().unwrap(),
+            controllers: controllers.iter().map(|s| s.to_string()).collect(),
+            data_dir: PathBuf::from("/nonexistent"),
+            reconcile_interval: Duration::from_secs(2),
+            resolv_conf: None,
+            udp_port: 7470,
+            quic_port: 7471,
+            udp_queues: 1,
+            tls: None,
+            control_ports: [7400, 9100].into(),
+        }
+    }
+
+    #[test]
+    fn controller_urls_give_addresses_and_ports() {
+        assert_eq!(controller_addr("http://192.0.2.9:7400"), "192.0.2.9:7400".parse().ok());
+        assert_eq!(controller_addr("https://192.0.2.9:7500/"), "192.0.2.9:7500".parse().ok());
+        assert_eq!(controller_addr("192.0.2.9:7400"), "192.0.2.9:7400".parse().ok());
+        assert_eq!(controller_addr("https://ctl.example:7400"), None);
+        assert_eq!(controller_addr("http://192.0.2.9"), None);
+    }
+
+    #[test]
+    fn the_guard_covers_controllers_control_and_data_ports() {
+        let g = guard(&config(&["http://192.0.2.9:7400", "https://192.0.2.10:7500", "http://x:1"]));
+        let addrs: Vec<String> = g.control_addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["192.0.2.9", "192.0.2.10"]);
+        assert_eq!(g.control_ports, [7400, 7500, 9100].into());
+        assert_eq!(g.data_ports, [4789, 7470, 7471].into());
+    }
+
+    #[test]
+    fn the_problem_says_what_and_what_follows() {
+        let p = firewall_problem("cannot run nft: No such file or directory (os error 2)");
+        assert_eq!(
+            p,
+            "host firewall cannot be applied (cannot run nft: No such file or directory (os error 2)); no endpoint is attached until it can"
+        );
+    }
+}
