@@ -10,6 +10,11 @@
 //!    alternated `--rounds` times (5 s each, default 5) so all see the same machine load;
 //!    medians, the ratios of the medians (overlay/underlay, overlay/baseline), and the
 //!    same ratios of bits per CPU second of the iperf3 processes (robust to other load).
+//!    Where the kernel has br_netfilter (`net.bridge.bridge-nf-call-iptables` exists in
+//!    the hosts' namespaces: built in, or loaded by Docker), the overlay is also measured
+//!    with it switched off in h1 and h2 for that run (as on a host that never loads it):
+//!    the agent keeps bridged frames out of conntrack, but only that switch keeps them
+//!    out of the inet hooks altogether.
 //! 2. Convergence, for `--endpoints` endpoints (default 100) created one after another
 //!    round-robin over the hosts: from `endpoint create` returning until the new
 //!    endpoint answers pings from a probe endpoint on *every other* host (the slowest
@@ -40,8 +45,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use overlay_tests::bench::{arg, check_flags, gbit, iperf3_tcp_cpu, loadavg, median, pct};
-use overlay_tests::lab::{run_ok, Lab, UNDERLAY_PREFIX};
+use overlay_tests::bench::{arg, check_flags, gbit, iperf3_tcp_cpu, loadavg, median, pct, Iperf};
+use overlay_tests::lab::{run, run_ok, Lab, UNDERLAY_PREFIX};
 
 const NET: &str = "bench";
 const SUBNET: &str = "10.77.0.0/16";
@@ -133,18 +138,49 @@ fn bare_path(lab: &Lab, mtu: &str) -> Result<(Probe, Probe)> {
     Ok((server, client))
 }
 
-/// Medians and ratios of `rounds` alternated runs of the three paths.
+/// `net.bridge.bridge-nf-call-iptables` of namespace `ns` (`None`: no br_netfilter).
+fn brnf(ns: &str) -> Option<String> {
+    let out =
+        run(&["ip", "netns", "exec", ns, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables"]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Sets the three `net.bridge.bridge-nf-call-*` switches of `ns` to `value`.
+fn set_brnf(ns: &str, value: &str) -> Result<()> {
+    for table in ["iptables", "ip6tables", "arptables"] {
+        let key = format!("net.bridge.bridge-nf-call-{table}={value}");
+        run_ok(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", &key])?;
+    }
+    Ok(())
+}
+
+/// The overlay run again with br_netfilter off in h1 and h2, restored afterwards.
+fn overlay_without_brnf(lab: &Lab, clients: &[Probe], was: &str) -> Result<Iperf> {
+    let hosts = [lab.host_ns(1), lab.host_ns(2)];
+    for h in &hosts {
+        set_brnf(h, "0")?;
+    }
+    let r = iperf3_tcp_cpu(&lab.dir, &clients[1].0, &clients[0].0, &clients[1].1, 5);
+    for h in &hosts {
+        set_brnf(h, was)?;
+    }
+    r
+}
+
+/// Medians and ratios of `rounds` alternated runs of the paths.
 fn throughput(lab: &Lab, clients: &[Probe], rounds: usize, rows: &mut Rows) -> Result<()> {
     let mtu = lab.ctl_json(&["network", "inspect", NET])?["mtu"].to_string();
     let (bare_server, bare_client) = bare_path(lab, &mtu)?;
-    let (mut over, mut under, mut bare) = (vec![], vec![], vec![]);
+    let brnf_was = brnf(&lab.host_ns(1));
+    let (mut over, mut under, mut bare, mut off) = (vec![], vec![], vec![], vec![]);
     let (mut ratios, mut per_cpu, mut bare_ratios, mut bare_per_cpu) =
         (vec![], vec![], vec![], vec![]);
+    let (mut off_ratios, mut off_per_cpu) = (vec![], vec![]);
     for r in 0..rounds {
         let o = iperf3_tcp_cpu(&lab.dir, &clients[1].0, &clients[0].0, &clients[1].1, 5)?;
         let u = iperf3_tcp_cpu(&lab.dir, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2), 5)?;
         let k = iperf3_tcp_cpu(&lab.dir, &bare_server.0, &bare_client.0, &bare_server.1, 5)?;
-        let per = |x: &overlay_tests::bench::Iperf| x.bps / x.cpu_s;
+        let per = |x: &Iperf| x.bps / x.cpu_s;
         eprintln!(
             "  round {}: overlay {} ({:.1} CPU s), underlay {} ({:.1} CPU s), baseline {} ({:.1} CPU s): overlay/underlay {:.2} (per CPU s {:.2}), overlay/baseline {:.2} (per CPU s {:.2})",
             r + 1,
@@ -166,6 +202,20 @@ fn throughput(lab: &Lab, clients: &[Probe], rounds: usize, rows: &mut Rows) -> R
         per_cpu.push(per(&o) / per(&u));
         bare_ratios.push(o.bps / k.bps);
         bare_per_cpu.push(per(&o) / per(&k));
+        if let Some(was) = &brnf_was {
+            let n = overlay_without_brnf(lab, clients, was)?;
+            eprintln!(
+                "  round {}: overlay with br_netfilter off {} ({:.1} CPU s): / baseline {:.2} (per CPU s {:.2})",
+                r + 1,
+                gbit(n.bps),
+                n.cpu_s,
+                n.bps / k.bps,
+                per(&n) / per(&k),
+            );
+            off.push(n.bps);
+            off_ratios.push(n.bps / k.bps);
+            off_per_cpu.push(per(&n) / per(&k));
+        }
     }
     let (o, u, k) = (median(&over), median(&under), median(&bare));
     ratios.sort_by(f64::total_cmp);
@@ -196,6 +246,21 @@ fn throughput(lab: &Lab, clients: &[Probe], rounds: usize, rows: &mut Rows) -> R
         "overlay / baseline, bits per CPU second of iperf3 (median)".into(),
         format!("{:.2}", median(&bare_per_cpu)),
     ));
+    if !off.is_empty() {
+        off_ratios.sort_by(f64::total_cmp);
+        rows.push((
+            format!("iperf3 TCP overlay, br_netfilter off in h1/h2, median of {rounds}"),
+            gbit(median(&off)),
+        ));
+        rows.push((
+            "  ... / baseline (ratio of medians; per-round min..max)".into(),
+            format!("{:.2} ({})", median(&off) / k, span(&off_ratios)),
+        ));
+        rows.push((
+            "  ... / baseline, bits per CPU second of iperf3 (median)".into(),
+            format!("{:.2}", median(&off_per_cpu)),
+        ));
+    }
     Ok(())
 }
 
