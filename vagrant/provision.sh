@@ -14,8 +14,12 @@ usage: vagrant/provision.sh --id N [--members M] [--net A.B.C] [--from DIR] [--r
   --members M     controller members, on VMs 1..M (default 3; 1, 3 or 5)
   --net A.B.C     the private network's first three octets (default 192.168.56)
   --from DIR      the built binaries (default: the repository's target/release)
-  --tls DIR       ca.pem, vmN.pem and vmN-key.pem (overlayctl cert ca / cert issue):
-                  installed into /etc/overlay/tls for --encrypted networks
+  --tls DIR       the cluster PKI made by overlayctl cert: ca.pem, vmN.pem and
+                  vmN-key.pem (role agent), on controller VMs also vmN-controller.pem
+                  and vmN-controller-key.pem (role controller), and optionally
+                  admin.pem and admin-key.pem (role admin, for overlayctl on the VM);
+                  installed into /etc/overlay/tls. Without --tls the cluster runs
+                  --insecure: plaintext and unauthenticated (a warning says so)
   --root DIR      write everything under DIR instead of /: no package installation,
                   no sysctl, and units are only enabled (systemctl --root), not started
   --no-systemctl  do not run systemctl at all
@@ -76,18 +80,27 @@ elif [ "$(id -u)" -ne 0 ]; then
 fi
 
 name="vm$id"
+ip="$net.$((10 + id))"
 if [ -n "$tls" ]; then
   for f in ca.pem "$name.pem" "$name-key.pem"; do
-    [ -f "$tls/$f" ] || die "--tls $tls: $f is missing (overlayctl cert issue $name --ca-dir DIR --out $tls)"
+    [ -f "$tls/$f" ] || die "--tls $tls: $f is missing (overlayctl cert issue $name --role agent --ip $ip --ca-dir DIR --out $tls)"
   done
+  if [ "$id" -le "$members" ]; then
+    for f in "$name-controller.pem" "$name-controller-key.pem"; do
+      [ -f "$tls/$f" ] || die "--tls $tls: $f is missing (overlayctl cert issue $name-controller --role controller --ip $ip --ca-dir DIR --out $tls)"
+    done
+  fi
+  scheme=https
+else
+  echo "warning: no --tls: this cluster runs --insecure (plaintext, unauthenticated)" >&2
+  scheme=http
 fi
-ip="$net.$((10 + id))"
 port=7400
 peers=""
 urls=""
 for m in $(seq 1 "$members"); do
   peers="${peers:+$peers,}$m=$net.$((10 + m)):$port"
-  urls="${urls:+$urls,}http://$net.$((10 + m)):$port"
+  urls="${urls:+$urls,}$scheme://$net.$((10 + m)):$port"
 done
 
 echo "==> provisioning $name ($ip)${root:+ under $root}"
@@ -111,6 +124,20 @@ listen = "$ip:$port"
 peers = "$peers"
 data_dir = "/var/lib/overlay/controller"
 EOF
+  if [ -n "$tls" ]; then
+    install -D -m 0644 "$tls/ca.pem" "$etc/tls/ca.pem"
+    install -D -m 0644 "$tls/$name-controller.pem" "$etc/tls/controller.pem"
+    install -D -m 0600 "$tls/$name-controller-key.pem" "$etc/tls/controller-key.pem"
+    cat >>"$etc/controller.toml" <<EOF
+tls_ca = "/etc/overlay/tls/ca.pem"
+tls_cert = "/etc/overlay/tls/controller.pem"
+# Handed to the unit's dynamic user by systemd (LoadCredential in the unit).
+tls_key = "/run/credentials/overlay-controller.service/tls-key"
+EOF
+    echo "  installed  $etc/tls/{controller.pem,controller-key.pem}"
+  else
+    echo 'insecure = true' >>"$etc/controller.toml"
+  fi
   chmod 0644 "$etc/controller.toml"
   echo "  wrote      $etc/controller.toml (member $id of $members)"
 fi
@@ -132,12 +159,26 @@ tls_cert = "/etc/overlay/tls/$name.pem"
 tls_key = "/etc/overlay/tls/$name-key.pem"
 EOF
   echo "  installed  $etc/tls/{ca.pem,$name.pem,$name-key.pem}"
+  if [ -f "$tls/admin.pem" ] && [ -f "$tls/admin-key.pem" ]; then
+    install -D -m 0644 "$tls/admin.pem" "$etc/tls/admin.pem"
+    install -D -m 0600 "$tls/admin-key.pem" "$etc/tls/admin-key.pem"
+    echo "  installed  $etc/tls/{admin.pem,admin-key.pem} (root only)"
+  fi
+else
+  echo 'insecure = true' >>"$etc/agent.toml"
 fi
 chmod 0644 "$etc/agent.toml"
 echo "  wrote      $etc/agent.toml"
-# overlayctl on the VM talks to the cluster without flags.
+# overlayctl on the VM talks to the cluster without flags (as admin, when root).
 mkdir -p "$root/etc/profile.d"
-echo "export OVERLAY_CONTROLLER=$urls" >"$root/etc/profile.d/overlay.sh"
+{
+  echo "export OVERLAY_CONTROLLER=$urls"
+  if [ -n "$tls" ]; then
+    echo "export OVERLAY_TLS_CA=/etc/overlay/tls/ca.pem"
+    echo "export OVERLAY_TLS_CERT=/etc/overlay/tls/admin.pem"
+    echo "export OVERLAY_TLS_KEY=/etc/overlay/tls/admin-key.pem"
+  fi
+} >"$root/etc/profile.d/overlay.sh"
 echo "  wrote      $root/etc/profile.d/overlay.sh"
 
 if [ -z "$root" ]; then

@@ -49,8 +49,9 @@ else
     shift
     (cd "$here" && vagrant ssh "vm$n" -c "sudo $(printf '%q ' "$@")" -- -q)
   }
-  # provision.sh put OVERLAY_CONTROLLER in /etc/profile.d; sudo drops it, so name it.
-  ctl() { on 1 env "OVERLAY_CONTROLLER=http://192.168.56.11:7400,http://192.168.56.12:7400,http://192.168.56.13:7400" overlayctl "$@"; }
+  # provision.sh put the controllers and the admin TLS files in /etc/profile.d; sudo
+  # drops them, so source it.
+  ctl() { on 1 bash -c '. /etc/profile.d/overlay.sh && exec overlayctl "$@"' overlayctl "$@"; }
 fi
 
 step() { echo "==> $*"; }

@@ -24,6 +24,7 @@ use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
 use crate::firewall::Guard;
+use crate::identity::{establish, renew_forever, Controllers, Security};
 use crate::nl::Nl;
 use crate::reconcile::reconcile;
 use crate::store::Store;
@@ -45,8 +46,9 @@ pub struct Config {
     pub quic_port: u16,
     /// TAP queues (reader threads) per UDP network.
     pub udp_queues: usize,
-    /// Host certificate for `--encrypted` networks; without it they are not carried.
-    pub tls: Option<TlsFiles>,
+    /// How the agent authenticates to the controllers; its certificate also carries
+    /// `--encrypted` networks (not with `--insecure`).
+    pub security: Security,
     /// Controller and metrics ports endpoints must not reach on any host (the ports of
     /// the `--controller` URLs are added to these).
     pub control_ports: BTreeSet<u16>,
@@ -138,12 +140,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
     let (problem_tx, problem_rx) = watch::channel(initial_problem);
+    // A wrong join token or a bad certificate ends the agent here, with the reason.
+    let (dialer, tls) =
+        establish(&cfg.security, &cfg.name, cfg.underlay_ip, &cfg.controllers, &cfg.data_dir)
+            .await?;
+    let controllers = Controllers { urls: cfg.controllers.clone(), dialer };
     let local = LocalHost {
         name: cfg.name.clone(),
         underlay_ip: cfg.underlay_ip,
-        can_encrypt: cfg.tls.is_some(),
+        can_encrypt: tls.is_some(),
     };
-    let mut dataplane = DataplaneClient::new(&cfg.data_dir, daemon_settings(&cfg, mtu));
+    let (renewed_tx, mut renewed) = watch::channel(0u64);
+    let renew_task = match (&cfg.security, &tls) {
+        (Security::JoinToken { .. }, Some(files)) => Some(tokio::spawn(
+            renew_forever(files.clone(), cfg.name.clone(), controllers.clone(), renewed_tx)
+                .in_current_span(),
+        )),
+        _ => None,
+    };
+    let mut dataplane = DataplaneClient::new(&cfg.data_dir, daemon_settings(&cfg, mtu, &tls));
 
     // Until a catalog is known (from disk or a controller) nothing is reconciled, so an
     // agent that lost its state never tears down what is running.
@@ -160,11 +175,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let (tx, mut rx) = watch::channel(persisted.clone().map(Arc::new));
     let replica = Replica::new(persisted.unwrap_or_default());
     let watch_task = tokio::spawn(
-        run_watch(me.clone(), cfg.controllers.clone(), store.clone(), replica, tx)
-            .in_current_span(),
+        run_watch(me.clone(), controllers.clone(), store.clone(), replica, tx).in_current_span(),
     );
-    let heartbeat_task =
-        tokio::spawn(run_heartbeat(me, cfg.controllers.clone(), problem_rx).in_current_span());
+    let heartbeat_task = tokio::spawn(
+        run_heartbeat(me, controllers.clone(), store.clone(), problem_rx).in_current_span(),
+    );
 
     let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
@@ -176,6 +191,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = &mut shutdown => break,
             r = rx.changed() => if r.is_err() { break },
             _ = tick.tick() => {}
+            // A renewed certificate: the data plane's QUIC endpoint must present it.
+            Ok(()) = renewed.changed() => {
+                dataplane.set_settings(daemon_settings(&cfg, mtu, &tls));
+            }
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
         let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard };
@@ -201,12 +220,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
     heartbeat_task.abort();
+    if let Some(task) = renew_task {
+        task.abort();
+    }
     Ok(())
 }
 
 /// The data-plane daemon's settings: a daemon started by another build of the agent or
 /// with other settings is replaced.
-fn daemon_settings(cfg: &Config, underlay_mtu: u32) -> DaemonSettings {
+fn daemon_settings(cfg: &Config, underlay_mtu: u32, tls: &Option<TlsFiles>) -> DaemonSettings {
     // The binary's size and mtime stand in for a build id: an upgraded binary differs.
     let build = std::env::current_exe()
         .and_then(std::fs::metadata)
@@ -229,8 +251,25 @@ fn daemon_settings(cfg: &Config, underlay_mtu: u32) -> DaemonSettings {
         udp_port: cfg.udp_port,
         quic_port: cfg.quic_port,
         queues: cfg.udp_queues,
-        tls: cfg.tls.as_ref().map(|t| (t.ca.clone(), t.cert.clone(), t.key.clone())),
+        tls: tls.as_ref().map(|t| (t.ca.clone(), t.cert.clone(), t.key.clone())),
+        // A renewed certificate (same paths, new contents) makes the settings differ, so
+        // the daemon is replaced and presents the new one.
+        tls_serial: tls.as_ref().map(|t| file_fingerprint(&t.cert)).unwrap_or_default(),
     }
+}
+
+/// Size and mtime of a file, standing for its contents.
+fn file_fingerprint(path: &std::path::Path) -> String {
+    std::fs::metadata(path)
+        .map(|m| {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} {mtime}", m.len())
+        })
+        .unwrap_or_default()
 }
 
 /// Hands the TAP-uplink networks' tables to the data-plane daemon (which creates their
@@ -317,7 +356,7 @@ mod tests {
             udp_port: 7470,
             quic_port: 7471,
             udp_queues: 1,
-            tls: None,
+            security: Security::Insecure,
             control_ports: [7400, 9100].into(),
         }
     }

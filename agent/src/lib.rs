@@ -8,6 +8,7 @@
 //! * [`apply`] (+ [`nl`], [`netns`]): actions -> netlink, setns, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
 //! * [`reconcile`]: one observe/plan/apply pass; [`store`]: what survives restarts.
+//! * [`identity`]: the agent's certificate (checked, or joined with a token and renewed).
 //! * [`watch`]: register, heartbeat, and the controller's desired-state stream.
 //! * [`dns`]: one embedded DNS server per local endpoint.
 //! * [`dataplane`]: the daemon that carries `--encap udp` networks in user space (it
@@ -24,6 +25,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod dns;
 pub mod firewall;
+pub mod identity;
 pub mod netns;
 pub mod nl;
 pub mod observe;

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use overlay_agent::agent::TlsFiles;
+use overlay_agent::identity::Security;
 use serde::Deserialize;
 use tracing::{error, info_span, Instrument};
 
@@ -61,15 +63,25 @@ struct Args {
     /// 7400,9100.
     #[arg(long, value_delimiter = ',')]
     control_ports: Option<Vec<u16>>,
-    /// The cluster CA certificate (PEM) that every host certificate must chain to.
+    /// The cluster CA certificate (PEM): the controllers and every host must present a
+    /// certificate it signed.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// This host's certificate (PEM, from `overlayctl cert issue`).
+    /// This host's certificate (PEM, role agent, from `overlayctl cert issue`).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
     /// This host's private key (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Join with this token (from `overlayctl cluster join-token`) instead of
+    /// --tls-cert and --tls-key: the agent gets its own certificate, keeps it in the data dir
+    /// and renews it.
+    #[arg(long, value_name = "TOKEN")]
+    join_token: Option<String>,
+    /// Talk to the controllers in plaintext, unauthenticated (only with controllers that
+    /// run --insecure). No encrypted networks.
+    #[arg(long)]
+    insecure: bool,
     /// Internal: run as the data-plane daemon listening on this socket (the agent
     /// starts it itself; see `overlay_agent::dataplane`).
     #[arg(long, hide = true, requires = "dataplane_settings")]
@@ -103,6 +115,8 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    join_token: Option<String>,
+    insecure: Option<bool>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -140,9 +154,23 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if controllers.is_empty() {
         return Err("--controller is required (or `controller` in the config file)".into());
     }
+    let insecure = args.insecure || file.insecure.unwrap_or(false);
     for url in &controllers {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(format!("controller URL {url} must start with http:// or https://"));
+        match (url.split_once("://").map(|(scheme, _)| scheme), insecure) {
+            (Some("https"), false) | (Some("http"), true) => {}
+            (Some("http"), false) => {
+                return Err(format!(
+                    "controller URL {url} is plaintext, but the control plane speaks TLS: use https:// (or --insecure on every party)"
+                ))
+            }
+            (Some("https"), true) => {
+                return Err(format!("controller URL {url} needs TLS, but --insecure was given"))
+            }
+            _ => {
+                return Err(format!(
+                    "controller URL {url} must start with https:// (http:// with --insecure)"
+                ))
+            }
         }
     }
     let data_dir =
@@ -175,19 +203,13 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if control_ports.contains(&0) {
         return Err("--control-ports: 0 is not a usable port".into());
     }
-    let tls = match (
+    let security = security(
+        insecure,
         args.tls_ca.or(file.tls_ca),
         args.tls_cert.or(file.tls_cert),
         args.tls_key.or(file.tls_key),
-    ) {
-        (None, None, None) => None,
-        (Some(ca), Some(cert), Some(key)) => Some(overlay_agent::agent::TlsFiles { ca, cert, key }),
-        _ => {
-            return Err(
-                "--tls-ca, --tls-cert and --tls-key go together: give all three or none".into()
-            )
-        }
-    };
+        args.join_token.or(file.join_token),
+    )?;
     Ok(overlay_agent::agent::Config {
         name,
         underlay_ip,
@@ -198,9 +220,38 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         udp_port,
         quic_port,
         udp_queues,
-        tls,
+        security,
         control_ports,
     })
+}
+
+/// `--tls-ca` with a certificate or a join token, or `--insecure`; never both, never
+/// neither.
+fn security(
+    insecure: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    token: Option<String>,
+) -> Result<Security, String> {
+    if insecure {
+        if ca.is_some() || cert.is_some() || key.is_some() || token.is_some() {
+            return Err("--insecure and the TLS flags (--tls-ca, --tls-cert, --tls-key, --join-token) exclude each other".into());
+        }
+        return Ok(Security::Insecure);
+    }
+    let missing = "TLS is required: give --tls-ca with --tls-cert and --tls-key, or --tls-ca with --join-token (or --insecure, only with controllers that run without TLS)";
+    match (ca, cert, key, token) {
+        (Some(ca), Some(cert), Some(key), None) => Ok(Security::Files(TlsFiles { ca, cert, key })),
+        (Some(ca), None, None, Some(token)) => Ok(Security::JoinToken { ca, token }),
+        (_, Some(_), _, Some(_)) | (_, _, Some(_), Some(_)) => {
+            Err("--join-token and --tls-cert/--tls-key exclude each other: give one or the other"
+                .into())
+        }
+        (None, None, None, None) => Err(missing.into()),
+        (None, ..) => Err("--tls-ca is required with --tls-cert/--tls-key or --join-token".into()),
+        _ => Err("--tls-cert and --tls-key go together".into()),
+    }
 }
 
 async fn shutdown_signal() {
@@ -291,20 +342,24 @@ mod tests {
         let file = dir.join("agent.toml");
         std::fs::write(
             &file,
-            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400, http://192.0.2.10:7400\"\n",
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"https://192.0.2.9:7400, https://192.0.2.10:7400\"\ntls_ca = \"/ca.pem\"\njoin_token = \"t\"\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
         let c = config(args(&["--config", f, "--name", "h2"])).unwrap();
         assert_eq!(c.name, "h2");
         assert_eq!(c.underlay_ip, "192.0.2.1".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(c.controllers, vec!["http://192.0.2.9:7400", "http://192.0.2.10:7400"]);
+        assert_eq!(c.controllers, vec!["https://192.0.2.9:7400", "https://192.0.2.10:7400"]);
+        assert_eq!(
+            c.security,
+            Security::JoinToken { ca: PathBuf::from("/ca.pem"), token: "t".into() }
+        );
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.reconcile_interval, Duration::from_secs(2));
 
         std::fs::write(
             &file,
-            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ncontrol_ports = [7400, 9200]\n",
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\ncontrol_ports = [7400, 9200]\n",
         )
         .unwrap();
         assert_eq!(config(args(&["--config", f])).unwrap().control_ports, [7400, 9200].into());
@@ -340,18 +395,18 @@ mod tests {
         let base = ["--config", "/dev/null", "--name", "h1", "--underlay-ip", "192.0.2.1"];
         let with = |extra: &[&str]| {
             let mut a = base.to_vec();
-            a.extend_from_slice(&["--controller", "http://192.0.2.9:7400"]);
+            a.extend_from_slice(&["--controller", "http://192.0.2.9:7400", "--insecure"]);
             a.extend_from_slice(extra);
             config(args(&a))
         };
         let e = with(&["--tls-cert", "/x.pem"]).unwrap_err();
-        assert!(e.contains("--tls-ca"), "{e}");
+        assert!(e.contains("exclude each other"), "{e}");
         let e = with(&["--udp-port", "7471"]).unwrap_err();
         assert!(e.contains("7471"), "{e}");
         let e = with(&["--udp-queues", "99"]).unwrap_err();
         assert!(e.contains("99"), "{e}");
         let c = with(&[]).unwrap();
-        assert_eq!((c.udp_port, c.quic_port, c.tls), (7470, 7471, None));
+        assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
         assert_eq!(c.control_ports, [7400, 9100].into());
         let c = with(&["--control-ports", "7400,9200,9100"]).unwrap();
         assert_eq!(c.control_ports, [7400, 9100, 9200].into());
@@ -360,12 +415,37 @@ mod tests {
     }
 
     #[test]
+    fn tls_is_required_and_plaintext_only_with_insecure() {
+        let base = ["--config", "/dev/null", "--name", "h1", "--underlay-ip", "192.0.2.1"];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            config(args(&a))
+        };
+        let https = ["--controller", "https://192.0.2.9:7400"];
+        let e = with(&https).unwrap_err();
+        assert!(e.starts_with("TLS is required"), "{e}");
+        let e = with(&["--controller", "http://192.0.2.9:7400", "--tls-ca", "/ca"]).unwrap_err();
+        assert!(e.contains("http://192.0.2.9:7400 is plaintext"), "{e}");
+        let e = with(&["--controller", "https://192.0.2.9:7400", "--insecure"]).unwrap_err();
+        assert!(e.contains("needs TLS, but --insecure was given"), "{e}");
+        let files = ["--tls-ca", "/ca", "--tls-cert", "/c", "--tls-key", "/k"];
+        let c = with(&[&https[..], &files[..]].concat()).unwrap();
+        assert!(matches!(c.security, Security::Files(_)));
+        let e = with(&[&https[..], &files[..], &["--join-token", "t"]].concat()).unwrap_err();
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = with(&[&https[..], &["--join-token", "t"]].concat()).unwrap_err();
+        assert!(e.contains("--tls-ca is required"), "{e}");
+        let e = with(&[&https[..], &["--tls-ca", "/ca", "--tls-cert", "/c"]].concat()).unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+    }
+
+    #[test]
     fn resolv_conf_from_flag_or_file() {
         let dir = std::env::temp_dir().join(format!("ov-agent-resolv-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
-        let base =
-            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\n";
+        let base = "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\n";
         std::fs::write(&file, base).unwrap();
         let f = file.to_str().unwrap();
         assert_eq!(config(args(&["--config", f])).unwrap().resolv_conf, None);

@@ -108,6 +108,21 @@ impl Store {
         write_atomic(&self.catalog_path(), &bytes)
     }
 
+    pub fn cluster_id_path(&self) -> PathBuf {
+        self.dir.join("cluster-id")
+    }
+
+    /// The cluster this agent belongs to, once a controller named it.
+    pub fn cluster_id(&self) -> Option<String> {
+        let text = fs::read_to_string(self.cluster_id_path()).ok()?;
+        let id = text.trim();
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+    }
+
+    pub fn save_cluster_id(&self, id: &str) -> io::Result<()> {
+        write_atomic(&self.cluster_id_path(), format!("{id}\n").as_bytes())
+    }
+
     /// Namespaces the agent created.
     pub fn owned_namespaces(&self) -> io::Result<BTreeSet<String>> {
         match fs::read(self.namespaces_path()) {

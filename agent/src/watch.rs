@@ -9,7 +9,8 @@
 //!   publishes it; on any error it moves on to the next URL with backoff.
 //! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second (and at once when
 //!   the agent's problem changes: a host that cannot apply its firewall is shown
-//!   `degraded` with it), re-registering on `NotFound`, moving to the next URL on failure.
+//!   `degraded` with it), re-registering on
+//!   `NotFound`, moving to the next URL on failure.
 //!
 //! Nothing here touches the kernel; the data plane never waits for a controller.
 
@@ -21,9 +22,10 @@ use overlay_model::{Catalog, Change};
 use overlay_proto::pb;
 use overlay_proto::pb::overlay_client::OverlayClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::identity::Controllers;
 use crate::store::Store;
 
 /// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
@@ -89,23 +91,6 @@ impl Replica {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, String> {
-    Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad controller URL {url}: {e}"))
-        .map(|e| {
-            e.connect_timeout(RPC_TIMEOUT)
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(3))
-                .keep_alive_while_idle(true)
-        })
-}
-
-async fn connect(url: &str) -> Result<OverlayClient<Channel>, String> {
-    let channel =
-        endpoint(url)?.connect().await.map_err(|e| format!("connecting to {url}: {e}"))?;
-    Ok(OverlayClient::new(channel))
-}
-
 struct Backoff(Duration);
 
 impl Backoff {
@@ -125,7 +110,7 @@ impl Backoff {
 /// `tx` and persisting it in `store`.
 pub async fn run_watch(
     me: Identity,
-    urls: Vec<String>,
+    controllers: Controllers,
     store: Store,
     mut replica: Replica,
     tx: watch::Sender<Option<Arc<Catalog>>>,
@@ -133,9 +118,9 @@ pub async fn run_watch(
     let mut backoff = Backoff::new();
     let mut next = 0usize;
     loop {
-        let url = &urls[next % urls.len()];
+        let url = &controllers.urls[next % controllers.urls.len()];
         next += 1;
-        match watch_once(&me, url, &store, &mut replica, &tx, &mut backoff).await {
+        match watch_once(&me, &controllers, url, &store, &mut replica, &tx, &mut backoff).await {
             Ok(()) => info!(controller = %url, "watch stream ended; reconnecting"),
             Err(e) => warn!(controller = %url, "watch: {e}"),
         }
@@ -146,15 +131,17 @@ pub async fn run_watch(
 
 async fn watch_once(
     me: &Identity,
+    controllers: &Controllers,
     url: &str,
     store: &Store,
     replica: &mut Replica,
     tx: &watch::Sender<Option<Arc<Catalog>>>,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let mut client = connect(url).await?;
+    let mut client = controllers.connect(url).await?;
     let from = replica.catalog.revision;
-    let req = pb::WatchRequest { host: me.name.clone(), from_revision: from };
+    let cluster_id = store.cluster_id().unwrap_or_default();
+    let req = pb::WatchRequest { host: me.name.clone(), from_revision: from, cluster_id };
     let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
         .await
         .map_err(|_| format!("{url}: watch call timed out"))?
@@ -163,6 +150,7 @@ async fn watch_once(
     info!(controller = %url, from_revision = from, "watching desired state");
     while let Some(msg) = stream.message().await.map_err(|s| format!("{url}: {}", s.message()))? {
         backoff.reset();
+        adopt_cluster_id(store, &msg.cluster_id)?;
         if replica.apply(&msg)? {
             debug!(revision = replica.catalog.revision, "catalog updated");
             if let Err(e) = store.save_catalog(&replica.catalog) {
@@ -174,30 +162,58 @@ async fn watch_once(
     Ok(())
 }
 
-/// Registers, then heartbeats every second, forever (until the task is dropped). Each
-/// heartbeat carries the agent's current problem from `problem` (`None`: none).
+/// Remembers the cluster this agent belongs to the first time a controller names it;
+/// refuses a controller that names another one (the controller refuses too, when asked
+/// with the id; this catches a member that has not learned its cluster's id yet).
+fn adopt_cluster_id(store: &Store, theirs: &str) -> Result<(), String> {
+    if theirs.is_empty() {
+        return Ok(());
+    }
+    match store.cluster_id() {
+        Some(ours) if ours.eq_ignore_ascii_case(theirs) => Ok(()),
+        Some(ours) => Err(format!(
+            "the controller serves cluster {theirs}, but this agent belongs to cluster {ours}: refusing its state (a reinitialised cluster or another cluster's backup?); if this host really moved, stop the agent, delete {} and start it again",
+            store.cluster_id_path().display()
+        )),
+        None => {
+            info!(cluster_id = theirs, "this agent belongs to cluster {theirs}");
+            store.save_cluster_id(theirs).map_err(|e| format!("saving the cluster id: {e}"))
+        }
+    }
+}
+
+/// Registers, then heartbeats every second, forever (until the task is dropped).
+/// Each heartbeat carries the agent's current problem from `problem` (`None`: none), and
+/// one goes out at once when it changes.
 pub async fn run_heartbeat(
     me: Identity,
-    urls: Vec<String>,
+    controllers: Controllers,
+    store: Store,
     mut problem: watch::Receiver<Option<String>>,
 ) {
     let mut backoff = Backoff::new();
     let mut next = 0usize;
     loop {
-        let url = &urls[next % urls.len()];
+        let url = &controllers.urls[next % controllers.urls.len()];
         next += 1;
-        if let Err(e) = heartbeat_once(&me, url, &mut backoff, &mut problem).await {
+        let r = heartbeat_once(&me, &controllers, url, &store, &mut backoff, &mut problem).await;
+        if let Err(e) = r {
             warn!(controller = %url, "heartbeat: {e}");
         }
         backoff.wait().await;
     }
 }
 
-async fn register(client: &mut OverlayClient<Channel>, me: &Identity) -> Result<(), tonic::Status> {
+async fn register(
+    client: &mut OverlayClient<Channel>,
+    me: &Identity,
+    store: &Store,
+) -> Result<(), tonic::Status> {
     let req = pb::RegisterHostRequest {
         name: me.name.clone(),
         underlay_ip: me.underlay_ip.to_string(),
         underlay_mtu: me.underlay_mtu,
+        cluster_id: store.cluster_id().unwrap_or_default(),
         underlay_prefix: u32::from(me.underlay_prefix),
     };
     tokio::time::timeout(RPC_TIMEOUT, client.register_host(req))
@@ -208,12 +224,14 @@ async fn register(client: &mut OverlayClient<Channel>, me: &Identity) -> Result<
 
 async fn heartbeat_once(
     me: &Identity,
+    controllers: &Controllers,
     url: &str,
+    store: &Store,
     backoff: &mut Backoff,
     problem: &mut watch::Receiver<Option<String>>,
 ) -> Result<(), String> {
-    let mut client = connect(url).await?;
-    register(&mut client, me).await.map_err(|s| format!("register: {}", s.message()))?;
+    let mut client = controllers.connect(url).await?;
+    register(&mut client, me, store).await.map_err(|s| format!("register: {}", s.message()))?;
     info!(controller = %url, underlay_ip = %me.underlay_ip, underlay_mtu = me.underlay_mtu, "registered");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -225,16 +243,20 @@ async fn heartbeat_once(
         }
         let req = pb::HeartbeatRequest {
             host: me.name.clone(),
+            cluster_id: store.cluster_id().unwrap_or_default(),
             problem: problem.borrow_and_update().clone().unwrap_or_default(),
         };
         let r = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req))
             .await
             .map_err(|_| "heartbeat timed out".to_string())?;
         match r {
-            Ok(_) => backoff.reset(),
+            Ok(answer) => {
+                adopt_cluster_id(store, &answer.get_ref().cluster_id)?;
+                backoff.reset();
+            }
             Err(s) if s.code() == tonic::Code::NotFound => {
                 info!("controller does not know this host; registering again");
-                register(&mut client, me)
+                register(&mut client, me, store)
                     .await
                     .map_err(|s| format!("register: {}", s.message()))?;
             }
@@ -254,6 +276,7 @@ mod tests {
             reset,
             snapshot_done: done,
             changes: changes.iter().map(pb::Change::from).collect(),
+            cluster_id: String::new(),
         }
     }
 

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-/// The controller URL used when neither `--controller` nor `$OVERLAY_CONTROLLER` is set.
-pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7400";
+/// The controller used when neither `--controller` nor `$OVERLAY_CONTROLLER` is set
+/// (https://, or http:// with `--insecure`).
+pub const DEFAULT_CONTROLLER: &str = "127.0.0.1:7400";
 /// The environment variable that names the controllers when `--controller` is absent.
 pub const CONTROLLER_ENV: &str = "OVERLAY_CONTROLLER";
 
@@ -16,9 +17,26 @@ pub const CONTROLLER_ENV: &str = "OVERLAY_CONTROLLER";
 #[command(name = "overlayctl", version, about, propagate_version = true)]
 pub struct Cli {
     /// Controller URLs, comma-separated, tried in order [default: $OVERLAY_CONTROLLER, then
-    /// http://127.0.0.1:7400]
+    /// https://127.0.0.1:7400]
     #[arg(long, global = true, value_name = "URL[,URL...]")]
     pub controller: Option<String>,
+
+    /// The cluster CA certificate (PEM)
+    #[arg(long, global = true, env = "OVERLAY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Your certificate (PEM; role admin to change things)
+    #[arg(long, global = true, env = "OVERLAY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Your private key (PEM)
+    #[arg(long, global = true, env = "OVERLAY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Plaintext, unauthenticated (only for a cluster whose controllers run --insecure;
+    /// the TLS flags are then ignored)
+    #[arg(long, global = true)]
+    pub insecure: bool,
 
     /// Output format
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
@@ -74,15 +92,39 @@ pub enum Command {
     /// Static routes pushed to every endpoint of a network
     #[command(subcommand)]
     Route(RouteCmd),
-    /// Certificates for encrypted networks (offline: needs no controller)
+    /// The cluster PKI: a CA and certificates with roles (offline: needs no controller)
     #[command(subcommand)]
     Cert(CertCmd),
 }
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]
 pub enum ClusterCmd {
-    /// Members: id, address, role, term, commit index, reachable
+    /// Members: id, address, role, term, commit index, reachable, matched index, voter
     Status,
+    /// Change the raft membership, one member at a time (admin only)
+    #[command(subcommand)]
+    Member(MemberCmd),
+    /// The token agents join with (printed as the last word); needs a controller that
+    /// holds the CA key
+    JoinToken {
+        /// Replace the token first: the old one stops working at once
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum MemberCmd {
+    /// Add member ID listening on IP:PORT (start it with `overlay-controller --join`); it
+    /// becomes a voter once it has caught up
+    Add {
+        id: u64,
+        #[arg(value_name = "IP:PORT")]
+        address: String,
+    },
+    /// Remove member ID, e.g. a dead one before adding its replacement
+    #[command(visible_alias = "remove")]
+    Rm { id: u64 },
 }
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]
@@ -213,17 +255,26 @@ pub enum CertCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a certificate for HOST signed by the CA: DIR/HOST.pem and DIR/HOST-key.pem
+    /// Issue a certificate for NAME signed by the CA: DIR/NAME.pem and DIR/NAME-key.pem
     Issue {
-        host: String,
+        /// The controller's, host's or operator's name
+        name: String,
         /// Directory holding ca.pem and ca-key.pem
         #[arg(long, value_name = "DIR")]
         ca_dir: PathBuf,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// The host's underlay IP, added to the certificate
-        #[arg(long, value_name = "IP")]
-        ip: Option<String>,
+        /// What the holder may do: controller (a raft member), agent (host NAME only),
+        /// admin (everything)
+        #[arg(long, value_name = "controller|agent|admin")]
+        role: String,
+        /// An address the certificate names (repeatable); an agent may register only
+        /// with an underlay IP its certificate names, when it names any
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<String>,
+        /// How long the certificate is valid, e.g. 365d [default: 3650d]
+        #[arg(long, value_name = "DURATION")]
+        lifetime: Option<String>,
     },
 }
 
@@ -278,6 +329,19 @@ mod tests {
     #[test]
     fn cluster_and_host() {
         assert_eq!(command(&["cluster", "status"]), Command::Cluster(ClusterCmd::Status));
+        assert_eq!(
+            command(&["cluster", "member", "add", "4", "10.0.0.4:7400"]),
+            Command::Cluster(ClusterCmd::Member(MemberCmd::Add {
+                id: 4,
+                address: "10.0.0.4:7400".into()
+            }))
+        );
+        assert_eq!(
+            command(&["cluster", "member", "rm", "3"]),
+            Command::Cluster(ClusterCmd::Member(MemberCmd::Rm { id: 3 }))
+        );
+        assert_eq!(fails(&["cluster", "member", "rm", "three"]), ErrorKind::ValueValidation);
+        assert_eq!(fails(&["cluster", "member", "add", "4"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(command(&["host", "ls"]), Command::Host(HostCmd::Ls));
         assert_eq!(command(&["host", "list"]), Command::Host(HostCmd::Ls));
         assert_eq!(

@@ -1,13 +1,13 @@
-//! `overlayctl cert`: the cluster PKI for encrypted networks, offline like `nebula-cert`.
-//! `cert ca` makes the cluster CA once; `cert issue HOST` signs a certificate for one
-//! host, which the operator copies to that host with `ca.pem`. The work is
-//! overlay-quic's `pki`; this file only checks the arguments and reports the files.
+//! `overlayctl cert`: the cluster PKI, offline like `nebula-cert`. `cert ca` makes the
+//! cluster CA once; `cert issue NAME --role R` signs a certificate for one controller,
+//! host or operator, which is copied to where it is used with `ca.pem`. The work is
+//! overlay-pki's; this file only checks the arguments and reports the files.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use overlay_model::parse;
-use overlay_quic::pki::{self, Ca, CA_CERT_FILE, CA_KEY_FILE};
+use overlay_pki::{Ca, Role, Subject, CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LIFETIME};
 use serde::Serialize;
 
 use crate::args::{CertCmd, Format};
@@ -21,11 +21,20 @@ pub fn run(cmd: &CertCmd, out: Format) -> Result<(), Failure> {
             ca.save(dir, *force)?;
             emit(out, &Written { cert: dir.join(CA_CERT_FILE), key: dir.join(CA_KEY_FILE) })
         }
-        CertCmd::Issue { host, ca_dir, out: dir, ip } => {
+        CertCmd::Issue { name, ca_dir, out: dir, role, ips, lifetime } => {
             // Arguments first, so a typo is reported before any file is read.
-            pki::validate_host_name(host)?;
-            let ip = ip.as_deref().map(parse::ipv4).transpose()?.map(IpAddr::V4);
-            let issued = Ca::load(ca_dir)?.issue(host, ip)?;
+            overlay_pki::validate_cert_name(name)?;
+            let role: Role = role.parse()?;
+            let ips = ips
+                .iter()
+                .map(|ip| parse::ipv4(ip).map(IpAddr::V4))
+                .collect::<Result<Vec<_>, _>>()?;
+            let lifetime = match lifetime {
+                Some(text) => parse::duration(text)?,
+                None => DEFAULT_LIFETIME,
+            };
+            let subject = Subject::new(name, role).with_ips(ips).with_lifetime(lifetime);
+            let issued = Ca::load(ca_dir)?.issue(&subject)?;
             let (cert, key) = issued.save(dir)?;
             emit(out, &Written { cert, key })
         }
@@ -53,7 +62,7 @@ impl Render for Written {
 mod tests {
     use std::path::Path;
 
-    use overlay_quic::pki::Identity;
+    use overlay_pki::Identity;
 
     use super::*;
     use crate::args::{Cli, Command};
@@ -84,19 +93,40 @@ mod tests {
                 dir.join("ca.pem").display()
             ))
         );
-        assert_eq!(cert(&["issue", "h1", "--ca-dir", d, "--out", d, "--ip", "192.0.2.1"]), Ok(()));
-        assert!(Identity::load_dir(&dir, "h1").is_ok());
+        let issue = |name: &str, role: &str, more: &[&str]| {
+            let mut args = vec!["issue", name, "--ca-dir", d, "--out", d, "--role", role];
+            args.extend_from_slice(more);
+            cert(&args)
+        };
+        assert_eq!(issue("h1", "agent", &["--ip", "192.0.2.1", "--ip", "192.0.2.2"]), Ok(()));
+        let load = |name: &str, role: Role| {
+            let (c, k) = overlay_pki::cert_files(&dir, name);
+            Identity::load_for(&dir.join(CA_CERT_FILE), &c, &k, name, role)
+        };
+        let h1 = load("h1", Role::Agent).map_err(|e| e.to_string());
+        assert_eq!(h1.map(|i| i.info.ips.len()), Ok(2));
+        assert_eq!(issue("ops", "admin", &["--lifetime", "1d"]), Ok(()));
+        assert!(load("ops", Role::Admin).is_ok());
+        assert!(load("ops", Role::Agent).is_err());
 
         let bad = |args: &[&str], needle: &str| {
             let message = cert(args).err().unwrap_or_default();
             assert!(message.contains(needle), "{args:?}: {message}");
         };
-        bad(&["issue", "H_1", "--ca-dir", d, "--out", d], "invalid name \"H_1\"");
-        bad(&["issue", "h2", "--ca-dir", d, "--out", d, "--ip", "1.2.3"], "\"1.2.3\"");
-        bad(&["issue", "h2", "--ca-dir", "/nonexistent-ca", "--out", d], "/nonexistent-ca/ca.pem");
+        fn with<'a>(args: &[&'a str]) -> Vec<&'a str> {
+            [args, &["--role", "agent"][..]].concat()
+        }
+        bad(&with(&["issue", "H_1", "--ca-dir", d, "--out", d]), "invalid name \"H_1\"");
+        bad(&with(&["issue", "h2", "--ca-dir", d, "--out", d, "--ip", "1.2.3"]), "\"1.2.3\"");
+        bad(
+            &with(&["issue", "h2", "--ca-dir", "/nonexistent-ca", "--out", d]),
+            "/nonexistent-ca/ca.pem",
+        );
+        bad(&["issue", "h2", "--ca-dir", d, "--out", d, "--role", "root"], "unknown role \"root\"");
+        bad(&with(&["issue", "h2", "--ca-dir", d, "--out", d, "--lifetime", "soon"]), "\"soon\"");
         assert_eq!(cert(&["ca", "--out", d, "--force"]), Ok(()));
         // Signed by the replaced CA: no longer valid.
-        assert!(Identity::load_dir(&dir, "h1").is_err());
+        assert!(load("h1", Role::Agent).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -15,15 +15,12 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use overlay_grpc::Dialer;
 use overlay_proto::pb::overlay_client::OverlayClient;
-use tonic::codegen::http::Uri;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::args::DEFAULT_CONTROLLER;
-
-/// The controller's default port, added to a URL that names none.
-pub const DEFAULT_PORT: u16 = 7400;
 /// Lists can be large; the generated client's 4 MiB default is too tight for them.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
@@ -68,6 +65,8 @@ pub enum Error {
     Unreachable(Vec<(String, String)>),
     /// A write reached `url` but its result is not known.
     OutcomeUnknown { url: String, reason: String },
+    /// The TLS handshake with `url` failed: every member would refuse the same way.
+    Tls { url: String, reason: String },
 }
 
 impl fmt::Display for Error {
@@ -82,6 +81,7 @@ impl fmt::Display for Error {
                 let list: Vec<String> = reasons.iter().map(|(url, why)| format!("{url}: {why}")).collect();
                 write!(f, "cannot reach any controller ({})", list.join("; "))
             }
+            Error::Tls { url, reason } => write!(f, "TLS with {url} failed: {reason}"),
             Error::OutcomeUnknown { url, reason } => write!(
                 f,
                 "outcome unknown: the request reached {url} but {reason}; it may or may not have been \
@@ -94,8 +94,13 @@ impl fmt::Display for Error {
 impl StdError for Error {}
 
 /// The controller URLs to try, in order: `--controller`, else `$OVERLAY_CONTROLLER`, else
-/// the default. Each gets `http://` if it has no scheme and `:7400` if it has no port.
-pub fn resolve_urls(flag: Option<&str>, env: Option<&str>) -> Result<Vec<String>, Error> {
+/// the default. Each gets `https://` (`http://` with `--insecure`) if it has no scheme
+/// and `:7400` if it has no port; a scheme that does not match the mode is refused.
+pub fn resolve_urls(
+    flag: Option<&str>,
+    env: Option<&str>,
+    dialer: &Dialer,
+) -> Result<Vec<String>, Error> {
     let raw = match (flag, env) {
         (Some(flag), _) => flag,
         (None, Some(env)) if !env.trim().is_empty() => env,
@@ -105,7 +110,7 @@ pub fn resolve_urls(flag: Option<&str>, env: Option<&str>) -> Result<Vec<String>
         .split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
-        .map(normalize_url)
+        .map(|url| dialer.normalize(url).map_err(|e| bad_url(url, e)))
         .collect::<Result<Vec<_>, _>>()?;
     if urls.is_empty() {
         return Err(Error::BadUrl { url: raw.to_string(), reason: "no URL given".into() });
@@ -113,27 +118,13 @@ pub fn resolve_urls(flag: Option<&str>, env: Option<&str>) -> Result<Vec<String>
     Ok(urls)
 }
 
-fn normalize_url(url: &str) -> Result<String, Error> {
-    let bad = |reason: &str| Error::BadUrl { url: url.to_string(), reason: reason.to_string() };
-    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let uri: Uri = full.parse().map_err(|_| bad("expected http://IP:PORT"))?;
-    let scheme = match uri.scheme_str() {
-        Some(s @ ("http" | "https")) => s,
-        _ => return Err(bad("the scheme must be http or https")),
-    };
-    let authority = match uri.authority() {
-        Some(a) if !a.host().is_empty() => a,
-        _ => return Err(bad("no host")),
-    };
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(bad("a controller URL has no path"));
+fn bad_url(url: &str, e: overlay_grpc::DialError) -> Error {
+    match e {
+        overlay_grpc::DialError::BadUrl { reason, .. } => {
+            Error::BadUrl { url: url.to_string(), reason }
+        }
+        other => Error::BadUrl { url: url.to_string(), reason: other.to_string() },
     }
-    let normal = match authority.port_u16() {
-        Some(_) => format!("{scheme}://{authority}"),
-        None => format!("{scheme}://{authority}:{DEFAULT_PORT}"),
-    };
-    Endpoint::from_shared(normal.clone()).map_err(|e| bad(&root_cause(&e)))?;
-    Ok(normal)
 }
 
 /// The controller members to call, in order.
@@ -141,6 +132,7 @@ fn normalize_url(url: &str) -> Result<String, Error> {
 pub struct Controllers {
     urls: Vec<String>,
     policy: Policy,
+    dialer: Dialer,
 }
 
 /// How one attempt on one member ended, when it did not end with an answer.
@@ -149,11 +141,13 @@ enum Miss {
     NotSent(String),
     /// The member may have seen the request.
     Unanswered(String),
+    /// The TLS handshake failed (so the request was not processed); others would fail alike.
+    Tls(String),
 }
 
 impl Controllers {
-    pub fn new(urls: Vec<String>, policy: Policy) -> Controllers {
-        Controllers { urls, policy }
+    pub fn new(urls: Vec<String>, policy: Policy, dialer: Dialer) -> Controllers {
+        Controllers { urls, policy, dialer }
     }
 
     /// Calls `f` on the first member that answers, per the rules at the top of this file.
@@ -173,8 +167,10 @@ impl Controllers {
                 if remaining.is_zero() {
                     break;
                 }
-                let miss = match connect(url, policy.connect_timeout.min(remaining)).await {
-                    Err(reason) => Miss::NotSent(reason),
+                let miss = match connect(&self.dialer, url, policy.connect_timeout.min(remaining))
+                    .await
+                {
+                    Err(miss) => miss,
                     Ok(channel) => {
                         let client =
                             OverlayClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
@@ -184,7 +180,7 @@ impl Controllers {
                         };
                         match tokio::time::timeout(limit, f(client)).await {
                             Ok(Ok(response)) => return Ok(response.into_inner()),
-                            Ok(Err(status)) => match classify(&status) {
+                            Ok(Err(status)) => match classify(&status, self.dialer.is_insecure()) {
                                 Some(miss) => miss,
                                 None => return Err(Error::Status(status)),
                             },
@@ -195,6 +191,7 @@ impl Controllers {
                     }
                 };
                 match miss {
+                    Miss::Tls(reason) => return Err(Error::Tls { url: url.clone(), reason }),
                     Miss::NotSent(reason) => last[i] = Some(reason),
                     Miss::Unanswered(reason) if call == Call::Write => {
                         return Err(Error::OutcomeUnknown { url: url.clone(), reason });
@@ -217,20 +214,39 @@ impl Controllers {
     }
 }
 
-async fn connect(url: &str, timeout: Duration) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| root_cause(&e))?
+async fn connect(dialer: &Dialer, url: &str, timeout: Duration) -> Result<Channel, Miss> {
+    let endpoint = dialer
+        .endpoint(url)
+        .map_err(|e| Miss::NotSent(e.to_string()))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
-    match tokio::time::timeout(timeout, endpoint.connect()).await {
+    match tokio::time::timeout(timeout, dialer.connect(endpoint)).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(root_cause(&e)),
-        Err(_) => Err(format!("no connection within {}", seconds(timeout))),
+        Ok(Err(e)) => Err(match overlay_grpc::client::tls_failure(&e) {
+            Some(reason) => Miss::Tls(reason),
+            None => Miss::NotSent(root_cause(&e)),
+        }),
+        Err(_) => Err(Miss::NotSent(format!("no connection within {}", seconds(timeout)))),
     }
 }
 
 /// `None` for a real answer from a member; otherwise why there was none.
-fn classify(status: &Status) -> Option<Miss> {
+fn classify(status: &Status, insecure: bool) -> Option<Miss> {
+    // A plaintext HTTP/2 client reads a TLS server's alert record as a frame header
+    // with an impossible length; the server never saw a request.
+    if insecure
+        && status.source().is_some_and(|e| root_cause(e).contains("frame with invalid size"))
+    {
+        return Some(Miss::Tls(
+            "the controller speaks TLS, but --insecure was given: use https:// URLs with --tls-ca, --tls-cert and --tls-key".into(),
+        ));
+    }
+    // With TLS 1.3 a server refuses a client certificate only after the client's side of
+    // the handshake is done, so the refusal arrives as the first call's failure; the
+    // server never processed the request.
+    if let Some(reason) = overlay_grpc::client::tls_failure(status) {
+        return Some(Miss::Tls(reason));
+    }
     if refused(status) {
         return Some(Miss::NotSent("connection refused".into()));
     }
@@ -298,14 +314,14 @@ mod tests {
     use crate::fake::{self, Behaviour};
 
     fn urls(flag: Option<&str>, env: Option<&str>) -> Vec<String> {
-        match resolve_urls(flag, env) {
+        match resolve_urls(flag, env, &Dialer::insecure()) {
             Ok(urls) => urls,
             Err(e) => panic!("{flag:?} {env:?}: {e}"),
         }
     }
 
     fn bad_url(flag: &str) -> String {
-        match resolve_urls(Some(flag), None) {
+        match resolve_urls(Some(flag), None, &Dialer::insecure()) {
             Ok(urls) => panic!("{flag:?} resolved to {urls:?}"),
             Err(e) => e.to_string(),
         }
@@ -319,18 +335,38 @@ mod tests {
         assert_eq!(urls(Some("10.0.0.2:9000"), Some("10.0.0.1:7400")), ["http://10.0.0.2:9000"]);
     }
 
+    fn tls_dialer() -> Dialer {
+        let ca = overlay_pki::Ca::generate().expect("CA");
+        Dialer::tls(overlay_pki::tls::client_config(ca.cert_der(), None).expect("TLS config"))
+    }
+
     #[test]
     fn urls_are_split_and_completed() {
         assert_eq!(
-            urls(Some("http://10.0.0.1:7400, 10.0.0.2:7400,,https://ctl.example:443,10.0.0.4,[fd00::1]/"), None),
+            urls(Some("http://10.0.0.1:7400, 10.0.0.2:7400,,10.0.0.4,[fd00::1]/"), None),
             [
                 "http://10.0.0.1:7400",
                 "http://10.0.0.2:7400",
-                "https://ctl.example:443",
                 "http://10.0.0.4:7400",
                 "http://[fd00::1]:7400",
             ]
         );
+        let secure = resolve_urls(Some("https://ctl.example:443,10.0.0.4"), None, &tls_dialer());
+        assert_eq!(
+            secure.map_err(|e| e.to_string()),
+            Ok(vec!["https://ctl.example:443".to_string(), "https://10.0.0.4:7400".to_string()])
+        );
+    }
+
+    #[test]
+    fn the_scheme_must_match_the_mode() {
+        let plain = resolve_urls(Some("http://10.0.0.1:7400"), None, &tls_dialer());
+        let e = plain.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("is plaintext, but the control plane speaks TLS"), "{e}");
+        let e = bad_url("https://10.0.0.1:7400");
+        assert!(e.contains("needs TLS, but --insecure was given"), "{e}");
+        let default = resolve_urls(None, None, &tls_dialer()).map_err(|e| e.to_string());
+        assert_eq!(default, Ok(vec!["https://127.0.0.1:7400".to_string()]));
     }
 
     #[test]
@@ -339,9 +375,9 @@ mod tests {
         assert_eq!(bad_url(" , "), r#"invalid controller URL " , ": no URL given"#);
         assert_eq!(
             bad_url("ftp://x:1"),
-            r#"invalid controller URL "ftp://x:1": the scheme must be http or https"#
+            r#"invalid controller URL "ftp://x:1": the scheme must be https (or http with --insecure)"#
         );
-        assert_eq!(bad_url("a b"), r#"invalid controller URL "a b": expected http://IP:PORT"#);
+        assert_eq!(bad_url("a b"), r#"invalid controller URL "a b": expected https://IP:PORT"#);
         assert_eq!(
             bad_url("h:1/api"),
             r#"invalid controller URL "h:1/api": a controller URL has no path"#
@@ -399,7 +435,7 @@ mod tests {
     async fn reads_and_writes_skip_refused_urls() {
         let dead = refused_url().await;
         let (live, calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![dead, live], quick());
+        let ctl = Controllers::new(vec![dead, live], quick(), Dialer::insecure());
         let list = list(&ctl).await.expect("list");
         assert_eq!(list.networks.len(), 1);
         let network = create(&ctl).await.expect("create");
@@ -410,7 +446,7 @@ mod tests {
     #[tokio::test]
     async fn all_refused_names_every_url() {
         let (a, b) = (refused_url().await, refused_url().await);
-        let ctl = Controllers::new(vec![a.clone(), b.clone()], quick());
+        let ctl = Controllers::new(vec![a.clone(), b.clone()], quick(), Dialer::insecure());
         let err = list(&ctl).await.expect_err("no controller").to_string();
         assert_eq!(
             err,
@@ -425,7 +461,7 @@ mod tests {
         let (sick, sick_calls) =
             fake::spawn(Behaviour::Fail(Code::Unavailable, "no leader".into())).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![sick, live], quick());
+        let ctl = Controllers::new(vec![sick, live], quick(), Dialer::insecure());
         assert!(list(&ctl).await.is_ok());
         assert_eq!((count(&sick_calls), count(&live_calls)), (1, 1));
     }
@@ -434,7 +470,7 @@ mod tests {
     async fn a_read_moves_past_a_silent_member() {
         let (slow, _) = fake::spawn(Behaviour::Hang).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![slow, live], quick());
+        let ctl = Controllers::new(vec![slow, live], quick(), Dialer::insecure());
         assert!(list(&ctl).await.is_ok());
         assert_eq!(count(&live_calls), 1);
     }
@@ -443,7 +479,7 @@ mod tests {
     async fn reads_go_round_until_the_deadline() {
         let (sick, sick_calls) =
             fake::spawn(Behaviour::Fail(Code::Unavailable, "no leader".into())).await;
-        let ctl = Controllers::new(vec![sick.clone()], quick());
+        let ctl = Controllers::new(vec![sick.clone()], quick(), Dialer::insecure());
         let err = list(&ctl).await.expect_err("unavailable").to_string();
         assert_eq!(
             err,
@@ -456,7 +492,7 @@ mod tests {
     async fn a_write_that_may_have_landed_is_not_repeated() {
         let (sick, _) = fake::spawn(Behaviour::Fail(Code::Unavailable, "leader lost".into())).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![sick.clone(), live], quick());
+        let ctl = Controllers::new(vec![sick.clone(), live], quick(), Dialer::insecure());
         let err = create(&ctl).await.expect_err("unknown").to_string();
         assert!(err.starts_with(&format!("outcome unknown: the request reached {sick} but it answered unavailable: leader lost;")), "{err}");
         assert_eq!(count(&live_calls), 0);
@@ -466,7 +502,7 @@ mod tests {
     async fn a_write_without_answer_is_unknown() {
         let (slow, _) = fake::spawn(Behaviour::Hang).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![slow.clone(), live], quick());
+        let ctl = Controllers::new(vec![slow.clone(), live], quick(), Dialer::insecure());
         let err = create(&ctl).await.expect_err("unknown").to_string();
         assert!(
             err.starts_with(&format!(
@@ -482,7 +518,7 @@ mod tests {
         let message = "subnet 10.0.1.0/25 overlaps network frontend (10.0.1.0/24)";
         let (picky, _) = fake::spawn(Behaviour::Fail(Code::InvalidArgument, message.into())).await;
         let (live, live_calls) = fake::spawn(Behaviour::Answer).await;
-        let ctl = Controllers::new(vec![picky, live], quick());
+        let ctl = Controllers::new(vec![picky, live], quick(), Dialer::insecure());
         assert_eq!(create(&ctl).await.expect_err("refused").to_string(), message);
         assert_eq!(list(&ctl).await.expect_err("refused").to_string(), message);
         assert_eq!(count(&live_calls), 0);

@@ -120,6 +120,8 @@ pub fn sample_cluster() -> pb::ClusterStatusResponse {
         digest: "9f2c".into(),
         snapshot_index: 0,
         leader: 1,
+        matched: if reachable { 42 } else { 0 },
+        voter: true,
     };
     pb::ClusterStatusResponse {
         leader: 1,
@@ -128,6 +130,7 @@ pub fn sample_cluster() -> pb::ClusterStatusResponse {
             member(2, "follower", true),
             member(3, "unreachable", false),
         ],
+        cluster_id: "0123456789abcdef0123456789abcdef".into(),
     }
 }
 
@@ -254,7 +257,8 @@ impl Overlay for Fake {
         &self,
         _: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.answer(|| pb::HeartbeatResponse { status: "ready".into() }).await
+        self.answer(|| pb::HeartbeatResponse { status: "ready".into(), cluster_id: String::new() })
+            .await
     }
     type WatchStream = WatchStream;
     async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
@@ -265,5 +269,44 @@ impl Overlay for Fake {
         _: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.answer(sample_cluster).await
+    }
+
+    async fn add_member(
+        &self,
+        r: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let r = r.into_inner();
+        self.answer(|| pb::MemberChangeResponse { id: r.id, address: r.address, members: vec![] })
+            .await
+    }
+
+    async fn remove_member(
+        &self,
+        r: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let id = r.into_inner().id;
+        self.answer(|| pb::MemberChangeResponse { id, ..Default::default() }).await
+    }
+
+    async fn join_token(
+        &self,
+        _: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        self.answer(|| pb::JoinTokenResponse {
+            token: "OVTKN-1-0123456789abcdef-0123456789abcdef0123456789abcdef".into(),
+        })
+        .await
+    }
+    async fn join(
+        &self,
+        _: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.answer(pb::CertificateResponse::default).await
+    }
+    async fn renew_certificate(
+        &self,
+        _: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.answer(pb::CertificateResponse::default).await
     }
 }

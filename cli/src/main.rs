@@ -19,15 +19,17 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::str::FromStr;
 
+use overlay_grpc::Dialer;
 use overlay_model::{names::validate_name, parse, Encap, ModelError};
+use overlay_pki::Identity;
 use overlay_proto::pb;
 
 use crate::args::{
-    Addressing, Cli, ClusterCmd, Command, EndpointCmd, Format, HostCmd, NetworkCmd, NetworkCreate,
-    RouteCmd, CONTROLLER_ENV,
+    Addressing, Cli, ClusterCmd, Command, EndpointCmd, Format, HostCmd, MemberCmd, NetworkCmd,
+    NetworkCreate, RouteCmd, CONTROLLER_ENV,
 };
 use crate::client::{Call, Controllers, Policy};
-use crate::output::{Removed, Render};
+use crate::output::{MemberChanged, Removed, Render};
 
 /// Everything that can make a command fail.
 #[derive(Debug)]
@@ -38,8 +40,12 @@ enum Failure {
     Client(client::Error),
     /// Writing the output failed.
     Output(String),
-    /// A `cert` command failed.
-    Cert(overlay_quic::pki::PkiError),
+    /// Flags that cannot work together or are missing.
+    Usage(String),
+    /// A `cert` command, or loading the TLS files, failed.
+    Cert(overlay_pki::PkiError),
+    /// A value the model crate does not cover (member ids and addresses) is invalid.
+    BadValue(String),
 }
 
 impl fmt::Display for Failure {
@@ -48,7 +54,9 @@ impl fmt::Display for Failure {
             Failure::Invalid(e) => write!(f, "{e}"),
             Failure::Client(e) => write!(f, "{e}"),
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
+            Failure::Usage(e) => f.write_str(e),
             Failure::Cert(e) => write!(f, "{e}"),
+            Failure::BadValue(e) => f.write_str(e),
         }
     }
 }
@@ -59,8 +67,8 @@ impl From<ModelError> for Failure {
     }
 }
 
-impl From<overlay_quic::pki::PkiError> for Failure {
-    fn from(e: overlay_quic::pki::PkiError) -> Self {
+impl From<overlay_pki::PkiError> for Failure {
+    fn from(e: overlay_pki::PkiError) -> Self {
         Failure::Cert(e)
     }
 }
@@ -99,8 +107,15 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
+    let insecure = cli.insecure;
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // After the output, and only on success: a failure stays one line.
+            if insecure {
+                eprintln!("warning: --insecure: this talked to the controllers in plaintext, unauthenticated");
+            }
+            ExitCode::SUCCESS
+        }
         Err(failure) => fail(&failure.to_string()),
     }
 }
@@ -156,10 +171,25 @@ macro_rules! rpc {
     }};
 }
 
+/// How to reach the controllers: TLS with the user's identity, or `--insecure`.
+fn dialer(cli: &Cli) -> Result<Dialer, Failure> {
+    if cli.insecure {
+        return Ok(Dialer::insecure());
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) else {
+        return Err(Failure::Usage(
+            "TLS is required: give --tls-ca, --tls-cert and --tls-key (or set OVERLAY_TLS_CA, OVERLAY_TLS_CERT and OVERLAY_TLS_KEY), or --insecure for a cluster running without TLS".into(),
+        ));
+    };
+    let identity = Identity::load(ca, cert, key)?;
+    Ok(Dialer::tls(overlay_pki::tls::client_config(&identity.ca, Some(&identity))?))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let dialer = dialer(&cli)?;
     let env = std::env::var(CONTROLLER_ENV).ok();
-    let urls = client::resolve_urls(cli.controller.as_deref(), env.as_deref())?;
-    let ctl = Controllers::new(urls, Policy::default());
+    let urls = client::resolve_urls(cli.controller.as_deref(), env.as_deref(), &dialer)?;
+    let ctl = Controllers::new(urls, Policy::default(), dialer);
     let out = cli.output;
     use Call::{Read, Write};
 
@@ -167,6 +197,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cluster(ClusterCmd::Status) => {
             let status = rpc!(ctl, Read, cluster_status, pb::ClusterStatusRequest {});
             emit(out, &status)
+        }
+        Command::Cluster(ClusterCmd::Member(MemberCmd::Add { id, address })) => {
+            let id = member_id(id)?;
+            let address = member_address(&address)?;
+            let response = rpc!(ctl, Write, add_member, pb::AddMemberRequest { id, address });
+            emit(out, &MemberChanged::Added(response))
+        }
+        Command::Cluster(ClusterCmd::Member(MemberCmd::Rm { id })) => {
+            let id = member_id(id)?;
+            let response = rpc!(ctl, Write, remove_member, pb::RemoveMemberRequest { id });
+            emit(out, &MemberChanged::Removed(response))
+        }
+        // Read, not Write: a member without the CA key answers unavailable and the next
+        // one is asked; a rotation repeated that way only makes one more new token.
+        Command::Cluster(ClusterCmd::JoinToken { rotate }) => {
+            let token = rpc!(ctl, Read, join_token, pb::JoinTokenRequest { rotate });
+            emit(out, &token)
         }
 
         Command::Host(HostCmd::Ls) => {
@@ -181,7 +228,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 name,
                 underlay_ip,
                 underlay_mtu: explicit_mtu(mtu)?,
-                underlay_prefix: 0,
+                ..Default::default()
             };
             emit(out, &rpc!(ctl, Write, register_host, request))
         }
@@ -275,6 +322,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
         Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
     }
+}
+
+/// Member ids start at 1 (0 is raft's "nobody").
+fn member_id(id: u64) -> Result<u64, Failure> {
+    if id == 0 {
+        return Err(Failure::BadValue("invalid member id 0: member ids start at 1".into()));
+    }
+    Ok(id)
+}
+
+/// A member's `IP:PORT`, as the controller stores it.
+fn member_address(address: &str) -> Result<String, Failure> {
+    address.trim().parse::<std::net::SocketAddr>().map(|a| a.to_string()).map_err(|_| {
+        Failure::BadValue(format!("invalid member address {address:?}: expected IP:PORT"))
+    })
 }
 
 /// Pre-checks `network create` and builds its request. Values travel as typed, so the

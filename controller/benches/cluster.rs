@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::{client_for, create_endpoint_request, timed, Cluster};
 
 /// Where a run's clients send their calls.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     /// Client k talks to member k mod n: followers forward to the leader.
     Spread,
@@ -38,6 +38,11 @@ struct Row {
 }
 
 impl Row {
+    /// Acknowledged writes per second.
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
     fn print(&self) {
         println!(
             "| {:<22} | {:<7} | {:>7} | {:>8} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} | {:>6} |",
@@ -45,7 +50,7 @@ impl Row {
             self.target,
             self.clients,
             self.ok,
-            self.ok as f64 / self.secs,
+            self.rate(),
             ms(self.p50),
             ms(self.p99),
             ms(self.max),
@@ -95,7 +100,7 @@ async fn load(
     let end = started + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..clients)
         .map(|k| {
-            let mut client = client_for(&urls[k % urls.len()]);
+            let mut client = client_for(cluster.dialer(), &urls[k % urls.len()]);
             let next = next.clone();
             let prefix = prefix.to_string();
             tokio::spawn(async move {
@@ -171,17 +176,25 @@ async fn run() {
     let mut rows = Vec::new();
 
     println!("overlay-controller {} on loopback, {secs} s per row", common::BIN);
-    let three = Cluster::start(3, &quiet);
-    // A /14: room for the rows above plus the memory run.
-    prepare(&three, "10.64.0.0/14").await;
-    for (clients, target) in
-        [(1, Target::Spread), (16, Target::Spread), (64, Target::Spread), (64, Target::Leader)]
-    {
-        let prefix = format!("r{clients}{}-", rows.len());
-        rows.push(load(&three, "3 members", target, clients, secs, usize::MAX, &prefix).await);
+    // TLS (the default) and --insecure side by side, in the same run.
+    let mut at_64 = Vec::new();
+    for (setup, tls) in [("3 members", true), ("3 members --insecure", false)] {
+        let three =
+            if tls { Cluster::start(3, &quiet) } else { Cluster::start_insecure(3, &quiet) };
+        // A /14: room for the rows above plus the memory run.
+        prepare(&three, "10.64.0.0/14").await;
+        for (clients, target) in
+            [(1, Target::Spread), (16, Target::Spread), (64, Target::Spread), (64, Target::Leader)]
+        {
+            let prefix = format!("r{clients}{}-", rows.len());
+            let row = load(&three, setup, target, clients, secs, usize::MAX, &prefix).await;
+            if clients == 64 && target == Target::Spread {
+                at_64.push(row.rate());
+            }
+            rows.push(row);
+        }
+        drop(three);
     }
-
-    drop(three);
 
     // A fresh cluster filled to `fill` endpoints as fast as 64 clients go; then memory.
     let three = Cluster::start(3, &quiet);
@@ -220,6 +233,10 @@ async fn run() {
         row.print();
     }
     fill_row.print();
+    if let [tls, plain] = at_64[..] {
+        println!();
+        println!("TLS / --insecure, 64 clients spread: {:.2}", tls / plain.max(f64::MIN_POSITIVE));
+    }
     println!();
     println!(
         "memory holding {held} endpoints (revision {}, snapshot index {}):",

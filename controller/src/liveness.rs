@@ -143,8 +143,11 @@ pub async fn monitor(cluster: Cluster, liveness: std::sync::Arc<Liveness>, timeo
         for (name, status) in changes {
             let now_ms = unix_ms(SystemTime::now()) as u64;
             info!(host = %name, status = %status, "host status changes");
-            if let Err(e) =
-                cluster.propose(Command::SetHostStatus { name: name.clone(), status, now_ms }).await
+            // Only as the leader: a deposed leader's monitor must not write (and no other
+            // member accepts an internal command from it).
+            if let Err(e) = cluster
+                .propose_local(Command::SetHostStatus { name: name.clone(), status, now_ms })
+                .await
             {
                 warn!(host = %name, error = %e, "could not record host status");
             }

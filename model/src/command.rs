@@ -80,6 +80,17 @@ pub enum Command {
         status: HostStatus,
         now_ms: u64,
     },
+    /// Names the cluster, once: proposed by the first leader of a cluster that has no
+    /// id yet; a second one is ignored. Agents refuse state from another cluster's id.
+    InitCluster {
+        cluster_id: String,
+    },
+    /// A new join token: only its SHA-256 is kept, with the nonce a controller holding
+    /// the CA key derives the token from again (see overlay-pki's `token`).
+    SetJoinToken {
+        nonce: [u8; 16],
+        hash: [u8; 32],
+    },
     /// An agent (re)registering its host; marks it ready. `underlay_prefix` is the
     /// prefix length of its underlay network (0: unknown).
     RegisterHost {
@@ -92,9 +103,10 @@ pub enum Command {
 }
 
 impl Command {
-    /// True for commands only the system issues (not users through overlayctl).
+    /// True for commands only the leader's own tasks issue (never a client, never a
+    /// forwarded proposal from another member).
     pub fn is_internal(&self) -> bool {
-        matches!(self, Command::SetHostStatus { .. })
+        matches!(self, Command::SetHostStatus { .. } | Command::InitCluster { .. })
     }
 }
 
@@ -123,6 +135,6 @@ mod tests {
             underlay_mtu: 0,
             now_ms: 0,
         };
-        assert_eq!(first_byte(&v2), Some(11));
+        assert_eq!(first_byte(&v2), Some(13));
     }
 }

@@ -84,6 +84,10 @@ pub enum ModelError {
     InvalidMac(String),
     #[error("invalid host status {0:?}: expected ready or down")]
     InvalidHostStatus(String),
+    #[error("invalid duration {0:?}: expected a number with s, m, h or d (e.g. 90s, 30d)")]
+    InvalidDuration(String),
+    #[error("invalid cluster id {0:?}: expected 32 hex digits")]
+    InvalidClusterId(String),
 }
 
 impl ModelError {

@@ -25,5 +25,5 @@ pub mod validate;
 pub use command::{Command, NetworkSpec};
 pub use error::ModelError;
 pub use ipam::{Ipam, IpamError};
-pub use state::{Applied, Catalog, Change, SnapshotError, State};
+pub use state::{Applied, Catalog, Change, ClusterMeta, JoinTokenRecord, SnapshotError, State};
 pub use types::{Attachment, Encap, Endpoint, Host, HostStatus, Mac, Network, Route, RouteKey};

@@ -2,6 +2,7 @@
 //! with errors that quote what the user typed.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 
@@ -29,6 +30,25 @@ pub fn optional_ipv4(s: &str) -> Result<Option<Ipv4Addr>, ModelError> {
     }
 }
 
+/// A duration as people write one: `90s`, `15m`, `12h`, `30d` (a bare number is seconds).
+pub fn duration(s: &str) -> Result<Duration, ModelError> {
+    let bad = || ModelError::InvalidDuration(s.to_string());
+    let t = s.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let seconds_per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(seconds_per).map(Duration::from_secs).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +58,17 @@ mod tests {
         assert_eq!(cidr("10.0.1.0/24").map(|n| n.prefix()), Ok(24));
         for bad in ["10.0.1.5/24", "10.0.1.0", "10.0.1.0/33", "x", "fd00::/64", ""] {
             assert_eq!(cidr(bad), Err(ModelError::InvalidCidr(bad.to_string())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration(" 15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        for bad in ["", "d", "1.5h", "10w", "-1s", "99999999999999999999d"] {
+            assert_eq!(duration(bad), Err(ModelError::InvalidDuration(bad.to_string())), "{bad}");
         }
     }
 

@@ -32,9 +32,9 @@ use crate::{validate, Command, ModelError, NetworkSpec};
 const LISTED_NAMES: usize = 5;
 
 /// First byte of [`State::to_bytes`], so a future layout can still read old snapshots.
-/// 2: hosts carry `underlay_prefix`. Format 1 (without it) is still read, see
-/// [`legacy`].
-const SNAPSHOT_FORMAT: u8 = 2;
+/// Format 1 had no [`ClusterMeta`]; formats 1 and 2 had hosts without
+/// `underlay_prefix` (both still read, see [`legacy`]).
+const SNAPSHOT_FORMAT: u8 = 3;
 
 /// The desired state as watchers see it: plain objects and the revision they reflect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +192,24 @@ pub struct State {
     /// Counter for [`Mac::from_counter`]; only ever grows, so no MAC is handed out twice
     /// even after its endpoint is gone (agents and peers may still cache it).
     next_mac: u64,
+    meta: ClusterMeta,
     index: Index,
+}
+
+/// What the cluster knows about itself (not part of the catalog watchers replicate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    /// 32 hex digits, set once by the first leader (`Command::InitCluster`).
+    pub cluster_id: Option<String>,
+    /// The current join token, if one was ever made.
+    pub join_token: Option<JoinTokenRecord>,
+}
+
+/// A join token as the replicated state keeps it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub nonce: [u8; 16],
+    pub hash: [u8; 32],
 }
 
 impl Default for State {
@@ -207,6 +224,7 @@ impl PartialEq for State {
         self.catalog == other.catalog
             && self.ipams == other.ipams
             && self.next_mac == other.next_mac
+            && self.meta == other.meta
     }
 }
 
@@ -217,6 +235,7 @@ struct StateRef<'a> {
     catalog: &'a Catalog,
     ipams: &'a BTreeMap<String, Ipam>,
     next_mac: u64,
+    meta: &'a ClusterMeta,
 }
 
 #[derive(Deserialize)]
@@ -224,20 +243,37 @@ struct StateOwned {
     catalog: Catalog,
     ipams: BTreeMap<String, Ipam>,
     next_mac: u64,
+    meta: ClusterMeta,
+}
+
+impl From<StateOwned> for State {
+    fn from(owned: StateOwned) -> State {
+        let index = Index::build(&owned.catalog);
+        State {
+            catalog: owned.catalog,
+            ipams: owned.ipams,
+            next_mac: owned.next_mac,
+            meta: owned.meta,
+            index,
+        }
+    }
 }
 
 impl Serialize for State {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        StateRef { catalog: &self.catalog, ipams: &self.ipams, next_mac: self.next_mac }
-            .serialize(serializer)
+        StateRef {
+            catalog: &self.catalog,
+            ipams: &self.ipams,
+            next_mac: self.next_mac,
+            meta: &self.meta,
+        }
+        .serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let owned = StateOwned::deserialize(deserializer)?;
-        let index = Index::build(&owned.catalog);
-        Ok(State { catalog: owned.catalog, ipams: owned.ipams, next_mac: owned.next_mac, index })
+        StateOwned::deserialize(deserializer).map(State::from)
     }
 }
 
@@ -374,6 +410,7 @@ impl State {
             catalog: Catalog::default(),
             ipams: BTreeMap::new(),
             next_mac: 1,
+            meta: ClusterMeta::default(),
             index: Index::default(),
         }
     }
@@ -408,6 +445,11 @@ impl State {
             Command::SetHostStatus { name, status, now_ms } => {
                 self.set_host_status(name, *status, *now_ms)?
             }
+            Command::InitCluster { cluster_id } => self.init_cluster(cluster_id)?,
+            Command::SetJoinToken { nonce, hash } => {
+                self.meta.join_token = Some(JoinTokenRecord { nonce: *nonce, hash: *hash });
+                Vec::new()
+            }
         };
         if !changes.is_empty() {
             self.catalog.revision += 1;
@@ -431,8 +473,12 @@ impl State {
         let (state, rest): (State, _) = match format {
             SNAPSHOT_FORMAT => postcard::take_from_bytes(body)?,
             1 => {
-                let (old, rest): (legacy::StateV1, _) = postcard::take_from_bytes(body)?;
-                (old.into_state(), rest)
+                let (v1, rest): (legacy::StateV1, _) = postcard::take_from_bytes(body)?;
+                (State::from(StateOwned::from(v1)), rest)
+            }
+            2 => {
+                let (v2, rest): (legacy::StateV2, _) = postcard::take_from_bytes(body)?;
+                (State::from(StateOwned::from(v2)), rest)
             }
             _ => return Err(SnapshotError::Format(format)),
         };
@@ -451,6 +497,11 @@ impl State {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         self.to_bytes().iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    }
+
+    /// The cluster's id and join token.
+    pub fn meta(&self) -> &ClusterMeta {
+        &self.meta
     }
 
     /// A network's allocator, for showing usage.
@@ -896,6 +947,17 @@ impl State {
         Ok(vec![Change::DeleteHost(name.to_string())])
     }
 
+    fn init_cluster(&mut self, cluster_id: &str) -> Result<Vec<Change>, ModelError> {
+        if cluster_id.len() != 32 || !cluster_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ModelError::InvalidClusterId(cluster_id.to_string()));
+        }
+        // The first id wins: two leaders in a row may both have proposed one.
+        if self.meta.cluster_id.is_none() {
+            self.meta.cluster_id = Some(cluster_id.to_ascii_lowercase());
+        }
+        Ok(Vec::new())
+    }
+
     fn set_host_status(
         &mut self,
         name: &str,
@@ -914,12 +976,13 @@ impl State {
     }
 }
 
-/// Snapshot format 1: the same layout with hosts that have no `underlay_prefix`.
+/// Snapshot formats 1 (no [`ClusterMeta`]) and 2 (with it): both with hosts that have
+/// no `underlay_prefix`.
 mod legacy {
     use super::*;
 
     #[derive(Deserialize)]
-    struct HostV1 {
+    struct HostV2 {
         name: String,
         underlay_ip: Ipv4Addr,
         underlay_mtu: u32,
@@ -928,25 +991,17 @@ mod legacy {
     }
 
     #[derive(Deserialize)]
-    struct CatalogV1 {
+    struct CatalogV2 {
         revision: u64,
         networks: BTreeMap<String, Network>,
         endpoints: BTreeMap<String, Endpoint>,
         routes: BTreeMap<RouteKey, Route>,
-        hosts: BTreeMap<String, HostV1>,
+        hosts: BTreeMap<String, HostV2>,
     }
 
-    #[derive(Deserialize)]
-    pub(super) struct StateV1 {
-        catalog: CatalogV1,
-        ipams: BTreeMap<String, Ipam>,
-        next_mac: u64,
-    }
-
-    impl StateV1 {
-        /// The same state in today's types; the prefixes are unknown (0).
-        pub(super) fn into_state(self) -> State {
-            let c = self.catalog;
+    impl From<CatalogV2> for Catalog {
+        /// The same catalog; the prefixes are unknown (0).
+        fn from(c: CatalogV2) -> Catalog {
             let hosts = c
                 .hosts
                 .into_iter()
@@ -962,15 +1017,42 @@ mod legacy {
                     (k, host)
                 })
                 .collect();
-            let catalog = Catalog {
+            Catalog {
                 revision: c.revision,
                 networks: c.networks,
                 endpoints: c.endpoints,
                 routes: c.routes,
                 hosts,
-            };
-            let index = Index::build(&catalog);
-            State { catalog, ipams: self.ipams, next_mac: self.next_mac, index }
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct StateV1 {
+        catalog: CatalogV2,
+        ipams: BTreeMap<String, Ipam>,
+        next_mac: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct StateV2 {
+        catalog: CatalogV2,
+        ipams: BTreeMap<String, Ipam>,
+        next_mac: u64,
+        meta: ClusterMeta,
+    }
+
+    impl From<StateV1> for StateOwned {
+        fn from(v1: StateV1) -> StateOwned {
+            let meta = ClusterMeta::default();
+            StateOwned { catalog: v1.catalog.into(), ipams: v1.ipams, next_mac: v1.next_mac, meta }
+        }
+    }
+
+    impl From<StateV2> for StateOwned {
+        fn from(v2: StateV2) -> StateOwned {
+            let (ipams, next_mac, meta) = (v2.ipams, v2.next_mac, v2.meta);
+            StateOwned { catalog: v2.catalog.into(), ipams, next_mac, meta }
         }
     }
 }
@@ -1926,12 +2008,12 @@ mod tests {
         );
     }
 
-    /// A format-1 snapshot (hosts without `underlay_prefix`), byte for byte as the
-    /// previous build wrote it: one host, one network, one endpoint.
+    /// Format 1 (no cluster meta) and format 2 (with it) snapshots, hosts without
+    /// `underlay_prefix`, byte for byte as earlier builds wrote them.
     #[test]
-    fn format_one_snapshots_still_load() {
+    fn format_1_and_2_snapshots_still_load() {
         #[derive(Serialize)]
-        struct HostV1<'a> {
+        struct HostV2<'a> {
             name: &'a str,
             underlay_ip: Ipv4Addr,
             underlay_mtu: u32,
@@ -1939,55 +2021,74 @@ mod tests {
             status_changed_ms: u64,
         }
         #[derive(Serialize)]
-        struct CatalogV1<'a> {
+        struct CatalogV2<'a> {
             revision: u64,
             networks: &'a BTreeMap<String, Network>,
             endpoints: &'a BTreeMap<String, Endpoint>,
             routes: &'a BTreeMap<RouteKey, Route>,
-            hosts: BTreeMap<String, HostV1<'a>>,
+            hosts: BTreeMap<String, HostV2<'a>>,
         }
         #[derive(Serialize)]
-        struct StateV1<'a> {
-            catalog: CatalogV1<'a>,
+        struct V1<'a> {
+            catalog: &'a CatalogV2<'a>,
             ipams: &'a BTreeMap<String, Ipam>,
             next_mac: u64,
         }
+        #[derive(Serialize)]
+        struct V2<'a> {
+            catalog: &'a CatalogV2<'a>,
+            ipams: &'a BTreeMap<String, Ipam>,
+            next_mac: u64,
+            meta: &'a ClusterMeta,
+        }
         let mut state = setup();
         ok(&mut state, create_endpoint("web", "h1", "frontend"));
+        ok(&mut state, Command::InitCluster { cluster_id: "ab".repeat(16) });
         let c = &state.catalog;
         let hosts = c
             .hosts
             .values()
             .map(|h| {
-                let v1 = HostV1 {
+                let old = HostV2 {
                     name: &h.name,
                     underlay_ip: h.underlay_ip,
                     underlay_mtu: h.underlay_mtu,
                     status: h.status,
                     status_changed_ms: h.status_changed_ms,
                 };
-                (h.name.clone(), v1)
+                (h.name.clone(), old)
             })
             .collect();
-        let old = StateV1 {
-            catalog: CatalogV1 {
-                revision: c.revision,
-                networks: &c.networks,
-                endpoints: &c.endpoints,
-                routes: &c.routes,
-                hosts,
-            },
-            ipams: &state.ipams,
-            next_mac: state.next_mac,
+        let catalog = CatalogV2 {
+            revision: c.revision,
+            networks: &c.networks,
+            endpoints: &c.endpoints,
+            routes: &c.routes,
+            hosts,
         };
-        let mut bytes = vec![1u8];
-        bytes.extend(postcard::to_stdvec(&old).unwrap());
-        let back = State::from_bytes(&bytes).unwrap();
         let mut want = state.clone();
         want.catalog.hosts.values_mut().for_each(|h| h.underlay_prefix = 0);
+
+        let v2 = V2 {
+            catalog: &catalog,
+            ipams: &state.ipams,
+            next_mac: state.next_mac,
+            meta: state.meta(),
+        };
+        let mut bytes = vec![2u8];
+        bytes.extend(postcard::to_stdvec(&v2).unwrap());
+        let back = State::from_bytes(&bytes).unwrap();
         assert_eq!(back, want);
         assert_eq!(back.index, state.index);
-        // Written again, it is format 2.
+
+        let v1 = V1 { catalog: &catalog, ipams: &state.ipams, next_mac: state.next_mac };
+        let mut bytes = vec![1u8];
+        bytes.extend(postcard::to_stdvec(&v1).unwrap());
+        let back = State::from_bytes(&bytes).unwrap();
+        want.meta = ClusterMeta::default();
+        assert_eq!(back, want);
+        assert_eq!(back.meta(), &ClusterMeta::default());
+        // Written again, it is the current format.
         assert_eq!(back.to_bytes()[0], SNAPSHOT_FORMAT);
     }
 

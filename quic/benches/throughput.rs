@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{ip, node_with, MTU, PORT};
-use overlay_quic::pki::{Ca, Identity};
+use overlay_quic::pki::{Ca, Identity, Role, Subject};
 use overlay_quic::{Congestion, QuicConfig, QuicPlane};
 
 const SIZE: usize = 1400;
@@ -29,7 +29,8 @@ fn main() {
     };
     let ca = Ca::generate().expect("ca");
     let identity = |host: &str| {
-        Identity::from_issued(&ca, &ca.issue(host, None).expect("issue")).expect("identity")
+        Identity::from_issued(&ca, &ca.issue(&Subject::new(host, Role::Agent)).expect("issue"))
+            .expect("identity")
     };
     let (a, b) = ("127.77.9.1", "127.77.9.2");
 

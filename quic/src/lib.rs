@@ -1,13 +1,12 @@
-//! Encrypted mode of the overlay (`--encap udp --encrypted`): the cluster PKI (a CA and a
-//! certificate per host, made offline by `overlayctl cert`) and `QuicPlane`, which
-//! carries the UDP engine's datagrams between agents as QUIC DATAGRAM frames (RFC 9221)
-//! over mutually authenticated TLS 1.3.
+//! Encrypted mode of the overlay (`--encap udp --encrypted`): `QuicPlane` carries the UDP
+//! engine's datagrams between agents as QUIC DATAGRAM frames (RFC 9221) over mutually
+//! authenticated TLS 1.3, with the hosts' `agent` certificates from the cluster PKI
+//! (crate overlay-pki).
 //!
 //! It must never accept a datagram from, or send one to, a peer that has not proven with
 //! a certificate from the cluster CA that it is the host the caller expects at that
 //! address; it never blocks a caller of `QuicPlane::send`.
 
-pub mod pki;
 mod tls;
 pub mod transport;
 
@@ -15,7 +14,9 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
-pub use pki::Identity;
+/// The cluster PKI, re-exported for the plane's users.
+pub use overlay_pki as pki;
+pub use overlay_pki::Identity;
 pub use tls::ALPN;
 pub use transport::{
     max_datagram_for_mtu, Congestion, Counters, OnDatagram, PeerName, QuicConfig, QuicPlane,

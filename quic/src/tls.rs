@@ -15,8 +15,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 
-use crate::pki::{verify_names_host, Identity};
 use crate::QuicError;
+use overlay_pki::{CertInfo, Identity, Role};
 
 /// ALPN protocol of the plane; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"overlay-frames/1";
@@ -57,13 +57,19 @@ pub(crate) fn client_crypto(identity: &Identity) -> Result<QuicClientConfig, Qui
 }
 
 /// Checks that the certificate a connected peer presented (already verified against the
-/// CA by the handshake) names `host`.
+/// CA by the handshake) is the `agent` certificate of `host`.
 pub(crate) fn check_peer_name(conn: &quinn::Connection, host: &str) -> Result<(), String> {
     let identity = conn.peer_identity().ok_or("no certificate presented")?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected kind of peer identity")?;
     let leaf = chain.first().ok_or("empty certificate chain")?;
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("bad certificate: {e}"))?;
-    verify_names_host(&ee, host)
+    let info = CertInfo::parse(leaf).map_err(|e| e.to_string())?;
+    if info.role != Some(Role::Agent) {
+        return Err(format!("{:?} does not hold an agent certificate", info.name));
+    }
+    if info.name != host {
+        return Err(format!("the certificate is issued to {:?}, not {host:?}", info.name));
+    }
+    Ok(())
 }

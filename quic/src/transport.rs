@@ -33,9 +33,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::runtime::{Handle, Runtime};
 use tracing::{debug, info, warn};
 
-use crate::pki::Identity;
 use crate::tls;
 use crate::QuicError;
+use overlay_pki::Identity;
 
 /// The UDP port of the plane unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 7471;
@@ -220,7 +220,7 @@ impl QuicPlane {
             stats: Stats::default(),
         });
         handle.spawn(accept_loop(shared.clone()));
-        info!(host = %cfg.identity.host, %local, "encrypted plane listening");
+        info!(host = %cfg.identity.name(), %local, "encrypted plane listening");
         Ok(QuicPlane { shared, local, runtime })
     }
 

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{deliver, ip, node, node_with, Node, PORT};
-use overlay_quic::pki::{Ca, Identity};
+use overlay_quic::pki::{Ca, Identity, Role, Subject};
 use overlay_quic::{max_datagram_for_mtu, Counters};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -64,7 +64,7 @@ fn reconnects_after_the_peer_crashed() {
     let ca = Ca::generate().expect("ca");
     let (a, b) = ("127.77.8.1", "127.77.8.2");
     let h1 = node(&ca, "h1", a, &[(b, "h2")]);
-    let issued = ca.issue("h2", None).expect("issue");
+    let issued = ca.issue(&Subject::new("h2", Role::Agent)).expect("issue");
     let identity = Identity::from_issued(&ca, &issued).expect("identity");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -210,7 +210,9 @@ fn bad_configuration_is_named() {
     use overlay_quic::{QuicConfig, QuicError, QuicPlane};
 
     let ca = Ca::generate().expect("ca");
-    let identity = Identity::from_issued(&ca, &ca.issue("h1", None).expect("issue")).expect("id");
+    let identity =
+        Identity::from_issued(&ca, &ca.issue(&Subject::new("h1", Role::Agent)).expect("issue"))
+            .expect("id");
     let start = |addr: &str, mtu| {
         let cfg = QuicConfig::new(SocketAddr::new(ip(addr), PORT), identity.clone(), mtu);
         QuicPlane::start(cfg, Arc::new(|_| None), Arc::new(|_, _| {})).err()

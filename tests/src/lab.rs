@@ -8,7 +8,11 @@
 //!   as real child processes whose network namespace is the host's. They are started
 //!   with `nsenter --net=…` rather than `ip netns exec`: the latter also gives the
 //!   process a private mount namespace, which would hide the endpoint namespaces the
-//!   agent mounts under `/var/run/netns` from everyone else.
+//!   agent mounts under `/var/run/netns` from everyone else;
+//! * secure by default, as a user sets it up: the lab makes a cluster CA, a `controller`
+//!   certificate per controller and an `admin` certificate for `overlayctl` (in
+//!   [`Lab::pki_dir`]); the controllers hold the CA key, and every agent joins with a
+//!   join token, getting (and renewing) its own certificate in its data dir.
 //!
 //! `<id>` is `ovt<pid><letter>`, and endpoint names made through [`Lab::ep`] start with
 //! it too, so every namespace this lab causes is recognisable and removed by `Drop` —
@@ -22,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use overlay_pki::cert_files;
 
 /// Underlay subnet (inside the lab's namespaces only).
 pub const UNDERLAY_PREFIX: &str = "192.168.217";
@@ -195,6 +200,18 @@ pub fn spawn_in_env(
     cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
 }
 
+/// `overlayctl --controller URLS FLAGS ARGS` run inside namespace `ns` (usable from
+/// threads that do not hold the [`Lab`]; `FLAGS` are usually [`Lab::admin_args`]).
+pub fn ctl_in(ns: &str, urls: &str, flags: &[String], args: &[&str]) -> Output {
+    let ns = format!("--net=/var/run/netns/{ns}");
+    let ctl = bin("overlayctl");
+    let mut all: Vec<&str> =
+        vec!["nsenter", &ns, "--", ctl.to_str().unwrap_or("overlayctl"), "--controller", urls];
+    all.extend(flags.iter().map(String::as_str));
+    all.extend_from_slice(args);
+    run(&all)
+}
+
 /// One end-to-end case: runs against a shared lab, later cases may use what earlier
 /// ones made.
 pub type Case = fn(&mut Lab) -> Result<()>;
@@ -204,12 +221,22 @@ pub type Case = fn(&mut Lab) -> Result<()>;
 /// first case (the set-up the others build on) fails, the rest are not run. Skipped
 /// without root.
 pub fn run_cases(cases: &[(&str, Case)]) {
+    run_cases_with(LabOptions::hosts(3), cases)
+}
+
+/// [`run_cases`] on a lab of `hosts` hosts (controllers still on the first three).
+pub fn run_cases_on(hosts: usize, cases: &[(&str, Case)]) {
+    run_cases_with(LabOptions::hosts(hosts), cases)
+}
+
+/// [`run_cases`] on a lab built with `opts`.
+pub fn run_cases_with(opts: LabOptions, cases: &[(&str, Case)]) {
     if !can_run() {
         eprintln!("skipped: needs root, ip and nsenter");
         return;
     }
     let start = Instant::now();
-    let mut lab = Lab::start(3).expect("lab start");
+    let mut lab = Lab::start_with(opts).expect("lab start");
     let mut failed = vec![];
     for (i, (name, case)) in cases.iter().enumerate() {
         eprintln!("=== case {name}");
@@ -244,7 +271,21 @@ pub struct LabOptions {
     pub id: Option<String>,
     /// Processes outlive this process (for `overlay-lab up`).
     pub detached: bool,
+    /// Extra flags for every controller (e.g. `--agent-cert-lifetime 40s`).
+    pub controller_args: Vec<String>,
+    /// Hosts whose agent starts with the lab (the first ones); the rest wait for a test
+    /// to start theirs. Default: all.
+    pub agents: Option<usize>,
 }
+
+impl LabOptions {
+    pub fn hosts(hosts: usize) -> LabOptions {
+        LabOptions { hosts, id: None, detached: false, controller_args: vec![], agents: None }
+    }
+}
+
+/// The admin identity's file name stem in [`Lab::pki_dir`].
+pub const ADMIN: &str = "admin";
 
 pub struct Lab {
     /// `ovt<pid><letter>`: prefix of every namespace of this lab.
@@ -252,6 +293,9 @@ pub struct Lab {
     pub hosts: usize,
     pub dir: PathBuf,
     detached: bool,
+    controller_args: Vec<String>,
+    /// What agents join with (from `overlayctl cluster join-token`).
+    join_token: Option<String>,
     controllers: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
     namespaces: Vec<String>,
@@ -260,7 +304,7 @@ pub struct Lab {
 impl Lab {
     /// Builds the underlay and starts 3 controllers and `hosts` agents (hosts >= 3).
     pub fn start(hosts: usize) -> Result<Lab> {
-        Lab::start_with(LabOptions { hosts, id: None, detached: false })
+        Lab::start_with(LabOptions::hosts(hosts))
     }
 
     pub fn start_with(opts: LabOptions) -> Result<Lab> {
@@ -280,6 +324,8 @@ impl Lab {
             hosts,
             dir,
             detached: opts.detached,
+            controller_args: opts.controller_args,
+            join_token: None,
             controllers: vec![],
             agents: vec![],
             namespaces: vec![],
@@ -290,11 +336,15 @@ impl Lab {
             lab.controllers.push(None);
             lab.start_controller(i)?;
         }
+        lab.join_token = Some(lab.fetch_join_token()?);
+        let started = opts.agents.unwrap_or(hosts).min(hosts);
         for i in 1..=hosts {
             lab.agents.push(None);
-            lab.start_agent(i)?;
+            if i <= started {
+                lab.start_agent(i)?;
+            }
         }
-        lab.wait_ready()?;
+        lab.wait_ready(started)?;
         Ok(lab)
     }
 
@@ -321,9 +371,41 @@ impl Lab {
 
     pub fn controller_urls(&self) -> String {
         (1..=3)
-            .map(|i| format!("http://{}:{CONTROLLER_PORT}", Lab::host_ip(i)))
+            .map(|i| format!("https://{}:{CONTROLLER_PORT}", Lab::host_ip(i)))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The flags that make `overlayctl` an admin of this lab.
+    pub fn admin_args(&self) -> Vec<String> {
+        let pki = self.pki_dir();
+        let (cert, key) = cert_files(&pki, ADMIN);
+        vec![
+            "--tls-ca".into(),
+            pki.join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]
+    }
+
+    /// The current join token, asked from the controllers (waits for a leader).
+    fn fetch_join_token(&self) -> Result<String> {
+        wait_for(Duration::from_secs(30), "a join token from the controllers", || {
+            let out = self.ctl(&["cluster", "join-token"]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if !out.status.success() {
+                return None;
+            }
+            text.split_whitespace().last().map(str::to_string)
+        })
+    }
+
+    /// Agent `i`'s certificate and key (it got them by joining): one file holds both.
+    pub fn agent_cert_files(&self, i: usize) -> (PathBuf, PathBuf) {
+        let both = self.agent_data_dir(i).join("tls").join("agent.pem");
+        (both.clone(), both)
     }
 
     fn underlay(&mut self) -> Result<()> {
@@ -373,8 +455,8 @@ impl Lab {
         Ok(())
     }
 
-    /// The lab's PKI: a cluster CA and one certificate per host, made with `overlayctl
-    /// cert` (so agents can carry `--encrypted` networks).
+    /// The lab's PKI, made with `overlayctl cert` as a user would: the cluster CA, a
+    /// `controller` certificate `c<i>` per controller and the `admin` certificate.
     pub fn pki_dir(&self) -> PathBuf {
         self.dir.join("pki")
     }
@@ -385,11 +467,25 @@ impl Lab {
         let ctl = bin("overlayctl");
         let ctl = ctl.to_str().context("binary path is not UTF-8")?;
         run_ok(&[ctl, "cert", "ca", "--out", pki])?;
+        // Every host may run a controller (members added later run on hosts 4, 5, …).
         for i in 1..=self.hosts {
-            let name = Lab::host_name(i);
-            let ip = Lab::host_ip(i);
-            run_ok(&[ctl, "cert", "issue", &name, "--ca-dir", pki, "--out", pki, "--ip", &ip])?;
+            let (name, ip) = (format!("c{i}"), Lab::host_ip(i));
+            run_ok(&[
+                ctl,
+                "cert",
+                "issue",
+                &name,
+                "--role",
+                "controller",
+                "--ip",
+                &ip,
+                "--ca-dir",
+                pki,
+                "--out",
+                pki,
+            ])?;
         }
+        run_ok(&[ctl, "cert", "issue", ADMIN, "--role", "admin", "--ca-dir", pki, "--out", pki])?;
         Ok(())
     }
 
@@ -399,7 +495,7 @@ impl Lab {
             .map(|j| format!("{j}={}:{CONTROLLER_PORT}", Lab::host_ip(j)))
             .collect::<Vec<_>>()
             .join(",");
-        let args = vec![
+        let mut args = vec![
             "--id".into(),
             i.to_string(),
             "--listen".into(),
@@ -409,6 +505,7 @@ impl Lab {
             "--peers".into(),
             peers,
         ];
+        args.extend(self.controller_security_args(i));
         let log = self.dir.join(format!("controller{i}.log"));
         let child =
             spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
@@ -416,8 +513,79 @@ impl Lab {
         Ok(())
     }
 
+    /// The TLS flags (and the lab's extra flags) of the controller on host `i`.
+    fn controller_security_args(&self, i: usize) -> Vec<String> {
+        let pki = self.pki_dir();
+        let (cert, key) = cert_files(&pki, &format!("c{i}"));
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--tls-ca", pki.join("ca.pem")),
+            ("--tls-cert", cert),
+            ("--tls-key", key),
+            ("--tls-ca-key", pki.join("ca-key.pem")),
+        ] {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+        args.extend(self.controller_args.iter().cloned());
+        args
+    }
+
+    /// `https://IP:PORT` of the controller on host `i`.
+    pub fn controller_url(i: usize) -> String {
+        format!("https://{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// `IP:PORT` the controller on host `i` listens on (its member address).
+    pub fn controller_address(i: usize) -> String {
+        format!("{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// Starts a controller on host `i` as a new member `id` with `--join` through the
+    /// controllers on hosts `via`, on an empty data dir. It starts from their snapshot
+    /// and takes part once `overlayctl cluster member add` has added it.
+    pub fn start_controller_join(&mut self, i: usize, id: u64, via: &[usize]) -> Result<()> {
+        let data = self.dir.join(format!("controller{i}"));
+        let join = via.iter().map(|&j| Lab::controller_url(j)).collect::<Vec<_>>().join(",");
+        // The same flags as `start_controller`, with --join instead of --peers.
+        let mut args = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            Lab::controller_address(i),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--join".into(),
+            join,
+        ];
+        args.extend(self.controller_security_args(i));
+        let log = self.dir.join(format!("controller{i}.log"));
+        let child =
+            spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
+        if self.controllers.len() < i {
+            self.controllers.resize_with(i, || None);
+        }
+        self.controllers[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Cuts host `i` off the underlay: its `ul0` goes down (processes keep running).
+    pub fn partition_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "down"]).map(drop)
+    }
+
+    /// Undoes [`partition_host`](Self::partition_host).
+    pub fn heal_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "up"]).map(drop)
+    }
+
+    /// `overlayctl --controller URLS ARGS` as admin, inside host `from`'s namespace.
+    pub fn ctl_via(&self, from: usize, urls: &str, args: &[&str]) -> Output {
+        ctl_in(&self.host_ns(from), urls, &self.admin_args(), args)
+    }
+
     pub fn kill_controller(&mut self, i: usize) {
-        if let Some(mut c) = self.controllers[i - 1].take() {
+        let Some(slot) = self.controllers.get_mut(i - 1) else { return };
+        if let Some(mut c) = slot.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -452,10 +620,8 @@ impl Lab {
             self.resolv_conf()?.display().to_string(),
             "--tls-ca".into(),
             self.pki_dir().join("ca.pem").display().to_string(),
-            "--tls-cert".into(),
-            self.pki_dir().join(format!("{}.pem", Lab::host_name(i))).display().to_string(),
-            "--tls-key".into(),
-            self.pki_dir().join(format!("{}-key.pem", Lab::host_name(i))).display().to_string(),
+            "--join-token".into(),
+            self.join_token.clone().context("the lab has no join token yet")?,
         ])
     }
 
@@ -530,13 +696,46 @@ impl Lab {
         self.agents.get(i - 1)?.as_ref().map(Child::id)
     }
 
-    /// Every agent registered and ready.
-    fn wait_ready(&self) -> Result<()> {
+    /// `n` agents registered and ready.
+    fn wait_ready(&self, n: usize) -> Result<()> {
         wait_for(Duration::from_secs(60), "all hosts ready", || {
             let v = self.ctl_json(&["host", "ls"]).ok()?;
             let ready = v.as_array()?.iter().filter(|h| h["status"] == "ready").count();
-            (ready == self.hosts).then_some(())
+            (ready == n).then_some(())
         })
+    }
+
+    /// The join token the lab's agents were started with.
+    pub fn join_token(&self) -> Option<&str> {
+        self.join_token.as_deref()
+    }
+
+    /// Sets the join token later agents start with (after a rotation).
+    pub fn set_join_token(&mut self, token: &str) {
+        self.join_token = Some(token.to_string());
+    }
+
+    /// The log of agent `i` so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("agent{i}.log"))).unwrap_or_default()
+    }
+
+    /// The log of controller `i` so far.
+    pub fn controller_log(&self, i: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("controller{i}.log"))).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for agent `i`'s process to exit; its exit status.
+    pub fn wait_agent_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let child = self.agents[i - 1].as_mut().context("agent is not running")?;
+        let status =
+            wait_for(timeout, &format!("agent {i} to exit"), || child.try_wait().ok().flatten())?;
+        self.agents[i - 1] = None;
+        Ok(status)
     }
 
     /// `overlayctl ARGS` from host 1, against every controller.
@@ -544,8 +743,10 @@ impl Lab {
         let ns = format!("--net=/var/run/netns/{}", self.host_ns(1));
         let ctl = bin("overlayctl");
         let urls = self.controller_urls();
+        let admin = self.admin_args();
         let mut all: Vec<&str> =
             vec!["nsenter", &ns, "--", ctl.to_str().unwrap_or("overlayctl"), "--controller", &urls];
+        all.extend(admin.iter().map(String::as_str));
         all.extend_from_slice(args);
         run(&all)
     }

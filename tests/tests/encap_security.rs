@@ -264,10 +264,12 @@ fn encrypted_injection(lab: &Lab, secret: &Net, rogue: &str) -> Result<()> {
     let before = counter(lab, "/quic/rejected_peers");
     // A certificate for "h1" from a CA the cluster never heard of.
     let ca = overlay_quic::pki::Ca::generate()?;
-    let issued = ca.issue("h1", Some(ROGUE_IP.parse()?))?;
+    let subject = overlay_quic::pki::Subject::new("h1", overlay_quic::pki::Role::Agent);
+    let issued = ca.issue(&subject.with_ips(vec![ROGUE_IP.parse()?]))?;
     inject_quic(rogue, overlay_quic::Identity::from_issued(&ca, &issued)?, d.clone())?;
-    // h1's real certificate and key, used from another address.
-    let stolen = overlay_quic::Identity::load_dir(&lab.pki_dir(), "h1")?;
+    // h1's real certificate and key (it joined with them), used from another address.
+    let (cert, key) = lab.agent_cert_files(1);
+    let stolen = overlay_quic::Identity::load(&lab.pki_dir().join("ca.pem"), &cert, &key)?;
     inject_quic(rogue, stolen, d.clone())?;
     // And the encrypted network's datagram on the plain socket, from a real host.
     let h2: SocketAddr = format!("{}:{UDP_PORT}", Lab::host_ip(2)).parse()?;

@@ -401,15 +401,22 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
     let ctl = workspace_bin("overlayctl");
     let out = sh(Command::new(&ctl).args(["cert", "ca", "--out", &pki_s]));
     assert!(out.status.success(), "cert ca: {}", text(&out));
-    for vm in 1..=4 {
-        let (name, ip) = (format!("vm{vm}"), format!("192.168.56.{}", 10 + vm));
+    let issue = |name: &str, role: &str, ip: Option<&str>| {
         let out = sh(Command::new(&ctl)
-            .args(["cert", "issue", &name, "--ca-dir", &pki_s])
-            .args(["--out", &pki_s, "--ip", &ip]));
+            .args(["cert", "issue", name, "--role", role, "--ca-dir", &pki_s, "--out", &pki_s])
+            .args(ip.map(|ip| ["--ip", ip]).unwrap_or_default().iter().filter(|a| !a.is_empty())));
         assert!(out.status.success(), "cert issue: {}", text(&out));
+    };
+    for vm in 1..=4 {
+        let ip = format!("192.168.56.{}", 10 + vm);
+        issue(&format!("vm{vm}"), "agent", Some(&ip));
+        if vm <= 3 {
+            issue(&format!("vm{vm}-controller"), "controller", Some(&ip));
+        }
     }
+    issue("admin", "admin", None);
     let peers = "1=192.168.56.11:7400,2=192.168.56.12:7400,3=192.168.56.13:7400";
-    let urls = "http://192.168.56.11:7400,http://192.168.56.12:7400,http://192.168.56.13:7400";
+    let urls = "https://192.168.56.11:7400,https://192.168.56.12:7400,https://192.168.56.13:7400";
     for vm in 1..=4u32 {
         let root = tmp.0.join(format!("vm{vm}"));
         let root_s = root.display().to_string();
@@ -446,6 +453,12 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
             let m = std::fs::metadata(&installed).expect("tls file").permissions().mode() & 0o777;
             assert_eq!(m, mode, "mode of {file}");
         }
+        let admin_key = etc.join("tls/admin-key.pem");
+        let m = std::fs::metadata(&admin_key).expect("admin key").permissions().mode() & 0o777;
+        assert_eq!(m, 0o600, "mode of admin-key.pem");
+        let profile = read(root.join("etc/profile.d/overlay.sh"));
+        assert!(profile.contains(&format!("OVERLAY_CONTROLLER={urls}")), "{profile}");
+        assert!(profile.contains("OVERLAY_TLS_CERT=/etc/overlay/tls/admin.pem"), "{profile}");
         assert_agent_accepts(&etc.join("agent.toml"));
         let wants = root.join("etc/systemd/system/multi-user.target.wants");
         assert!(wants.join("overlay-agent.service").is_symlink(), "vm{vm}: agent not enabled");
@@ -456,6 +469,14 @@ fn provisioning_writes_each_vms_configs_and_enables_verified_units() {
             assert_eq!(c["id"].as_integer(), Some(i64::from(vm)));
             assert_eq!(c["listen"].as_str(), Some(format!("{ip}:7400").as_str()));
             assert_eq!(c["peers"].as_str(), Some(peers));
+            assert_eq!(c["tls_cert"].as_str(), Some("/etc/overlay/tls/controller.pem"));
+            let key = etc.join("tls/controller-key.pem");
+            assert_eq!(
+                std::fs::read(&key).ok(),
+                std::fs::read(pki.join(format!("vm{vm}-controller-key.pem"))).ok()
+            );
+            let m = std::fs::metadata(&key).expect("controller key").permissions().mode() & 0o777;
+            assert_eq!(m, 0o600, "mode of controller-key.pem");
             assert_controller_accepts(&etc.join("controller.toml"));
             assert!(wants.join("overlay-controller.service").is_symlink(), "vm{vm}");
         } else {
@@ -832,6 +853,8 @@ struct LoopbackCluster {
 }
 
 impl LoopbackCluster {
+    /// Three members on loopback, secured as the README says: a CA, one controller
+    /// certificate they share, and an admin certificate for overlayctl.
     fn new(dir: &Path) -> LoopbackCluster {
         let ports = (0..3)
             .map(|_| {
@@ -839,7 +862,41 @@ impl LoopbackCluster {
                 l.local_addr().expect("addr").port()
             })
             .collect();
+        let pki = dir.join("pki").display().to_string();
+        let ctl = workspace_bin("overlayctl");
+        for args in [
+            vec!["cert", "ca", "--out", &pki],
+            vec![
+                "cert",
+                "issue",
+                "controller",
+                "--role",
+                "controller",
+                "--ca-dir",
+                &pki,
+                "--out",
+                &pki,
+            ],
+            vec!["cert", "issue", "admin", "--role", "admin", "--ca-dir", &pki, "--out", &pki],
+        ] {
+            let out = sh(Command::new(&ctl).args(&args));
+            assert!(out.status.success(), "{args:?}: {}", text(&out));
+        }
         LoopbackCluster { dir: dir.to_path_buf(), ports, members: vec![None, None, None] }
+    }
+
+    /// `--tls-ca F --tls-cert F --tls-key F` for certificate `name`.
+    fn tls_args(&self, name: &str) -> Vec<String> {
+        let pki = self.dir.join("pki");
+        let file = |f: &str| pki.join(f).display().to_string();
+        vec![
+            "--tls-ca".into(),
+            file("ca.pem"),
+            "--tls-cert".into(),
+            file(&format!("{name}.pem")),
+            "--tls-key".into(),
+            file(&format!("{name}-key.pem")),
+        ]
     }
 
     fn data_dir(&self, id: usize) -> PathBuf {
@@ -847,7 +904,7 @@ impl LoopbackCluster {
     }
 
     fn urls(&self) -> String {
-        self.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+        self.ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
     }
 
     fn start(&mut self, id: usize) {
@@ -872,6 +929,7 @@ impl LoopbackCluster {
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--peers", &peers.join(",")])
+            .args(self.tls_args("controller"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -895,6 +953,7 @@ impl LoopbackCluster {
     fn ctl(&self, args: &[&str]) -> Output {
         sh(Command::new(workspace_bin("overlayctl"))
             .args(["--controller", &self.urls()])
+            .args(self.tls_args("admin"))
             .args(args))
     }
 

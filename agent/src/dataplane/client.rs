@@ -76,6 +76,15 @@ impl DataplaneClient {
         DataplaneClient { socket: socket_path(data_dir), settings, conn: None, child: None }
     }
 
+    /// New settings (a renewed certificate): a daemon running with other settings is
+    /// replaced on the next [`apply`](Self::apply).
+    pub fn set_settings(&mut self, settings: DaemonSettings) {
+        if settings != self.settings {
+            self.settings = settings;
+            self.conn = None;
+        }
+    }
+
     /// Makes the daemon forward by `tables`. A host without UDP networks starts no
     /// daemon, but one already running (networks just removed) is told to drop them.
     pub async fn apply(&mut self, tables: &Tables) -> Result<()> {

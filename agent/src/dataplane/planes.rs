@@ -50,8 +50,14 @@ impl Planes {
         let quic = match &settings.tls {
             None => None,
             Some((ca, cert, key)) => {
-                let identity = overlay_quic::pki::Identity::load(&settings.host, ca, cert, key)
-                    .context("loading this host's certificate")?;
+                let identity = overlay_quic::pki::Identity::load_for(
+                    ca,
+                    cert,
+                    key,
+                    &settings.host,
+                    overlay_quic::pki::Role::Agent,
+                )
+                .context("loading this host's certificate")?;
                 let listen = SocketAddr::new(ip, settings.quic_port);
                 let mut cfg = QuicConfig::new(listen, identity, settings.underlay_mtu);
                 cfg.runtime = Some(tokio::runtime::Handle::current());

@@ -26,6 +26,9 @@ pub struct DaemonSettings {
     pub queues: usize,
     /// PEM files for `--encrypted` networks: (CA, certificate, key).
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Changes when the certificate is renewed in place.
+    #[serde(default)]
+    pub tls_serial: String,
 }
 
 /// One `--encap udp` network as the data plane needs it.

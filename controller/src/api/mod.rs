@@ -1,6 +1,7 @@
 //! gRPC handlers: `overlay` (the public API for overlayctl and agents) and `peer`
 //! (member-to-member). Handlers translate requests into model commands and reads; they
-//! never touch the raft node.
+//! never touch the raft node. `auth` decides who may call what.
 
+pub mod auth;
 pub mod overlay;
 pub mod peer;

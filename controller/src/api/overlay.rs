@@ -2,21 +2,27 @@
 //! handle; reads wait on a ReadIndex barrier (unless the caller asks for LOCAL) and are
 //! answered from this member's applied state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
+use overlay_pki::token;
 use overlay_proto::convert;
 use overlay_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use overlay_grpc::Caller;
+
+use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
+use crate::raft::membership::{MemberChange, MembershipError};
+use crate::security::{Signer, WatchLimits, WatchSlot};
 use crate::watch::{HubEvent, Start};
 
 /// Changes per watch message while streaming a snapshot.
@@ -25,6 +31,15 @@ const SNAPSHOT_CHUNK: usize = 512;
 pub struct OverlayApi {
     pub cluster: Cluster,
     pub liveness: Arc<Liveness>,
+    /// Present when this member was given the CA key.
+    pub signer: Option<Arc<Signer>>,
+    pub watches: Arc<WatchLimits>,
+}
+
+/// Refuses the request unless its caller may perform `act`.
+#[allow(clippy::result_large_err)]
+fn allow<T>(req: &Request<T>, act: Act<'_>) -> Result<(), Status> {
+    auth::check(&Caller::of(req), act)
 }
 
 fn bad(e: overlay_model::ModelError) -> Status {
@@ -68,6 +83,35 @@ impl OverlayApi {
         Ok(convert::network_with_endpoints(network, state.catalog.endpoints_in(name)))
     }
 
+    /// The cluster's id, empty until the first leader named it.
+    fn cluster_id(&self) -> String {
+        self.cluster.read_state().meta().cluster_id.clone().unwrap_or_default()
+    }
+
+    /// Refuses a caller whose state belongs to another cluster (a reinitialised cluster,
+    /// another cluster's backup): mixing the two would corrupt both.
+    #[allow(clippy::result_large_err)]
+    fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
+        let ours = self.cluster_id();
+        if theirs.is_empty() || ours.is_empty() || theirs.eq_ignore_ascii_case(&ours) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "this controller serves cluster {ours}, but the caller belongs to cluster {theirs}: refusing to mix their state (if the host really moved to this cluster, remove the agent's data dir state and restart it)"
+        )))
+    }
+
+    /// This member's signer, or the error that sends the caller to another member.
+    #[allow(clippy::result_large_err)]
+    fn signer(&self) -> Result<&Signer, Status> {
+        self.signer.as_deref().ok_or_else(|| {
+            Status::unavailable(format!(
+                "controller {} cannot sign certificates (it runs without --tls-ca-key): ask another member",
+                self.cluster.id
+            ))
+        })
+    }
+
     /// Last-seen times and reported problems live in the leader's memory; ask it when
     /// we are not it.
     async fn last_seen(&self) -> (HashMap<String, i64>, HashMap<String, String>) {
@@ -107,6 +151,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::Network>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let spec = NetworkSpec {
@@ -128,6 +173,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::NetworkList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         let c = &state.catalog;
@@ -155,6 +201,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Network>, Status> {
+        allow(&req, Act::Read)?;
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         Ok(Response::new(self.network_pb(&req.get_ref().name)?))
     }
@@ -163,6 +210,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         let name = req.into_inner().name;
         self.write(Command::RemoveNetwork { name: name.clone() }).await?;
         info!(network = %name, "network removed");
@@ -173,6 +221,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let applied = self
             .write(Command::Connect {
@@ -189,6 +238,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let applied =
             self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
@@ -199,6 +249,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::CreateEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let applied = self
@@ -218,6 +269,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::EndpointList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let state = self.cluster.read_state();
         Ok(Response::new(pb::EndpointList {
@@ -230,6 +282,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
+        allow(&req, Act::Read)?;
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
         let name = &req.get_ref().name;
         let state = self.cluster.read_state();
@@ -245,6 +298,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         self.write(Command::RemoveEndpoint { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -253,6 +307,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::AddRouteRequest>,
     ) -> Result<Response<pb::Route>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
         let applied = self
@@ -274,6 +329,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::RouteList>, Status> {
+        allow(&req, Act::Read)?;
         let r = req.into_inner();
         self.read(r.consistency).await?;
         let state = self.cluster.read_state();
@@ -294,6 +350,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::RemoveRouteRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         let r = req.into_inner();
         let destination = parse::cidr(&r.destination).map_err(bad)?;
         self.write(Command::RemoveRoute { network: r.network, destination }).await?;
@@ -304,6 +361,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::HostList>, Status> {
+        allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
         let (last_seen, problems) = self.last_seen().await;
         let state = self.cluster.read_state();
@@ -327,9 +385,12 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::RegisterHostRequest>,
     ) -> Result<Response<pb::Host>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         names::validate_name(&r.name).map_err(bad)?;
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
+        auth::check(&caller, Act::RegisterHost { host: &r.name, underlay_ip: underlay_ip.into() })?;
+        self.same_cluster(&r.cluster_id)?;
         let underlay_prefix =
             u8::try_from(r.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(|| {
                 bad(overlay_model::ModelError::InvalidCidr(format!(
@@ -363,6 +424,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        allow(&req, Act::Write)?;
         self.write(Command::RemoveHost { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -371,7 +433,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let pb::HeartbeatRequest { host, problem } = req.into_inner();
+        let caller = Caller::of(&req);
+        let pb::HeartbeatRequest { host, cluster_id, problem } = req.into_inner();
+        auth::check(&caller, Act::Heartbeat { host: &host })?;
+        self.same_cluster(&cluster_id)?;
         let status = {
             let state = self.cluster.read_state();
             match state.catalog.hosts.get(&host) {
@@ -380,18 +445,22 @@ impl pb::overlay_server::Overlay for OverlayApi {
             }
         };
         heartbeat(&self.cluster, &self.liveness, &host, Some(&problem)).await;
-        Ok(Response::new(pb::HeartbeatResponse { status }))
+        Ok(Response::new(pb::HeartbeatResponse { status, cluster_id: self.cluster_id() }))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        auth::check(&caller, Act::Watch { host: &r.host })?;
+        self.same_cluster(&r.cluster_id)?;
+        let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             debug!(host = %r.host, from = r.from_revision, "watch started");
-            serve_watch(cluster, r.from_revision, tx).await;
+            serve_watch(cluster, r.from_revision, tx, slot).await;
             debug!(host = %r.host, "watch ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -399,25 +468,37 @@ impl pb::overlay_server::Overlay for OverlayApi {
 
     async fn cluster_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let peers = self.cluster.peers.clone();
-        let mut members = Vec::new();
-        let asks = peers.addresses.iter().map(|(&id, addr)| {
+        allow(&req, Act::Read)?;
+        let status = self.cluster.status();
+        let mut configured: BTreeMap<u64, (String, bool)> =
+            status.members.iter().map(|(&id, m)| (id, (m.address.clone(), m.voter))).collect();
+        if configured.is_empty() {
+            // Before the driver published its first status.
+            configured =
+                self.cluster.peers.addresses().into_iter().map(|(id, a)| (id, (a, true))).collect();
+        }
+        let asks = configured.iter().map(|(&id, (address, voter))| {
             let cluster = self.cluster.clone();
-            let addr = addr.clone();
+            let unreachable = pb::Member {
+                id,
+                address: address.clone(),
+                role: "unreachable".into(),
+                reachable: false,
+                voter: *voter,
+                ..Default::default()
+            };
             async move {
                 if id == cluster.id {
-                    return super::peer::member_status(&cluster);
+                    return (
+                        super::peer::member_status(&cluster),
+                        super::peer::member_progress(&cluster),
+                    );
                 }
-                let unreachable = pb::Member {
-                    id,
-                    address: addr.clone(),
-                    role: "unreachable".into(),
-                    reachable: false,
-                    ..Default::default()
+                let Some(mut client) = cluster.peers.client(id) else {
+                    return (unreachable, vec![]);
                 };
-                let Some(mut client) = cluster.peers.client(id) else { return unreachable };
                 let mut request = Request::new(pb::Empty {});
                 request.set_timeout(Duration::from_secs(1));
                 match tokio::time::timeout(
@@ -426,16 +507,195 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 )
                 .await
                 {
-                    Ok(Ok(resp)) => resp.into_inner().member.unwrap_or(unreachable),
-                    _ => unreachable,
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        (resp.member.unwrap_or(unreachable), resp.progress)
+                    }
+                    _ => (unreachable, vec![]),
                 }
             }
         });
-        for m in futures::future::join_all(asks).await {
-            members.push(m);
+        let answers = futures::future::join_all(asks).await;
+        let leader = status.leader;
+        // The leader's raft progress says how far each member's log matches.
+        let matched: BTreeMap<u64, u64> = answers
+            .iter()
+            .find(|(m, _)| m.id == leader && m.role == Role::Leader.as_str())
+            .map(|(_, progress)| progress.iter().map(|p| (p.id, p.matched)).collect())
+            .unwrap_or_default();
+        let members = answers
+            .into_iter()
+            .map(|(mut m, _)| {
+                if let Some((address, voter)) = configured.get(&m.id) {
+                    m.address = address.clone();
+                    m.voter = *voter;
+                }
+                m.matched = matched.get(&m.id).copied().unwrap_or(0);
+                m
+            })
+            .collect();
+        let cluster_id = self.cluster_id();
+        Ok(Response::new(pb::ClusterStatusResponse { leader, members, cluster_id }))
+    }
+
+    async fn join_token(
+        &self,
+        req: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let rotate = req.into_inner().rotate;
+        let ca = self.signer()?.ca();
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        let current = self.cluster.read_state().meta().join_token.clone();
+        if let (Some(record), false) = (current, rotate) {
+            let token = token::derive(ca.cert_der(), &ca.key_der(), &record.nonce);
+            // A record made under another CA key cannot be shown again: rotate it.
+            if token::hashes_equal(&token::hash(&token), &record.hash) {
+                return Ok(Response::new(pb::JoinTokenResponse { token }));
+            }
         }
-        let leader = self.cluster.status().leader;
-        Ok(Response::new(pb::ClusterStatusResponse { leader, members }))
+        let nonce = overlay_pki::random_bytes::<{ token::NONCE_LEN }>()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let token = token::derive(ca.cert_der(), &ca.key_der(), &nonce);
+        self.write(Command::SetJoinToken { nonce, hash: token::hash(&token) }).await?;
+        info!(rotated = rotate, "new join token");
+        Ok(Response::new(pb::JoinTokenResponse { token }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        allow(&req, Act::Join)?;
+        let remote = Caller::of(&req).remote();
+        let r = req.into_inner();
+        overlay_pki::validate_cert_name(&r.host)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
+        let signer = self.signer()?;
+        // A token rotated a moment ago on another member must already be refused here.
+        self.read(pb::ReadConsistency::Linearizable as i32).await?;
+        {
+            let state = self.cluster.read_state();
+            let Some(record) = &state.meta().join_token else {
+                return Err(Status::failed_precondition(
+                    "no join token has been made yet: run overlayctl cluster join-token",
+                ));
+            };
+            if !token::hashes_equal(&token::hash(&r.token), &record.hash) {
+                warn!(host = %r.host, ?remote, "join refused: wrong or rotated-out token");
+                return Err(Status::permission_denied(
+                    "permission denied: the join token is wrong or was rotated out (see overlayctl cluster join-token)",
+                ));
+            }
+            // A token is not a licence to take over a host that registered elsewhere.
+            if let Some(host) = state.catalog.hosts.get(&r.host) {
+                if host.underlay_ip != underlay_ip {
+                    return Err(Status::permission_denied(format!(
+                        "permission denied: host {} is registered with underlay IP {}, not {underlay_ip} (overlayctl host rm {} first, if it moved)",
+                        r.host, host.underlay_ip, r.host
+                    )));
+                }
+            }
+        }
+        let certificate = signer
+            .sign_agent(&r.csr, &r.host, vec![underlay_ip.into()])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(host = %r.host, %underlay_ip, ?remote, "signed an agent certificate for a join token");
+        Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        allow(&req, Act::RenewCertificate)?;
+        let Caller::Certified { cert, .. } = Caller::of(&req) else {
+            return Err(Status::permission_denied(
+                "permission denied: renewing needs the agent certificate being renewed",
+            ));
+        };
+        let certificate = self
+            .signer()?
+            .sign_agent(&req.get_ref().csr, &cert.name, cert.ips.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(host = %cert.name, "renewed an agent certificate");
+        Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
+        }
+        let address: std::net::SocketAddr = r.address.trim().parse().map_err(|_| {
+            Status::invalid_argument(MembershipError::InvalidAddress(r.address.clone()).to_string())
+        })?;
+        let address = address.to_string();
+        self.cluster
+            .change_membership(MemberChange::AddLearner { id: r.id, address: address.clone() })
+            .await
+            .map_err(Status::from)?;
+        info!(id = r.id, %address, "member added (as a learner until it has caught up)");
+        let members = self.members_after(|m| m.contains_key(&r.id)).await;
+        Ok(Response::new(pb::MemberChangeResponse { id: r.id, address, members }))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let id = req.into_inner().id;
+        if id == 0 {
+            return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
+        }
+        let address = self.cluster.status().members.get(&id).map(|m| m.address.clone());
+        self.cluster.change_membership(MemberChange::Remove { id }).await.map_err(Status::from)?;
+        info!(id, "member removed");
+        // A removed member may never hear that its removal committed: do not wait for it.
+        let members = if id == self.cluster.id {
+            self.members_after(|_| true).await
+        } else {
+            self.members_after(|m| !m.contains_key(&id)).await
+        };
+        Ok(Response::new(pb::MemberChangeResponse {
+            id,
+            address: address.unwrap_or_default(),
+            members,
+        }))
+    }
+}
+
+impl OverlayApi {
+    /// The configuration once this member has applied a change (`done` says when), or
+    /// as it is after a short wait: a follower applies it a round trip after the leader.
+    async fn members_after(
+        &self,
+        done: impl Fn(&BTreeMap<u64, crate::cluster::MemberInfo>) -> bool,
+    ) -> Vec<pb::Member> {
+        let mut status = self.cluster.shared.status.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done(&self.cluster.status().members) {
+            if tokio::time::timeout_at(deadline, status.changed()).await.is_err() {
+                break;
+            }
+        }
+        self.cluster
+            .status()
+            .members
+            .into_iter()
+            .map(|(id, m)| pb::Member {
+                id,
+                address: m.address,
+                voter: m.voter,
+                ..Default::default()
+            })
+            .collect()
     }
 }
 
@@ -461,7 +721,7 @@ pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, probl
     }
 }
 
-fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse> {
+fn snapshot_messages(catalog: &overlay_model::Catalog, cluster_id: &str) -> Vec<pb::WatchResponse> {
     let changes: Vec<pb::Change> =
         catalog.snapshot_changes().iter().map(pb::Change::from).collect();
     let mut chunks: Vec<Vec<pb::Change>> =
@@ -478,34 +738,40 @@ fn snapshot_messages(catalog: &overlay_model::Catalog) -> Vec<pb::WatchResponse>
             reset: i == 0,
             snapshot_done: i == last,
             changes,
+            cluster_id: cluster_id.to_string(),
         })
         .collect()
 }
 
-fn change_message(applied: &Applied) -> pb::WatchResponse {
+fn change_message(applied: &Applied, cluster_id: &str) -> pb::WatchResponse {
     pb::WatchResponse {
         revision: applied.revision,
         reset: false,
         snapshot_done: false,
         changes: applied.changes.iter().map(pb::Change::from).collect(),
+        cluster_id: cluster_id.to_string(),
     }
 }
 
 /// Streams one watcher: a starting point, then live changes in revision order. Falls
-/// back to a fresh snapshot whenever it lagged behind or the state was reset.
+/// back to a fresh snapshot whenever it lagged behind or the state was reset. Ends when
+/// the watcher goes away (releasing its `slot`), even while nothing changes.
 async fn serve_watch(
     cluster: Cluster,
     mut from: u64,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    _slot: WatchSlot,
 ) {
     loop {
-        let (start, mut rx) = {
+        let (start, mut rx, cluster_id) = {
             let state = cluster.read_state();
-            cluster.shared.hub.subscribe(from, &state)
+            let cluster_id = state.meta().cluster_id.clone().unwrap_or_default();
+            let (start, rx) = cluster.shared.hub.subscribe(from, &state);
+            (start, rx, cluster_id)
         };
         match start {
             Start::Snapshot(catalog) => {
-                for msg in snapshot_messages(&catalog) {
+                for msg in snapshot_messages(&catalog, &cluster_id) {
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
@@ -514,7 +780,7 @@ async fn serve_watch(
             }
             Start::Replay(list) => {
                 for applied in list {
-                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
                         return;
                     }
                     from = applied.revision;
@@ -523,7 +789,11 @@ async fn serve_watch(
         }
         // Live changes until the stream ends or we must start over.
         loop {
-            match rx.recv().await {
+            let event = tokio::select! {
+                _ = tx.closed() => return,
+                event = rx.recv() => event,
+            };
+            match event {
                 Ok(HubEvent::Applied(applied)) => {
                     if applied.revision <= from {
                         continue;
@@ -531,7 +801,7 @@ async fn serve_watch(
                     if applied.revision != from + 1 {
                         break; // a gap: cannot happen by construction, but never send one
                     }
-                    if tx.send(Ok(change_message(&applied))).await.is_err() {
+                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
                         return;
                     }
                     from = applied.revision;

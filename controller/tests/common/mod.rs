@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use overlay_grpc::Dialer;
+use overlay_pki::{Ca, Identity, Role, Subject};
 use overlay_proto::pb;
 use overlay_proto::pb::overlay_client::OverlayClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_overlay-controller");
@@ -36,6 +38,8 @@ pub struct Member {
     child: Option<Child>,
     /// Flags this member runs with beyond the ones every member gets.
     extra: Vec<String>,
+    /// Started with `--join` these URLs instead of the cluster's `--peers`.
+    join: Option<String>,
     starts: u32,
 }
 
@@ -54,6 +58,36 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     pub members: Vec<Member>,
     peers: Option<String>,
+    /// How clients reach the members: as `admin` over TLS, or plaintext.
+    dialer: Dialer,
+    /// Flags every member gets for its security mode.
+    security_flags: Vec<String>,
+}
+
+/// The cluster's PKI in `dir/pki`: a CA, one controller certificate for all members
+/// (the role is what counts, not the name), and the admin identity clients use.
+fn make_pki(dir: &Path) -> (Vec<String>, Dialer) {
+    let pki = dir.join("pki");
+    let ca = Ca::generate().expect("CA");
+    ca.save(&pki, false).expect("save CA");
+    let controller = ca.issue(&Subject::new("controller", Role::Controller)).expect("issue");
+    let (cert, key) = controller.save(&pki).expect("save controller cert");
+    let admin =
+        Identity::from_issued(&ca, &ca.issue(&Subject::new("admin", Role::Admin)).expect("issue"))
+            .expect("admin identity");
+    let config = overlay_pki::tls::client_config(&admin.ca, Some(&admin)).expect("client TLS");
+    let path = |p: &Path| p.display().to_string();
+    let flags = vec![
+        "--tls-ca".into(),
+        path(&pki.join(overlay_pki::CA_CERT_FILE)),
+        "--tls-cert".into(),
+        path(&cert),
+        "--tls-key".into(),
+        path(&key),
+        "--tls-ca-key".into(),
+        path(&pki.join(overlay_pki::CA_KEY_FILE)),
+    ];
+    (flags, Dialer::tls(config))
 }
 
 /// `n` loopback addresses whose ports were free a moment ago (bound to port 0 together,
@@ -66,9 +100,24 @@ pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
 
 impl Cluster {
     /// Starts `n` members (ids 1..=n) with `extra` flags, waits until each listens.
-    /// A single member is started without `--peers`, as a standalone controller.
+    /// A single member is started without `--peers`, as a standalone controller. The
+    /// members run with TLS (as in production); see [`Cluster::start_insecure`].
     pub fn start(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, true)
+    }
+
+    /// [`Cluster::start`] with `--insecure` (plaintext), to compare against.
+    pub fn start_insecure(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, false)
+    }
+
+    fn start_with(n: usize, extra: &[&str], tls: bool) -> Cluster {
         let dir = tempfile::Builder::new().prefix("overlay-cluster-").tempdir().expect("tempdir");
+        let (security_flags, dialer) = if tls {
+            make_pki(dir.path())
+        } else {
+            (vec!["--insecure".into()], Dialer::insecure())
+        };
         let addrs = free_addrs(n);
         let peers = (n > 1).then(|| {
             addrs
@@ -90,11 +139,12 @@ impl Cluster {
                     log: dir.path().join(format!("m{id}.log")),
                     child: None,
                     extra: extra.iter().map(|s| s.to_string()).collect(),
+                    join: None,
                     starts: 0,
                 }
             })
             .collect();
-        let mut cluster = Cluster { dir, members, peers };
+        let mut cluster = Cluster { dir, members, peers, dialer, security_flags };
         for id in 1..=n as u64 {
             cluster.spawn(id);
         }
@@ -122,6 +172,7 @@ impl Cluster {
 
     fn spawn(&mut self, id: u64) {
         let peers = self.peers.clone();
+        let security = self.security_flags.clone();
         let m = self.member_mut(id);
         assert!(m.child.is_none(), "member {id} is already running");
         m.starts += 1;
@@ -133,10 +184,13 @@ impl Cluster {
             .arg(m.addr.to_string())
             .arg("--data-dir")
             .arg(&m.data_dir);
-        if let Some(peers) = peers {
+        if let Some(join) = &m.join {
+            cmd.arg("--join").arg(join);
+        } else if let Some(peers) = peers {
             cmd.arg("--peers").arg(peers);
         }
-        cmd.args(&m.extra)
+        cmd.args(&security)
+            .args(&m.extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
@@ -175,6 +229,31 @@ impl Cluster {
         }
     }
 
+    /// A new member `id` on a free loopback port that joins through every current member
+    /// (`--join`); not started yet (see [`Cluster::restart`]). Returns its address.
+    pub fn new_joiner(&mut self, id: u64, extra: &[&str]) -> SocketAddr {
+        assert!(self.members.iter().all(|m| m.id != id), "member {id} exists");
+        let join = self.urls().join(",");
+        let addr = free_addrs(1)[0];
+        self.members.push(Member {
+            id,
+            addr,
+            data_dir: self.dir.path().join(format!("m{id}")),
+            log: self.dir.path().join(format!("m{id}.log")),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            join: Some(join),
+            starts: 0,
+        });
+        addr
+    }
+
+    /// Forgets a stopped member (after it was removed from the raft configuration).
+    pub fn forget(&mut self, id: u64) {
+        self.kill(id);
+        self.members.retain(|m| m.id != id);
+    }
+
     pub fn restart(&mut self, id: u64) {
         self.spawn(id);
         self.wait_listening(id);
@@ -196,7 +275,12 @@ impl Cluster {
     }
 
     pub fn url(&self, id: u64) -> String {
-        format!("http://{}", self.member(id).addr)
+        format!("{}://{}", self.dialer.scheme(), self.member(id).addr)
+    }
+
+    /// How clients of this cluster dial (as admin, over TLS unless insecure).
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -206,7 +290,7 @@ impl Cluster {
     /// A lazily connected client: creating it never fails, calls to a dead member fail
     /// fast with Unavailable, and it reconnects once the member is back.
     pub fn client(&self, id: u64) -> Client {
-        client_for(&self.url(id))
+        client_for(&self.dialer, &self.url(id))
     }
 
     pub fn log(&self, id: u64) -> String {
@@ -297,8 +381,7 @@ impl Cluster {
         let req = pb::RegisterHostRequest {
             name: name.into(),
             underlay_ip: ip.into(),
-            underlay_mtu: 0,
-            underlay_prefix: 0,
+            ..Default::default()
         };
         self.write_any(|mut c| {
             let req = req.clone();
@@ -373,13 +456,13 @@ impl Drop for Cluster {
     }
 }
 
-pub fn client_for(url: &str) -> Client {
-    let channel = Endpoint::from_shared(url.to_string())
+pub fn client_for(dialer: &Dialer, url: &str) -> Client {
+    let endpoint = dialer
+        .endpoint(url)
         .expect("valid url")
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    OverlayClient::new(channel).max_decoding_message_size(512 * 1024 * 1024)
+        .tcp_nodelay(true);
+    OverlayClient::new(dialer.connect_lazy(endpoint)).max_decoding_message_size(512 * 1024 * 1024)
 }
 
 /// No member answered for sure; try elsewhere: Unavailable or DeadlineExceeded from a

@@ -8,7 +8,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use overlay_quic::pki::{Ca, Identity};
+use overlay_quic::pki::{Ca, Identity, Role, Subject};
 use overlay_quic::{QuicConfig, QuicPlane};
 use tokio::runtime::Handle;
 
@@ -29,7 +29,8 @@ pub struct Node {
 /// Starts host `host` with a certificate from `ca` on `addr`, expecting the hosts in
 /// `peers` (address, name).
 pub fn node(ca: &Ca, host: &str, addr: &str, peers: &[(&str, &str)]) -> Node {
-    let issued = ca.issue(host, Some(ip(addr))).expect("issue");
+    let issued =
+        ca.issue(&Subject::new(host, Role::Agent).with_ips(vec![ip(addr)])).expect("issue");
     let identity = Identity::from_issued(ca, &issued).expect("identity");
     node_with(identity, addr, peers, None)
 }

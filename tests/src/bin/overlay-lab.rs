@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overlay_tests::lab::{bin_dir, can_run, run, wait_for, Lab, LabOptions, OUTSIDE_IP};
+use overlay_tests::lab::{bin_dir, can_run, run, wait_for, Lab, LabOptions, ADMIN, OUTSIDE_IP};
 use serde::{Deserialize, Serialize};
 
 const ID: &str = "ovtlab";
@@ -49,7 +49,14 @@ fn overlayctl() -> PathBuf {
     bin_dir().join("overlayctl")
 }
 
-/// `overlayctl --controller URLS ARGS` run inside host 1's network namespace.
+/// The environment that makes `overlayctl` the lab's admin (its TLS files).
+fn admin_env(state: &State) -> [(&'static str, PathBuf); 3] {
+    let pki = state.dir.join("pki");
+    let (cert, key) = overlay_pki::cert_files(&pki, ADMIN);
+    [("OVERLAY_TLS_CA", pki.join("ca.pem")), ("OVERLAY_TLS_CERT", cert), ("OVERLAY_TLS_KEY", key)]
+}
+
+/// `overlayctl --controller URLS ARGS` run inside host 1's network namespace, as admin.
 fn ctl_command(state: &State, args: &[String]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={NETNS_DIR}/{}h1", state.id))
@@ -57,7 +64,8 @@ fn ctl_command(state: &State, args: &[String]) -> Command {
         .arg(overlayctl())
         .arg("--controller")
         .arg(&state.urls)
-        .args(args);
+        .args(args)
+        .envs(admin_env(state));
     cmd
 }
 
@@ -192,7 +200,11 @@ fn start() -> Result<State, String> {
         let (dir, done) = (lab_dir(), done.clone());
         std::thread::spawn(move || show_progress(dir, done))
     };
-    let lab = Lab::start_with(LabOptions { hosts: HOSTS, id: Some(ID.into()), detached: true });
+    let lab = Lab::start_with(LabOptions {
+        id: Some(ID.into()),
+        detached: true,
+        ..LabOptions::hosts(HOSTS)
+    });
     done.store(true, Ordering::SeqCst);
     let _ = progress.join();
     let lab = lab.map_err(|e| {
@@ -213,6 +225,7 @@ fn start() -> Result<State, String> {
 
 fn print_usage(state: &State) {
     let ctl = overlayctl();
+    let env = admin_env(state);
     let _ = ctl_command(state, &["host".into(), "ls".into()]).status();
     println!(
         "
@@ -226,10 +239,12 @@ Try it (the README's walk-through goes further):
     ./scripts/lab.sh ctl endpoint create s2 --host h2 --network frontend
     ip netns exec s1 ping -c 3 s2      # by name, from host h1 to host h2
 
-overlayctl itself runs inside a host's namespace (the controllers listen there):
+overlayctl itself runs inside a host's namespace (the controllers listen there), with
+the lab's admin certificate (the lab is secure by default: mutual TLS, roles):
 
-    ip netns exec {id}h1 env OVERLAY_CONTROLLER={urls} \\
-        {ctl} host ls
+    export OVERLAY_CONTROLLER={urls}
+    export OVERLAY_TLS_CA={ca} OVERLAY_TLS_CERT={cert} OVERLAY_TLS_KEY={key}
+    ip netns exec {id}h1 {ctl} host ls
 
 ./scripts/lab.sh status shows the lab; ./scripts/lab.sh down removes it.",
         n = state.hosts,
@@ -237,6 +252,9 @@ overlayctl itself runs inside a host's namespace (the controllers listen there):
         urls = state.urls,
         dir = state.dir.display(),
         ctl = ctl.display(),
+        ca = env[0].1.display(),
+        cert = env[1].1.display(),
+        key = env[2].1.display(),
     );
 }
 
