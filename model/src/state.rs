@@ -9,8 +9,9 @@
 //! What watchers (agents, the DNS, `overlayctl`) need is the [`Catalog`]: the objects
 //! plus a revision. Each applied command returns the object-level [`Change`]s it made, so
 //! a watcher can replicate the catalog from a stream of [`Applied`] without knowing any
-//! of the rules. The allocator state (IPAM, the MAC counter) lives beside the catalog
-//! because only the controller decides addresses.
+//! of the rules. The allocator state (IPAM with its serial cursors) lives beside the
+//! catalog because only the controller decides addresses; MACs follow addresses
+//! ([`Mac::from_ip`]), so they need no allocator.
 //!
 //! Lookups on the hot paths (endpoint create/connect/disconnect/remove) go through
 //! indexes derived from the catalog, so they stay O(log n) with 100k+ endpoints. The
@@ -23,7 +24,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::ipam::{Ipam, MAX_PREFIX};
+use crate::ipam::{Ipam, IpamV1, MAX_PREFIX};
 use crate::names::validate_name;
 use crate::types::*;
 use crate::{Command, ModelError, NetworkSpec};
@@ -32,7 +33,11 @@ use crate::{Command, ModelError, NetworkSpec};
 const LISTED_NAMES: usize = 5;
 
 /// First byte of [`State::to_bytes`], so a future layout can still read old snapshots.
-const SNAPSHOT_FORMAT: u8 = 1;
+/// Format 2: IPAM with serial cursors, no MAC counter. Format 1 (lowest-free IPAM, MAC
+/// counter) is still read: see [`StateV1`].
+const SNAPSHOT_FORMAT: u8 = 2;
+/// The format before MACs followed addresses.
+const SNAPSHOT_FORMAT_V1: u8 = 1;
 
 /// The desired state as watchers see it: plain objects and the revision they reflect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,7 +173,7 @@ const LOWEST_NET: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::UNSPECI
 pub enum SnapshotError {
     #[error("state snapshot is empty")]
     Empty,
-    #[error("state snapshot has format {0}, this build reads format {SNAPSHOT_FORMAT}")]
+    #[error("state snapshot has format {0}, this build reads formats {SNAPSHOT_FORMAT_V1} and {SNAPSHOT_FORMAT}")]
     Format(u8),
     #[error("state snapshot does not decode: {0}")]
     Decode(#[from] postcard::Error),
@@ -187,9 +192,6 @@ pub struct State {
     pub catalog: Catalog,
     /// One allocator per network, keyed by network name.
     ipams: BTreeMap<String, Ipam>,
-    /// Counter for [`Mac::from_counter`]; only ever grows, so no MAC is handed out twice
-    /// even after its endpoint is gone (agents and peers may still cache it).
-    next_mac: u64,
     index: Index,
 }
 
@@ -202,9 +204,7 @@ impl Default for State {
 /// Equality is over what is replicated; the index is a function of it.
 impl PartialEq for State {
     fn eq(&self, other: &Self) -> bool {
-        self.catalog == other.catalog
-            && self.ipams == other.ipams
-            && self.next_mac == other.next_mac
+        self.catalog == other.catalog && self.ipams == other.ipams
     }
 }
 
@@ -214,28 +214,55 @@ impl Eq for State {}
 struct StateRef<'a> {
     catalog: &'a Catalog,
     ipams: &'a BTreeMap<String, Ipam>,
-    next_mac: u64,
 }
 
 #[derive(Deserialize)]
 struct StateOwned {
     catalog: Catalog,
     ipams: BTreeMap<String, Ipam>,
-    next_mac: u64,
+}
+
+/// A snapshot of format 1: lowest-free allocators and the MAC counter (which is dropped:
+/// new attachments get [`Mac::from_ip`], and old ones keep the MACs they have).
+#[derive(Deserialize)]
+struct StateV1 {
+    catalog: Catalog,
+    ipams: BTreeMap<String, IpamV1>,
+    /// The MAC counter: decoded to consume its bytes (postcard is positional), unused.
+    _next_mac: u64,
+}
+
+impl StateV1 {
+    /// Each allocator's cursor goes just past the highest address attached in its
+    /// network, so allocation continues upwards from what is in use (deterministic: a
+    /// function of the snapshot alone).
+    fn upgrade(self) -> StateOwned {
+        let mut last_used: BTreeMap<&str, Ipv4Addr> = BTreeMap::new();
+        for a in self.catalog.endpoints.values().flat_map(|e| &e.attachments) {
+            let top = last_used.entry(a.network.as_str()).or_insert(a.ip);
+            *top = (*top).max(a.ip);
+        }
+        let ipams = self
+            .ipams
+            .into_iter()
+            .map(|(name, v1)| {
+                let last = last_used.get(name.as_str()).copied();
+                (name, v1.upgrade(last))
+            })
+            .collect();
+        StateOwned { catalog: self.catalog, ipams }
+    }
 }
 
 impl Serialize for State {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        StateRef { catalog: &self.catalog, ipams: &self.ipams, next_mac: self.next_mac }
-            .serialize(serializer)
+        StateRef { catalog: &self.catalog, ipams: &self.ipams }.serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let owned = StateOwned::deserialize(deserializer)?;
-        let index = Index::build(&owned.catalog);
-        Ok(State { catalog: owned.catalog, ipams: owned.ipams, next_mac: owned.next_mac, index })
+        Ok(State::from_owned(StateOwned::deserialize(deserializer)?))
     }
 }
 
@@ -368,12 +395,12 @@ fn interface_index(interface: &str) -> Option<u32> {
 
 impl State {
     pub fn new() -> State {
-        State {
-            catalog: Catalog::default(),
-            ipams: BTreeMap::new(),
-            next_mac: 1,
-            index: Index::default(),
-        }
+        State { catalog: Catalog::default(), ipams: BTreeMap::new(), index: Index::default() }
+    }
+
+    fn from_owned(owned: StateOwned) -> State {
+        let index = Index::build(&owned.catalog);
+        State { catalog: owned.catalog, ipams: owned.ipams, index }
     }
 
     /// Applies one committed command. On `Err` nothing changed; on `Ok` the revision went
@@ -423,10 +450,14 @@ impl State {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<State, SnapshotError> {
         let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
-        if format != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format(format));
-        }
-        let (state, rest): (State, _) = postcard::take_from_bytes(body)?;
+        let (state, rest) = match format {
+            SNAPSHOT_FORMAT => postcard::take_from_bytes::<State>(body)?,
+            SNAPSHOT_FORMAT_V1 => {
+                let (v1, rest) = postcard::take_from_bytes::<StateV1>(body)?;
+                (State::from_owned(v1.upgrade()), rest)
+            }
+            other => return Err(SnapshotError::Format(other)),
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
@@ -495,30 +526,35 @@ impl State {
                 Err(ModelError::IpInUse { ip, network: network.name.clone() })
             }
             Some(ip) => Ok(ip),
-            None => ipam.lowest_free().ok_or_else(exhausted),
+            None => ipam.next_free().ok_or_else(exhausted),
         }
     }
 
-    /// Takes an address `pick_ip` chose. It is the first mutation of a command, so even
-    /// the impossible failure leaves the state untouched.
-    fn take_ip(&mut self, network: &str, ip: Ipv4Addr) -> Result<(), ModelError> {
-        let ipam = self.ipams.get_mut(network);
-        match ipam.map(|ipam| ipam.allocate_specific(ip)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err(ModelError::IpInUse { ip, network: network.to_string() }),
+    /// Takes an address `pick_ip` chose: an automatic pick (`requested` is `None`) through
+    /// the serial allocator, so its cursor moves on. It is the first mutation of a
+    /// command, so even the impossible failure leaves the state untouched.
+    fn take_ip(
+        &mut self,
+        network: &str,
+        ip: Ipv4Addr,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<(), ModelError> {
+        let in_use = || ModelError::IpInUse { ip, network: network.to_string() };
+        let ipam = self.ipams.get_mut(network).ok_or_else(in_use)?;
+        if requested.is_some() {
+            return ipam.allocate_specific(ip).map_err(|_| in_use());
         }
+        // `pick_ip` asked `next_free`, which is exactly what `allocate` takes.
+        if ipam.next_free() != Some(ip) {
+            return Err(in_use());
+        }
+        ipam.allocate().map(drop).ok_or_else(in_use)
     }
 
     fn release_ip(&mut self, network: &str, ip: Ipv4Addr) {
         if let Some(ipam) = self.ipams.get_mut(network) {
             ipam.release(ip);
         }
-    }
-
-    fn new_mac(&mut self) -> Mac {
-        let mac = Mac::from_counter(self.next_mac);
-        self.next_mac += 1;
-        mac
     }
 
     /// Deletes routes (catalog and index) and returns their `DeleteRoute` changes.
@@ -673,14 +709,15 @@ impl State {
         self.host(host)?;
         let net = self.network(network)?;
         check_aliases(aliases)?;
-        let ip = self.pick_ip(net, ip)?;
+        let requested = ip;
+        let ip = self.pick_ip(net, requested)?;
 
-        self.take_ip(network, ip)?;
+        self.take_ip(network, ip, requested)?;
         let attachment = Attachment {
             network: network.to_string(),
             interface: "eth0".to_string(),
             ip,
-            mac: self.new_mac(),
+            mac: Mac::from_ip(ip),
             aliases: aliases.to_vec(),
         };
         let endpoint = Endpoint {
@@ -729,7 +766,8 @@ impl State {
             });
         }
         check_aliases(aliases)?;
-        let ip = self.pick_ip(net, ip)?;
+        let requested = ip;
+        let ip = self.pick_ip(net, requested)?;
         // Attachments stay sorted by interface index, so the lowest free index is the
         // first position where the index skips.
         let used: BTreeSet<u32> =
@@ -741,12 +779,12 @@ impl State {
             .position(|a| interface_index(&a.interface).is_none_or(|i| i > n))
             .unwrap_or(ep.attachments.len());
 
-        self.take_ip(network, ip)?;
+        self.take_ip(network, ip, requested)?;
         let attachment = Attachment {
             network: network.to_string(),
             interface: format!("eth{n}"),
             ip,
-            mac: self.new_mac(),
+            mac: Mac::from_ip(ip),
             aliases: aliases.to_vec(),
         };
         self.index.attach(network, endpoint);
@@ -766,13 +804,8 @@ impl State {
                 network: network.to_string(),
             });
         };
-        if ep.attachments.len() == 1 {
-            return Err(ModelError::LastAttachment {
-                endpoint: endpoint.to_string(),
-                network: network.to_string(),
-            });
-        }
-
+        // Disconnecting the last network is allowed, as Docker's: the endpoint stays
+        // (its namespace with loopback only) until it is connected again or removed.
         let mut changes = self.delete_routes(self.routes_via(endpoint, Some(network)));
         let Some(ep) = self.catalog.endpoints.get_mut(endpoint) else {
             return Err(ModelError::EndpointNotFound(endpoint.to_string()));
@@ -968,12 +1001,12 @@ mod tests {
         }
     }
 
-    fn attachment(network: &str, interface: &str, ip_: &str, mac: u64) -> Attachment {
+    fn attachment(network: &str, interface: &str, ip_: &str) -> Attachment {
         Attachment {
             network: network.into(),
             interface: interface.into(),
             ip: ip(ip_),
-            mac: Mac::from_counter(mac),
+            mac: Mac::from_ip(ip(ip_)),
             aliases: vec![],
         }
     }
@@ -1292,7 +1325,7 @@ mod tests {
         let want = Endpoint {
             name: "web".into(),
             host: "h1".into(),
-            attachments: vec![attachment("frontend", "eth0", "10.0.1.2", 1)],
+            attachments: vec![attachment("frontend", "eth0", "10.0.1.2")],
         };
         assert_eq!(
             ok(&mut state, create_endpoint("web", "h1", "frontend")),
@@ -1305,7 +1338,7 @@ mod tests {
             ip: Some(ip("10.0.1.200")),
             aliases: strings(&["database", "pg"]),
         };
-        let mut a = attachment("frontend", "eth0", "10.0.1.200", 2);
+        let mut a = attachment("frontend", "eth0", "10.0.1.200");
         a.aliases = strings(&["database", "pg"]);
         let want = Endpoint { name: "db".into(), host: "h1".into(), attachments: vec![a] };
         assert_eq!(
@@ -1398,9 +1431,9 @@ mod tests {
             ip: Some(ip("10.0.2.9")),
             aliases: strings(&["router"]),
         };
-        let mut back = attachment("backend", "eth1", "10.0.2.9", 2);
+        let mut back = attachment("backend", "eth1", "10.0.2.9");
         back.aliases = strings(&["router"]);
-        let front = attachment("frontend", "eth0", "10.0.1.2", 1);
+        let front = attachment("frontend", "eth0", "10.0.1.2");
         let want = Endpoint {
             name: "gw".into(),
             host: "h1".into(),
@@ -1410,11 +1443,11 @@ mod tests {
             ok(&mut state, cmd),
             Applied { revision: 6, changes: vec![Change::PutEndpoint(want)] }
         );
-        let mgmt = attachment("mgmt", "eth2", "10.0.3.2", 3);
+        let mgmt = attachment("mgmt", "eth2", "10.0.3.2");
         ok(&mut state, connect("mgmt", "gw"));
         ok(&mut state, disconnect("backend", "gw"));
-        // eth1 is free again and comes back in order, with a new MAC.
-        let back = attachment("backend", "eth1", "10.0.2.2", 4);
+        // eth1 is free again and comes back in order, with the MAC of its new address.
+        let back = attachment("backend", "eth1", "10.0.2.2");
         let want =
             Endpoint { name: "gw".into(), host: "h1".into(), attachments: vec![front, back, mgmt] };
         assert_eq!(
@@ -1479,7 +1512,7 @@ mod tests {
         let want = Endpoint {
             name: "gw".into(),
             host: "h1".into(),
-            attachments: vec![attachment("frontend", "eth0", "10.0.1.2", 1)],
+            attachments: vec![attachment("frontend", "eth0", "10.0.1.2")],
         };
         assert_eq!(
             ok(&mut state, disconnect("backend", "gw")),
@@ -1492,11 +1525,59 @@ mod tests {
                 ]
             }
         );
-        // The frontend route via gw stays; the released address is handed out next.
+        // The frontend route via gw stays; the released address is free but not handed
+        // out while unused ones remain (serial allocation).
         assert_eq!(state.catalog.routes.len(), 1);
         assert!(state.ipam("backend").unwrap().is_free(ip("10.0.2.2")));
         ok(&mut state, create_endpoint("x", "h1", "backend"));
-        assert_eq!(state.catalog.endpoints["x"].attachments[0].ip, ip("10.0.2.2"));
+        assert_eq!(state.catalog.endpoints["x"].attachments[0].ip, ip("10.0.2.3"));
+        // Asked for by name, it is given at once, with the same MAC as before.
+        let cmd = Command::Connect {
+            network: "backend".into(),
+            endpoint: "web2".into(),
+            ip: Some(ip("10.0.2.2")),
+            aliases: vec![],
+        };
+        ok(&mut state, create_endpoint("web2", "h1", "frontend"));
+        ok(&mut state, cmd);
+        let again = state.catalog.endpoints["web2"].attachment("backend").unwrap();
+        assert_eq!(again.mac, Mac::from_ip(ip("10.0.2.2")));
+    }
+
+    #[test]
+    fn disconnect_from_the_last_network_keeps_the_endpoint() {
+        let mut state = setup();
+        ok(&mut state, create_endpoint("web", "h1", "frontend"));
+        ok(&mut state, add_route("frontend", "10.0.9.0/24", "web"));
+        let rev = state.catalog.revision;
+        let alone = Endpoint { name: "web".into(), host: "h1".into(), attachments: vec![] };
+        assert_eq!(
+            ok(&mut state, disconnect("frontend", "web")),
+            Applied {
+                revision: rev + 1,
+                changes: vec![
+                    Change::DeleteRoute(("frontend".into(), net("10.0.9.0/24"))),
+                    Change::PutEndpoint(alone),
+                ]
+            }
+        );
+        assert_eq!(state.endpoints_on_host("h1"), 1);
+        assert_eq!(state.attached_count("frontend"), 0);
+        // The network can go now; the host cannot (it still has the endpoint).
+        ok(&mut state, create_network("spare", "10.0.8.0/24"));
+        ok(&mut state, Command::RemoveNetwork { name: "spare".into() });
+        assert_eq!(
+            refused(&mut state, Command::RemoveHost { name: "h1".into() }),
+            ModelError::HostInUse { host: "h1".into(), endpoints: "web".into() }
+        );
+        // Connected again, it gets eth0 back (and a fresh address: serial allocation).
+        ok(&mut state, connect("frontend", "web"));
+        let a = &state.catalog.endpoints["web"].attachments;
+        assert_eq!(a.len(), 1);
+        assert_eq!((a[0].interface.as_str(), a[0].ip), ("eth0", ip("10.0.1.3")));
+        ok(&mut state, disconnect("frontend", "web"));
+        ok(&mut state, Command::RemoveEndpoint { name: "web".into() });
+        assert_eq!(state.endpoints_on_host("h1"), 0);
     }
 
     #[test]
@@ -1515,15 +1596,6 @@ mod tests {
         assert_eq!(
             refused(&mut state, disconnect("backend", "web")),
             ModelError::NotAttached { endpoint: "web".into(), network: "backend".into() }
-        );
-        let err = refused(&mut state, disconnect("frontend", "web"));
-        assert_eq!(
-            err,
-            ModelError::LastAttachment { endpoint: "web".into(), network: "frontend".into() }
-        );
-        assert_eq!(
-            err.to_string(),
-            "endpoint web has only network frontend: remove the endpoint instead"
         );
     }
 
@@ -1561,12 +1633,12 @@ mod tests {
         );
         assert!(state.ipam("frontend").unwrap().is_free(ip("10.0.1.3")));
         assert!(state.ipam("backend").unwrap().is_free(ip("10.0.2.2")));
-        // MACs are never reused even though addresses are.
+        // Freed addresses wait while unused ones remain (serial allocation).
         let applied = ok(&mut state, create_endpoint("new", "h1", "frontend"));
         let want = Endpoint {
             name: "new".into(),
             host: "h1".into(),
-            attachments: vec![attachment("frontend", "eth0", "10.0.1.3", 4)],
+            attachments: vec![attachment("frontend", "eth0", "10.0.1.4")],
         };
         assert_eq!(applied.changes, vec![Change::PutEndpoint(want)]);
     }
@@ -1856,13 +1928,79 @@ mod tests {
         for i in (0..N).step_by(2) {
             state.apply(&Command::RemoveEndpoint { name: format!("e{i}") }).unwrap();
         }
-        // The lowest freed address (e0's 10.0.0.2) is handed out first.
+        // Allocation goes on past the last address handed out (10.0.0.2 + 19,999), not
+        // back to the freed ones (e0's 10.0.0.2 first among them).
         state.apply(&create_endpoint("again", "h0", "big")).unwrap();
-        assert_eq!(state.catalog.endpoints["again"].attachments[0].ip, ip("10.0.0.2"));
+        assert_eq!(state.catalog.endpoints["again"].attachments[0].ip, ip("10.0.78.34"));
         assert_eq!(state.attached_count("big"), (N / 2 + 1) as usize);
         assert_eq!(state.endpoints_on_host("h1"), (N / 4) as usize);
         check_consistent(&state);
         assert_eq!(State::from_bytes(&state.to_bytes()).unwrap(), state);
+    }
+
+    /// A snapshot as format 1 laid it out (postcard is positional, so these structs
+    /// encode exactly as the old `State` did).
+    #[derive(Serialize)]
+    struct IpamV1Bytes {
+        subnet: Ipv4Network,
+        gateway: Ipv4Addr,
+        free: BTreeMap<u32, u32>,
+        free_count: u32,
+    }
+
+    #[derive(Serialize)]
+    struct StateV1Bytes<'a> {
+        catalog: &'a Catalog,
+        ipams: BTreeMap<String, IpamV1Bytes>,
+        next_mac: u64,
+    }
+
+    fn format_1_bytes(state: &State) -> Vec<u8> {
+        let ipams = state
+            .ipams
+            .iter()
+            .map(|(name, ipam)| {
+                let free = ipam.free_ranges().map(|(s, e)| (u32::from(s), u32::from(e))).collect();
+                let v1 = IpamV1Bytes {
+                    subnet: ipam.subnet(),
+                    gateway: ipam.gateway(),
+                    free,
+                    free_count: ipam.free_count(),
+                };
+                (name.clone(), v1)
+            })
+            .collect();
+        let v1 = StateV1Bytes { catalog: &state.catalog, ipams, next_mac: 42 };
+        let mut out = vec![SNAPSHOT_FORMAT_V1];
+        out.extend(postcard::to_stdvec(&v1).unwrap());
+        out
+    }
+
+    #[test]
+    fn format_1_snapshots_load_with_serial_cursors_and_their_macs() {
+        let mut state = setup();
+        ok(&mut state, create_network("backend", "10.0.2.0/24"));
+        for name in ["a", "b", "c", "d"] {
+            ok(&mut state, create_endpoint(name, "h1", "frontend"));
+        }
+        ok(&mut state, Command::RemoveEndpoint { name: "b".into() });
+        // An attachment from the counter era keeps its MAC.
+        let legacy = Mac::from_counter(3);
+        state.catalog.endpoints.get_mut("c").unwrap().attachments[0].mac = legacy;
+        let mut back = State::from_bytes(&format_1_bytes(&state)).unwrap();
+        assert_eq!(back.catalog, state.catalog);
+        assert_eq!(back.index, state.index);
+        check_consistent(&back);
+        // a, c, d hold .2, .4, .5: the next address is .6, not the freed .3.
+        assert_eq!(back.ipam("frontend").unwrap().cursor(), ip("10.0.1.6"));
+        assert_eq!(back.ipam("backend").unwrap().cursor(), ip("10.0.2.1"));
+        ok(&mut back, create_endpoint("e", "h1", "frontend"));
+        assert_eq!(back.catalog.endpoints["e"].attachments[0].ip, ip("10.0.1.6"));
+        assert_eq!(back.catalog.endpoints["c"].attachments[0].mac, legacy);
+        // Saved again, it is format 2, and stays what it is.
+        let bytes = back.to_bytes();
+        assert_eq!(bytes[0], SNAPSHOT_FORMAT);
+        assert_eq!(State::from_bytes(&bytes).unwrap(), back);
     }
 
     mod properties {
@@ -1939,15 +2077,19 @@ mod tests {
             ]
         }
 
-        /// The address a fresh allocation in `network` must return: the lowest usable
-        /// address that is neither the gateway nor attached.
-        fn expected_next(catalog: &Catalog, network: &str) -> Option<Ipv4Addr> {
+        /// The address a fresh allocation in `network` must return with the allocator's
+        /// cursor at `cursor`: the lowest usable address at or after it that is neither
+        /// the gateway nor attached, else (wrapping) the lowest such address.
+        fn expected_next(catalog: &Catalog, network: &str, cursor: u32) -> Option<Ipv4Addr> {
             let n = catalog.networks.get(network)?;
             let used: BTreeSet<Ipv4Addr> =
                 catalog.endpoints_in(network).map(|(_, a)| a.ip).collect();
-            (u32::from(n.subnet.network()) + 1..u32::from(n.subnet.broadcast()))
+            let free = |a: &Ipv4Addr| *a != n.gateway && !used.contains(a);
+            let (first, end) = (u32::from(n.subnet.network()) + 1, u32::from(n.subnet.broadcast()));
+            (cursor.max(first)..end)
                 .map(Ipv4Addr::from)
-                .find(|a| *a != n.gateway && !used.contains(a))
+                .find(free)
+                .or_else(|| (first..end).map(Ipv4Addr::from).find(free))
         }
 
         fn check_addresses(state: &State) -> Result<(), TestCaseError> {
@@ -1962,10 +2104,10 @@ mod tests {
                 }
             }
             for e in state.catalog.endpoints.values() {
-                prop_assert!(!e.attachments.is_empty());
                 prop_assert!(state.catalog.hosts.contains_key(&e.host));
                 for a in &e.attachments {
                     prop_assert!(macs.insert(a.mac), "duplicate MAC {}", a.mac);
+                    prop_assert_eq!(a.mac, Mac::from_ip(a.ip), "the MAC follows the address");
                     prop_assert!(state.catalog.networks.contains_key(&a.network));
                 }
             }
@@ -1991,14 +2133,16 @@ mod tests {
             fn random_commands_keep_every_invariant(commands in proptest::collection::vec(arb_command(), 1..120)) {
                 let mut state = base();
                 let mut watcher = state.catalog.clone();
-                let mut macs_ever: HashSet<Mac> = state.catalog.endpoints.values()
-                    .flat_map(|e| e.attachments.iter().map(|a| a.mac)).collect();
+                // A model of each allocator's serial cursor.
+                let mut cursors: BTreeMap<String, u32> = state.catalog.networks.values()
+                    .map(|n| (n.name.clone(), u32::from(n.subnet.network()) + 1)).collect();
                 let mut twin = base();
                 for command in &commands {
                     let before = state.clone();
                     let auto_ip = match command {
                         Command::CreateEndpoint { network, ip: None, .. } | Command::Connect { network, ip: None, .. } => {
-                            Some((network.clone(), expected_next(&state.catalog, network)))
+                            let cursor = cursors.get(network).copied().unwrap_or(0);
+                            Some((network.clone(), expected_next(&state.catalog, network, cursor)))
                         }
                         _ => None,
                     };
@@ -2014,16 +2158,23 @@ mod tests {
                             prop_assert_eq!(applied.revision, before.catalog.revision + bump);
                             watcher.apply_applied(&applied);
                             if let Some((network, want)) = auto_ip {
-                                let got = state.catalog.endpoints.values()
-                                    .flat_map(|e| e.attachments.iter())
-                                    .find(|a| a.network == network && !macs_ever.contains(&a.mac))
-                                    .map(|a| a.ip);
-                                prop_assert_eq!(got, want, "lowest free address in {}", network);
-                            }
-                            for e in state.catalog.endpoints.values() {
-                                for a in &e.attachments {
-                                    macs_ever.insert(a.mac);
+                                let got = applied.changes.iter().find_map(|c| match c {
+                                    Change::PutEndpoint(e) => e.attachment(&network).map(|a| a.ip),
+                                    _ => None,
+                                });
+                                prop_assert_eq!(got, want, "serial allocation in {}", network);
+                                if let Some(ip) = got {
+                                    cursors.insert(network.clone(), u32::from(ip) + 1);
                                 }
+                            }
+                            match command {
+                                Command::CreateNetwork(spec) => {
+                                    cursors.insert(spec.name.clone(), u32::from(spec.subnet.network()) + 1);
+                                }
+                                Command::RemoveNetwork { name } => {
+                                    cursors.remove(name);
+                                }
+                                _ => {}
                             }
                         }
                     }
@@ -2031,8 +2182,6 @@ mod tests {
                     check_addresses(&state)?;
                     check_consistent(&state);
                 }
-                // MACs ever handed out are all distinct: the counter only grows.
-                prop_assert_eq!(macs_ever.len() as u64, state.next_mac - 1);
                 let back = State::from_bytes(&state.to_bytes()).expect("round trip");
                 prop_assert_eq!(&back, &state);
                 prop_assert_eq!(back.digest(), state.digest());
