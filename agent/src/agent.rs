@@ -13,14 +13,14 @@ use anyhow::{Context, Result};
 use overlay_model::types::DEFAULT_UNDERLAY_MTU;
 use overlay_model::Catalog;
 use tokio::sync::watch;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
 use crate::nl::Nl;
-use crate::reconcile::reconcile;
+use crate::reconcile::Reconciler;
 use crate::store::Store;
 use crate::watch::{run_heartbeat, run_watch, Identity, Replica};
 
@@ -115,6 +115,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut last_revision = None;
+    let mut reconciler = Reconciler::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -122,7 +123,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = tick.tick() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
+        let state = PassState {
+            dns: &mut dns,
+            dataplane: &mut dataplane,
+            reconciler: &mut reconciler,
+            last_revision: &mut last_revision,
+        };
+        pass(&host, &store, &local, &catalog, state).await;
     }
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
@@ -168,15 +175,16 @@ async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, 
     }
 }
 
-async fn pass(
-    host: &Nl,
-    store: &Store,
-    local: &LocalHost,
-    catalog: &Catalog,
-    dns: &mut DnsServers,
-    dataplane: &mut DataplaneClient,
-    last_revision: &mut Option<u64>,
-) {
+/// What the main loop keeps from one pass to the next.
+struct PassState<'a> {
+    dns: &'a mut DnsServers,
+    dataplane: &'a mut DataplaneClient,
+    reconciler: &'a mut Reconciler,
+    last_revision: &'a mut Option<u64>,
+}
+
+async fn pass(host: &Nl, store: &Store, local: &LocalHost, catalog: &Catalog, st: PassState<'_>) {
+    let PassState { dns, dataplane, reconciler, last_revision } = st;
     let desired = desired_for_host(catalog, local);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
@@ -190,16 +198,18 @@ async fn pass(
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
     sync_dataplane(dataplane, &desired, catalog).await;
-    match reconcile(host, store, &desired).await {
+    match reconciler.pass(host, store, &desired).await {
         Ok(p) if !p.actions.is_empty() => {
             info!(
                 actions = p.actions.len(),
                 errors = p.errors.len(),
+                deferred = p.deferred.len(),
                 "reconcile pass applied changes"
             )
         }
         Ok(_) => {}
-        Err(e) => warn!("reconcile pass failed: {e:#}"),
+        // Reported by the reconciler, once per change of error.
+        Err(e) => debug!("reconcile pass failed: {e:#}"),
     }
     dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();

@@ -172,3 +172,24 @@ pub fn forwarding() -> bool {
 pub fn set_forwarding(on: bool) -> io::Result<()> {
     fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
 }
+
+/// The `/proc/sys` file of `key` (`net/ipv4/conf/all/rp_filter`), which must be a
+/// relative path without `..` (keys come from the agent's own table, never from input).
+fn sysctl_path(key: &str) -> io::Result<PathBuf> {
+    let relative = Path::new(key);
+    let plain = relative.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain || key.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad sysctl {key:?}")));
+    }
+    Ok(Path::new("/proc/sys").join(relative))
+}
+
+/// A sysctl of the calling thread's namespace, trimmed; `None` if it cannot be read.
+pub fn read_sysctl(key: &str) -> Option<String> {
+    fs::read_to_string(sysctl_path(key).ok()?).ok().map(|v| v.trim().to_string())
+}
+
+/// Sets a sysctl of the calling thread's namespace.
+pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    fs::write(sysctl_path(key)?, format!("{value}\n"))
+}

@@ -10,7 +10,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{FromRawFd, RawFd};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use netlink_packet_core::{
@@ -44,6 +44,8 @@ pub struct RawLink {
     pub mac: Option<Mac>,
     pub master: Option<u32>,
     pub up: bool,
+    /// `IFLA_IFALIAS`, if set.
+    pub alias: Option<String>,
 }
 
 /// A netlink connection to one namespace.
@@ -313,6 +315,13 @@ impl Nl {
         self.set(name, |b| b.up()).await
     }
 
+    /// Sets the device's alias (`ip link set NAME alias ALIAS`): how the agent marks
+    /// the devices it owns.
+    pub async fn set_alias(&self, name: &str, alias: &str) -> Result<()> {
+        let alias = alias.to_string();
+        self.set(name, |b| b.append_extra_attribute(LinkAttribute::IfAlias(alias))).await
+    }
+
     pub async fn set_master(&self, name: &str, master: &str) -> Result<()> {
         let m = self.index(master).await?;
         self.set(name, |b| b.controller(m)).await
@@ -445,10 +454,20 @@ impl Nl {
             .build()
     }
 
+    /// Adds `route`. "Exists" is an error here, not success: the plan only adds a route
+    /// it did not observe, so the one in the way is a different route to the same
+    /// destination (one without a gateway, or made by hand), which the agent leaves alone.
     pub async fn add_route(&self, route: &RouteSpec) -> Result<()> {
         let r = self.handle.route().add(Self::route_message(route)).execute().await;
-        ok_if(r, &[libc::EEXIST])
-            .with_context(|| format!("adding route {} via {}", route.dest, route.via))
+        if r.as_ref().err().and_then(errno) == Some(libc::EEXIST) {
+            bail!(
+                "a different route to {} is in the way of {} via {}",
+                route.dest,
+                route.dest,
+                route.via
+            );
+        }
+        r.with_context(|| format!("adding route {} via {}", route.dest, route.via))
     }
 
     pub async fn del_route(&self, route: &RouteSpec) -> Result<()> {
@@ -469,6 +488,7 @@ fn raw_link(m: LinkMessage) -> RawLink {
     let mut mtu = 0;
     let mut mac = None;
     let mut master = None;
+    let mut alias = None;
     let mut kind = None;
     let mut vx = VxlanObs { vni: 0, local: None, port: 0, learning: true, proxy: false };
     for a in &m.attributes {
@@ -477,6 +497,7 @@ fn raw_link(m: LinkMessage) -> RawLink {
             LinkAttribute::Mtu(v) => mtu = *v,
             LinkAttribute::Address(b) => mac = mac_of(b),
             LinkAttribute::Controller(i) => master = Some(*i),
+            LinkAttribute::IfAlias(a) => alias = Some(a.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
@@ -517,5 +538,6 @@ fn raw_link(m: LinkMessage) -> RawLink {
         mac,
         master,
         up: m.header.flags.contains(LinkFlags::Up),
+        alias,
     }
 }

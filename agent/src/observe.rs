@@ -1,19 +1,27 @@
-//! Netlink dump -> [`ObservedHost`], only objects the agent owns: devices with our
-//! prefixes in the host namespace, and the namespaces recorded in the data directory
-//! (everything inside those is ours).
+//! Netlink dump -> [`ObservedHost`], only objects the agent may own: devices with our
+//! prefixes in the host namespace (marked [`LinkObs::owned`] when they carry our alias),
+//! and the namespaces recorded in the data directory (everything inside those is ours).
+//! One namespace that cannot be read is reported in [`ObservedHost::unreadable`] and
+//! does not stop the others from being observed.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
 use crate::nl::{Nl, RawLink};
-use crate::observed::{LinkObs, NsObs, ObservedHost};
-use crate::plan::is_owned_host_link as owned;
+use crate::observed::{LinkKind, LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
+use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
 
 /// Links of one namespace with their addresses, FDB and neighbours, keyed by name.
-async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, LinkObs>> {
+/// `all_owned`: everything in this namespace is ours (an endpoint namespace), else only
+/// devices with our alias are.
+async fn dump(
+    nl: &Nl,
+    keep: impl Fn(&str) -> bool,
+    all_owned: bool,
+) -> Result<BTreeMap<String, LinkObs>> {
     let raw: Vec<RawLink> = nl.links().await?;
     let names: BTreeMap<u32, String> = raw.iter().map(|l| (l.index, l.name.clone())).collect();
     let mut by_index: BTreeMap<u32, LinkObs> = BTreeMap::new();
@@ -21,6 +29,7 @@ async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, L
         let mut obs = LinkObs::new(l.kind.clone(), l.mtu);
         obs.mac = l.mac;
         obs.up = l.up;
+        obs.owned = all_owned || l.alias.as_deref() == Some(OWNED_ALIAS);
         obs.master = l.master.and_then(|m| names.get(&m).cloned());
         by_index.insert(l.index, obs);
     }
@@ -45,24 +54,58 @@ async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, L
 /// One endpoint namespace.
 pub async fn observe_netns(name: &str) -> Result<NsObs> {
     let nl = Nl::in_netns(name).with_context(|| format!("opening netlink in namespace {name}"))?;
-    let links = dump(&nl, |_| true).await?;
+    let links = dump(&nl, |_| true, true).await?;
     let routes = nl.gateway_routes().await?.into_iter().collect();
-    let ip_forward = netns::run_in(name, || Ok(netns::forwarding())).unwrap_or(false);
-    Ok(NsObs { links, routes, ip_forward, resolv_conf: netns::read_resolv_conf(name) })
+    let keys: Vec<String> = ENDPOINT_SYSCTLS
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .chain(
+            links
+                .iter()
+                .filter(|(_, l)| l.kind != LinkKind::Loopback)
+                .flat_map(|(n, _)| iface_sysctls(n).map(|(k, _)| k)),
+        )
+        .collect();
+    let (ip_forward, sysctls) = netns::run_in(name, move || {
+        let read = keys.into_iter().filter_map(|k| Some((netns::read_sysctl(&k)?, k)));
+        Ok((netns::forwarding(), read.map(|(v, k)| (k, v)).collect()))
+    })
+    .with_context(|| format!("reading settings in namespace {name}"))?;
+    Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
 }
 
-/// The whole host. A namespace that cannot be read is reported as an error rather
-/// than as missing, so the plan never recreates something merely unreadable.
+/// The whole host. A namespace that cannot be read is reported in `unreadable` rather
+/// than as missing, so the plan never recreates something merely unreadable, and the
+/// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
-    let links = dump(host, owned).await?;
+    let links = dump(host, owned, false).await?;
     let recorded = store.owned_namespaces().context("reading the namespace record")?;
     let existing = netns::list();
     let mut namespaces = BTreeMap::new();
+    let mut unreadable = BTreeMap::new();
     for name in &recorded {
-        let obs = if existing.contains(name) { Some(observe_netns(name).await?) } else { None };
-        namespaces.insert(name.clone(), obs);
+        if !existing.contains(name) {
+            namespaces.insert(name.clone(), None);
+            continue;
+        }
+        match observe_netns(name).await {
+            Ok(obs) => {
+                namespaces.insert(name.clone(), Some(obs));
+            }
+            Err(e) => {
+                unreadable.insert(name.clone(), format!("{e:#}"));
+            }
+        }
     }
     let foreign = existing.difference(&recorded).cloned().collect();
     let firewall = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
-    Ok(ObservedHost { links, namespaces, foreign, host_forwarding: netns::forwarding(), firewall })
+    Ok(ObservedHost {
+        links,
+        namespaces,
+        foreign,
+        unreadable,
+        tap_neigh: BTreeMap::new(),
+        host_forwarding: netns::forwarding(),
+        firewall,
+    })
 }

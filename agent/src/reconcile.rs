@@ -1,22 +1,66 @@
-//! One level-triggered pass: observe the kernel, plan against the desired state, apply.
-//! The caller runs it on every catalog change and every couple of seconds, so anything
-//! changed by hand or left half-done by a failure converges on the next pass.
+//! Level-triggered passes: observe the kernel, plan against the desired state, apply.
+//! The caller runs one on every catalog change and every couple of seconds, so anything
+//! changed by hand or left half-done by a failure converges on a later pass.
+//!
+//! A [`Reconciler`] keeps what one pass must know of the previous ones:
+//! * failed actions, retried with exponential backoff (a conflicting route must not be
+//!   re-planned and re-logged every second) and reported once per change of error;
+//! * conditions worth a warning (a namespace that cannot be read, a foreign device under
+//!   one of our names, …), logged when they appear, change or go away — not every pass;
+//! * the remote neighbours the user-space data plane was given for each TAP uplink, so
+//!   the plan can announce the new ones (the kernel keeps that for VXLAN devices).
+//!
+//! One failing namespace or action never stops the rest of a pass.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tracing::{info, warn};
+use overlay_model::Mac;
+use tracing::{debug, info, warn};
 
 use crate::apply::{apply, ApplyError};
-use crate::desired::HostDesired;
+use crate::desired::{HostDesired, Uplink};
 use crate::nl::Nl;
 use crate::observe::observe;
-use crate::plan::{plan, Action};
+use crate::plan::{in_the_way, plan, Action};
 use crate::store::Store;
+
+/// The longest a failing action waits before it is tried again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What one pass did.
 #[derive(Debug, Default)]
 pub struct Pass {
+    /// The actions tried this pass.
     pub actions: Vec<Action>,
     pub errors: Vec<ApplyError>,
+    /// Actions planned but not tried: they failed recently and are backing off.
+    pub deferred: Vec<Action>,
+}
+
+/// One action that keeps failing.
+#[derive(Debug)]
+struct Failure {
+    error: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+/// How long to wait after the `attempts`th failure in a row: 1 s, 2 s, 4 s, … 60 s.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(6);
+    Duration::from_secs(1u64 << exp).min(MAX_BACKOFF)
+}
+
+/// Memory between passes; see the module documentation.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    failures: BTreeMap<String, Failure>,
+    /// Condition key -> message, as last reported.
+    conditions: BTreeMap<String, String>,
+    tap_neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
 }
 
 /// The network an action's device belongs to, for logging.
@@ -28,6 +72,7 @@ fn network_of<'a>(desired: &'a HostDesired, action: &Action) -> Option<&'a str> 
         Action::SetMtu { dev, .. }
         | Action::SetMac { dev, .. }
         | Action::SetMaster { dev, .. }
+        | Action::SetAlias { dev }
         | Action::SetUp { dev, .. }
         | Action::AddAddress { dev, .. }
         | Action::DelAddress { dev, .. }
@@ -44,20 +89,166 @@ fn network_of<'a>(desired: &'a HostDesired, action: &Action) -> Option<&'a str> 
         .map(|n| n.name.as_str())
 }
 
-/// Observes, plans and applies once.
-pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
-    let observed = observe(host, store).await?;
+/// Announcements are best effort: a lost one costs a client one ARP retry, so their
+/// failures are neither retried nor reported above debug level.
+fn best_effort(action: &Action) -> bool {
+    matches!(action, Action::Announce { .. })
+}
+
+/// Conditions worth a warning in this observation, keyed so that a change shows.
+fn conditions(
+    desired: &HostDesired,
+    observed: &crate::observed::ObservedHost,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
     for name in desired.endpoints.keys().filter(|n| observed.foreign.contains(*n)) {
-        warn!(endpoint = %name, "namespace {name} exists and was not created by overlay-agent; leaving it alone");
+        out.insert(
+            format!("foreign namespace {name}"),
+            format!(
+                "namespace {name} exists and was not created by overlay-agent; leaving it alone"
+            ),
+        );
     }
     for name in &desired.unsupported {
-        warn!(network = %name, "network {name} is --encrypted but this agent has no host certificate (tls_ca, tls_cert, tls_key); not carrying it");
+        out.insert(
+            format!("unsupported network {name}"),
+            format!("network {name} is --encrypted but this agent has no host certificate (tls_ca, tls_cert, tls_key); not carrying it"),
+        );
     }
-    let actions = plan(desired, &observed);
-    for a in &actions {
-        let network = network_of(desired, a).unwrap_or("");
-        info!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
+    for (name, error) in &observed.unreadable {
+        out.insert(
+            format!("unreadable namespace {name}"),
+            format!("namespace {name} cannot be read ({error}); leaving it as it is"),
+        );
     }
-    let errors = apply(host, store, &actions).await;
-    Ok(Pass { actions, errors })
+    for dev in in_the_way(desired, observed) {
+        out.insert(
+            format!("device in the way {dev}"),
+            format!("device {dev} has a name overlay-agent needs but was not made by it; leaving it alone"),
+        );
+    }
+    out
+}
+
+impl Reconciler {
+    pub fn new() -> Reconciler {
+        Reconciler::default()
+    }
+
+    /// Actions that failed and are not yet fixed.
+    pub fn failing(&self) -> usize {
+        self.failures.len()
+    }
+
+    /// Logs the conditions that appeared, changed or went away since the last report.
+    fn report(&mut self, now: BTreeMap<String, String>) {
+        for (key, message) in &now {
+            if self.conditions.get(key) != Some(message) {
+                warn!(condition = %key, "{message}");
+            }
+        }
+        for key in self.conditions.keys().filter(|k| !now.contains_key(*k)) {
+            info!(condition = %key, "resolved: {key}");
+        }
+        self.conditions = now;
+    }
+
+    /// Observes, plans and applies once, trying only the actions that are not backing
+    /// off. An error means nothing could be observed (so nothing was planned).
+    pub async fn pass(&mut self, host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
+        let mut observed = match observe(host, store).await {
+            Ok(o) => o,
+            Err(e) => {
+                let mut now = self.conditions.clone();
+                now.insert("observe".into(), format!("cannot observe this host: {e:#}"));
+                self.report(now);
+                return Err(e);
+            }
+        };
+        observed.tap_neigh = self.tap_neigh.clone();
+        self.report(conditions(desired, &observed));
+
+        let actions = plan(desired, &observed);
+        let now = Instant::now();
+        let (due, deferred): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| self.failures.get(&a.to_string()).is_none_or(|f| now >= f.retry_at));
+        for a in &due {
+            let network = network_of(desired, a).unwrap_or("");
+            if best_effort(a) {
+                debug!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
+            } else {
+                info!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
+            }
+        }
+        for a in &deferred {
+            debug!(endpoint = a.netns().unwrap_or(""), "backing off: {a}");
+        }
+        let errors = apply(host, store, &due).await;
+
+        // Forget failures of actions no longer planned: fixed some other way.
+        let planned: std::collections::BTreeSet<String> =
+            due.iter().chain(&deferred).map(Action::to_string).collect();
+        self.failures.retain(|key, _| planned.contains(key));
+        let failed: BTreeMap<String, &ApplyError> =
+            errors.iter().map(|e| (e.action.to_string(), e)).collect();
+        for a in due.iter().filter(|a| !best_effort(a)) {
+            let key = a.to_string();
+            let endpoint = a.netns().unwrap_or("");
+            let network = network_of(desired, a).unwrap_or("");
+            match failed.get(&key) {
+                Some(e) => {
+                    let error = format!("{:#}", e.error);
+                    let attempts = self.failures.get(&key).map_or(0, |f| f.attempts) + 1;
+                    let same = self.failures.get(&key).is_some_and(|f| f.error == error);
+                    let wait = backoff(attempts);
+                    if same {
+                        debug!(endpoint, network, attempts, "{key} failed again: {error}");
+                    } else {
+                        warn!(endpoint, network, attempts, retry_in = ?wait, "{key} failed: {error}");
+                    }
+                    self.failures.insert(key, Failure { error, attempts, retry_at: now + wait });
+                }
+                None => {
+                    if let Some(f) = self.failures.remove(&key) {
+                        info!(
+                            endpoint,
+                            network,
+                            attempts = f.attempts,
+                            "{key} succeeded after failing"
+                        );
+                    }
+                }
+            }
+        }
+        for e in errors.iter().filter(|e| best_effort(&e.action)) {
+            debug!("{}: {:#}", e.action, e.error);
+        }
+
+        self.tap_neigh = desired
+            .networks
+            .values()
+            .filter(|n| matches!(n.uplink_kind, Uplink::Tap { .. }))
+            .map(|n| (n.uplink.clone(), n.neigh.clone()))
+            .collect();
+        Ok(Pass { actions: due, errors, deferred })
+    }
+}
+
+/// One pass with no memory of earlier ones (tests, one-shot tools).
+pub async fn reconcile(host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
+    Reconciler::new().pass(host, store, desired).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(0).as_secs(), 1);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
 }
