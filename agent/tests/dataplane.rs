@@ -307,7 +307,7 @@ fn neighbour_caches_follow_endpoints_that_appear_change_or_move() {
     };
     let a_ep = (a.clone(), "h1", "10.213.0.2", Mac::from_ip("10.213.0.2".parse().unwrap()));
     let b_ep = (b.clone(), "h2", "10.213.0.3", Mac::from_ip("10.213.0.3".parse().unwrap()));
-    sync(&catalog_of(&[a_ep.clone()]));
+    sync(&catalog_of(std::slice::from_ref(&a_ep)));
     // The client asks again only every 30 s, and gives up after one try: only an
     // announcement can answer it within the waits below.
     ok(&[
