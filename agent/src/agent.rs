@@ -110,7 +110,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     );
     let heartbeat_task = tokio::spawn(run_heartbeat(me, cfg.controllers.clone()).in_current_span());
 
-    let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
+    let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -211,6 +211,7 @@ async fn pass(host: &Nl, store: &Store, local: &LocalHost, catalog: &Catalog, st
         // Reported by the reconciler, once per change of error.
         Err(e) => debug!("reconcile pass failed: {e:#}"),
     }
+    dns.refresh_upstream();
     dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
