@@ -116,6 +116,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     tokio::pin!(shutdown);
     let mut last_revision = None;
     let mut reconciler = Reconciler::new();
+    let mut arp_table = ArpTableWatch::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -130,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             last_revision: &mut last_revision,
         };
         pass(&host, &store, &local, &catalog, state).await;
+        arp_table.check();
     }
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
@@ -172,6 +174,31 @@ async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, 
     let names = catalog.hosts.values().map(|h| (h.underlay_ip, h.name.clone())).collect();
     if let Err(e) = dataplane.apply(&tables_for(desired, &names)).await {
         warn!("data plane for --encap udp networks: {e:#}");
+    }
+}
+
+/// Warns (at most once a minute) when the machine's ARP table overflowed since the last
+/// look: endpoints then wait seconds for every new neighbour (see README,
+/// Troubleshooting, on `gc_thresh3`).
+#[derive(Default)]
+struct ArpTableWatch {
+    last: Option<u64>,
+    warned: Option<tokio::time::Instant>,
+}
+
+impl ArpTableWatch {
+    fn check(&mut self) {
+        let Some(now) = crate::netns::arp_table_fulls() else { return };
+        let grew = self.last.is_some_and(|last| now > last);
+        self.last = Some(now);
+        let quiet = self.warned.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+        if grew && !quiet {
+            self.warned = Some(tokio::time::Instant::now());
+            warn!(
+                table_fulls = now,
+                "the kernel's ARP table is full (shared by every namespace on this machine): raise net.ipv4.neigh.default.gc_thresh1/2/3 (see /etc/sysctl.d/99-overlay.conf)"
+            );
+        }
     }
 }
 
