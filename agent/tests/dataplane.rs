@@ -15,7 +15,7 @@ use std::process::Command;
 
 use overlay_agent::desired::{desired_for_host, LocalHost};
 use overlay_agent::nl::Nl;
-use overlay_agent::reconcile::{reconcile, Pass};
+use overlay_agent::reconcile::{Pass, Reconciler};
 use overlay_agent::store::Store;
 use overlay_model::{Attachment, Catalog, Encap, Endpoint, Host, HostStatus, Mac, Network};
 
@@ -57,6 +57,19 @@ fn is_root() -> bool {
 
 /// Runs one reconcile pass with `ns` as the host namespace.
 fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::path::Path) -> Pass {
+    pass_with(ns, catalog, host, ip, dir, Reconciler::new()).0
+}
+
+/// One pass by `reconciler` (which remembers failures across passes) with `ns` as the
+/// host namespace; the reconciler comes back for the next pass.
+fn pass_with(
+    ns: &str,
+    catalog: &Catalog,
+    host: &str,
+    ip: Ipv4Addr,
+    dir: &std::path::Path,
+    mut reconciler: Reconciler,
+) -> (Pass, Reconciler) {
     let ns = ns.to_string();
     let catalog = catalog.clone();
     let local = LocalHost { name: host.to_string(), underlay_ip: ip, can_encrypt: false };
@@ -73,7 +86,8 @@ fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::pat
             let store = Store::open(&dir).unwrap();
             let nl = Nl::current().unwrap();
             let desired = desired_for_host(&catalog, &local);
-            reconcile(&nl, &store, &desired).await.unwrap()
+            let pass = reconciler.pass(&nl, &store, &desired).await.unwrap();
+            (pass, reconciler)
         })
     })
     .join()
@@ -361,4 +375,65 @@ fn neighbour_caches_follow_endpoints_that_appear_change_or_move() {
     sync(&catalog_of(&[a_ep.clone(), c_ep]));
     ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
     ok(&["ip", "netns", "exec", &c, "ping", "-c", "1", "-W", "2", "10.213.0.2"]);
+}
+
+#[test]
+fn one_broken_namespace_or_route_does_not_hold_up_the_rest() {
+    if !is_root() || !std::path::Path::new("/proc/self/ns/net").exists() {
+        eprintln!("skipped: needs root and network namespaces");
+        return;
+    }
+    let pid = std::process::id();
+    let (h1, h2) = (format!("ovt{pid}rh1"), format!("ovt{pid}rh2"));
+    let (a, b) = (format!("ovt{pid}ra"), format!("ovt{pid}rb"));
+    let tmp = std::env::temp_dir();
+    let d1 = tmp.join(format!("ovt{pid}rd1"));
+    // Inside the data dir, so it goes with it.
+    let stand_in = d1.join("not-a-namespace");
+    let _lab = Lab {
+        endpoints: vec![a.clone(), b.clone()],
+        namespaces: vec![h1.clone(), h2.clone()],
+        dirs: vec![d1.clone()],
+    };
+    underlay(&h1, &h2, &format!("ovt{pid}ru"));
+    let ip1: Ipv4Addr = "192.168.213.1".parse().unwrap();
+    let mac = |ip: &str| Mac::from_ip(ip.parse().unwrap());
+    let mut cat = catalog_of(&[
+        (a.clone(), "h1", "10.213.0.2", mac("10.213.0.2")),
+        (b.clone(), "h1", "10.213.0.3", mac("10.213.0.3")),
+    ]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, Reconciler::new());
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+
+    // A route via b for a, but a hand-made route to the same destination is in the way.
+    ok(&["ip", "-n", &a, "route", "add", "10.99.0.0/16", "dev", "eth0"]);
+    let route = overlay_model::Route {
+        network: "front".into(),
+        destination: "10.99.0.0/16".parse().unwrap(),
+        via: b.clone(),
+    };
+    cat.routes.insert(route.key(), route);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    let failed: Vec<String> =
+        pass.errors.iter().map(|e| format!("{}: {:#}", e.action, e.error)).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("AddRoute") && failed[0].contains("in the way"), "{failed:?}");
+    assert_eq!(r.failing(), 1);
+    // Right away again: not retried (backing off), nothing else to do.
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.actions.is_empty() && pass.errors.is_empty(), "{:?}", pass.actions);
+    assert_eq!(pass.deferred.len(), 1, "{:?}", pass.deferred);
+
+    // a's namespace becomes unreadable (a plain file where the namespace was mounted):
+    // left alone, while b's drift is still repaired in the same pass.
+    ok(&["umount", &format!("/var/run/netns/{a}")]);
+    std::fs::write(&stand_in, b"").unwrap();
+    ok(&["mount", "--bind", stand_in.to_str().unwrap(), &format!("/var/run/netns/{a}")]);
+    ok(&["ip", "-n", &b, "route", "del", "default"]);
+    let (pass, _) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+    assert_eq!(pass.actions.len(), 1, "{:?}", pass.actions);
+    assert!(pass.actions[0].to_string().contains("AddRoute"), "{:?}", pass.actions);
+    assert_eq!(pass.actions[0].netns(), Some(b.as_str()));
+    let _ = Command::new("umount").arg(format!("/var/run/netns/{a}")).status();
 }
