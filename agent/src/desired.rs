@@ -19,10 +19,13 @@
 //! gateway address: with ARP replicated, an endpoint's "who has GATEWAY?" would reach
 //! every host and be answered by all of them, and the endpoint could pick a remote
 //! host's bridge as its gateway. With proxy, the vxlan device swallows every ARP
-//! request (answering the ones it knows), so the gateway is always the local bridge,
-//! ARP costs no underlay traffic, and a new endpoint is reachable as soon as its
-//! entries are programmed (no stale negative ARP cache). The catalog knows every
-//! address, so nothing is lost by not flooding ARP.
+//! request (answering the ones it knows), so the gateway is always the local bridge and
+//! ARP costs no underlay traffic. The catalog knows every address, so nothing is lost
+//! by not flooding ARP — except the answer to a client that asks before its host has
+//! the entry: that one is given by an announcement (gratuitous ARP, see
+//! [`crate::garp`]) as soon as the entry is programmed, rather than at the client's
+//! next ARP retry a second later. MACs follow addresses (the controller derives them),
+//! so a cached entry stays right when an address moves between endpoints or hosts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
