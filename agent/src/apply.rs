@@ -23,7 +23,8 @@ pub struct ApplyError {
 
 /// Applies `actions` in order with the host namespace's `host` connection.
 pub async fn apply(host: &Nl, store: &Store, actions: &[Action]) -> Vec<ApplyError> {
-    let mut ctx = Ctx { host, store, netns: BTreeMap::new(), indexes: BTreeMap::new() };
+    let mut ctx =
+        Ctx { host, store, netns: BTreeMap::new(), indexes: BTreeMap::new(), announcer: None };
     let mut errors = Vec::new();
     for action in actions {
         debug!(netns = action.netns().unwrap_or(""), "apply {action}");
@@ -46,6 +47,9 @@ struct Ctx<'a> {
     /// round trips and parsing) and forgotten at any other action, which may create or
     /// delete devices.
     indexes: BTreeMap<String, u32>,
+    /// The host namespace's packet socket for announcements, opened on first use: one
+    /// per pass rather than per frame (see [`garp::Announcer`]).
+    announcer: Option<garp::Announcer>,
 }
 
 /// Whether `action` leaves every host device (and so its index) as it was.
@@ -173,7 +177,13 @@ impl Ctx<'_> {
                 let frame = garp::frame(*ip, *mac);
                 let context = || format!("announcing {ip} at {mac} on {dev} ({ns})");
                 match ns {
-                    Ns::Host => garp::send(dev, &frame).with_context(context),
+                    Ns::Host => {
+                        if self.announcer.is_none() {
+                            self.announcer = Some(garp::Announcer::new().with_context(context)?);
+                        }
+                        let announcer = self.announcer.as_ref().context("no packet socket")?;
+                        announcer.send(dev, &frame).with_context(context)
+                    }
                     Ns::Netns(name) => {
                         let dev = dev.clone();
                         netns::run_in(name, move || garp::send(&dev, &frame)).with_context(context)

@@ -42,42 +42,60 @@ pub fn frame(ip: Ipv4Addr, mac: Mac) -> [u8; FRAME_LEN] {
 /// veth, the frame arrives at the other end only; on an endpoint's `eth0`, it enters
 /// the bridge like any frame the endpoint sends.
 pub fn send(dev: &str, frame: &[u8]) -> io::Result<()> {
-    let name = std::ffi::CString::new(dev).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
+    Announcer::new()?.send(dev, frame)
+}
+
+/// A packet socket for sending many announcements: closing one waits for the kernel's
+/// network RCU grace period (`synchronize_net`, ~10 ms), so a pass that announces to
+/// dozens of endpoints keeps one open rather than one per frame.
+pub struct Announcer {
+    fd: OwnedFd,
+}
+
+impl Announcer {
+    /// A socket in the calling thread's network namespace (it stays there).
+    pub fn new() -> io::Result<Announcer> {
+        // Protocol 0: this socket only sends, it receives nothing.
+        // SAFETY: plain socket(2); the fd is owned right below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh socket nothing else owns.
+        Ok(Announcer { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
-    // Protocol 0: this socket only sends, it receives nothing.
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+
+    /// Sends `frame` out of device `dev` of the socket's namespace.
+    pub fn send(&self, dev: &str, frame: &[u8]) -> io::Result<()> {
+        let name = std::ffi::CString::new(dev).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P_ARP.to_be();
+        addr.sll_ifindex = i32::try_from(index).map_err(|_| io::ErrorKind::InvalidInput)?;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&BROADCAST);
+        // SAFETY: the buffer and the address are valid for the stated lengths.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
-    // SAFETY: `fd` is a fresh socket nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = ETH_P_ARP.to_be();
-    addr.sll_ifindex = i32::try_from(index).map_err(|_| io::ErrorKind::InvalidInput)?;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&BROADCAST);
-    // SAFETY: the buffer and the address are valid for the stated lengths.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -120,6 +120,16 @@ impl Nl {
         Nl::from_fd(fd)
     }
 
+    /// Like [`Nl::in_netns`], also running `f` on the same short-lived thread inside
+    /// the namespace (one thread instead of two, on every pass, for every namespace).
+    pub fn in_netns_with<T: Send + 'static>(
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<(Nl, T)> {
+        let (fd, t) = crate::netns::run_in(name, move || Ok((netlink_socket()?, f())))?;
+        Ok((Nl::from_fd(fd)?, t))
+    }
+
     pub async fn links(&self) -> Result<Vec<RawLink>> {
         let msgs: Vec<LinkMessage> =
             self.handle.link().get().execute().try_collect().await.context("dumping links")?;

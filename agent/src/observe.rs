@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 
 use crate::nl::{Nl, RawLink};
-use crate::observed::{LinkKind, LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
+use crate::observed::{LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
 use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
@@ -53,25 +53,32 @@ async fn dump(
 
 /// One endpoint namespace.
 pub async fn observe_netns(name: &str) -> Result<NsObs> {
-    let nl = Nl::in_netns(name).with_context(|| format!("opening netlink in namespace {name}"))?;
+    let (nl, (ip_forward, sysctls)) =
+        Nl::in_netns_with(name, || (netns::forwarding(), read_sysctls()))
+            .with_context(|| format!("opening netlink in namespace {name}"))?;
     let links = dump(&nl, |_| true, true).await?;
     let routes = nl.gateway_routes().await?.into_iter().collect();
-    let keys: Vec<String> = ENDPOINT_SYSCTLS
+    Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
+}
+
+/// The settings the plan sets in endpoint namespaces ([`ENDPOINT_SYSCTLS`], and
+/// [`iface_sysctls`] for every interface but `lo`), as the calling thread's namespace
+/// has them; unreadable ones are left out.
+fn read_sysctls() -> BTreeMap<String, String> {
+    let ifaces: Vec<String> = std::fs::read_dir("/proc/sys/net/ipv4/conf")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| !matches!(n.as_str(), "all" | "default" | "lo"))
+                .collect()
+        })
+        .unwrap_or_default();
+    ENDPOINT_SYSCTLS
         .iter()
         .map(|(k, _)| k.to_string())
-        .chain(
-            links
-                .iter()
-                .filter(|(_, l)| l.kind != LinkKind::Loopback)
-                .flat_map(|(n, _)| iface_sysctls(n).map(|(k, _)| k)),
-        )
-        .collect();
-    let (ip_forward, sysctls) = netns::run_in(name, move || {
-        let read = keys.into_iter().filter_map(|k| Some((netns::read_sysctl(&k)?, k)));
-        Ok((netns::forwarding(), read.map(|(v, k)| (k, v)).collect()))
-    })
-    .with_context(|| format!("reading settings in namespace {name}"))?;
-    Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
+        .chain(ifaces.iter().flat_map(|i| iface_sysctls(i).map(|(k, _)| k)))
+        .filter_map(|k| Some((netns::read_sysctl(&k)?, k)))
+        .map(|(v, k)| (k, v))
+        .collect()
 }
 
 /// The whole host. A namespace that cannot be read is reported in `unreadable` rather
