@@ -85,7 +85,21 @@ fn read_sysctls() -> BTreeMap<String, String> {
 /// than as missing, so the plan never recreates something merely unreadable, and the
 /// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
-    let links = dump(host, owned, false).await?;
+    let links = observe_host_links(host).await?;
+    observe_with_links(store, links).await
+}
+
+/// The host namespace's devices that may be ours, with their addresses and entries.
+pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> {
+    dump(host, owned, false).await
+}
+
+/// The rest of [`observe`], given the host's devices as [`observe_host_links`] found
+/// them (and as the caller changed them since).
+pub async fn observe_with_links(
+    store: &Store,
+    links: BTreeMap<String, LinkObs>,
+) -> Result<ObservedHost> {
     let recorded = store.owned_namespaces().context("reading the namespace record")?;
     let existing = netns::list();
     let mut namespaces = BTreeMap::new();

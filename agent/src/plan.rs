@@ -460,13 +460,23 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
             Default::default()
         }
     };
+    plan_entries(nd, &fdb, &neigh, out);
+}
+
+/// The FDB and neighbour entries that take an uplink from `fdb`/`neigh` to `nd`'s.
+fn plan_entries(
+    nd: &NetDesired,
+    fdb: &BTreeSet<Fdb>,
+    neigh: &std::collections::BTreeMap<Ipv4Addr, Mac>,
+    out: &mut Out,
+) {
     for entry in fdb.difference(&nd.fdb) {
         out.make_room.push(Action::DelFdb { dev: nd.uplink.clone(), entry: *entry });
     }
-    for entry in nd.fdb.difference(&fdb) {
+    for entry in nd.fdb.difference(fdb) {
         out.state.push(Action::AddFdb { dev: nd.uplink.clone(), entry: *entry });
     }
-    for (ip, mac) in &neigh {
+    for (ip, mac) in neigh {
         if !nd.neigh.contains_key(ip) {
             out.make_room.push(Action::DelNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
@@ -475,6 +485,102 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
         if neigh.get(ip) != Some(mac) {
             out.state.push(Action::AddNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
+    }
+}
+
+/// The first stage of a pass: what lets local endpoints reach remote ones, planned from
+/// the host's devices alone (`links`) so that it is applied before every endpoint
+/// namespace is observed — that takes a thread and several netlink dumps per endpoint,
+/// and a peer asking for a new remote endpoint waits for this stage only. For uplinks
+/// that are otherwise right: their FDB and neighbour entries, and announcements of the
+/// remote endpoints new to them to the local endpoints' veths plugged into the
+/// network's bridge. The full [`plan`] afterwards finds this done (the caller folds
+/// what succeeded into its observation with [`fold`]).
+pub fn plan_forwarding(
+    desired: &HostDesired,
+    links: &std::collections::BTreeMap<String, LinkObs>,
+    tap_neigh: &std::collections::BTreeMap<String, std::collections::BTreeMap<Ipv4Addr, Mac>>,
+) -> Vec<Action> {
+    let mut out = Out::default();
+    for nd in desired.networks.values() {
+        let known = match nd.uplink_kind {
+            Uplink::Vxlan => {
+                let Some(local) = desired.underlay_ip else { continue };
+                let Some(link) = links.get(&nd.uplink).filter(|l| {
+                    l.owned && matches!(&l.kind, LinkKind::Vxlan(v) if vxlan_ok(v, nd, local))
+                }) else {
+                    continue;
+                };
+                plan_entries(nd, &link.fdb, &link.neigh, &mut out);
+                &link.neigh
+            }
+            Uplink::Tap { .. } => match tap_neigh.get(&nd.uplink) {
+                Some(known) => known,
+                None => continue,
+            },
+        };
+        let ports: Vec<&str> = desired
+            .endpoints
+            .values()
+            .flat_map(|ed| ed.interfaces.iter())
+            .filter(|i| i.network == nd.name)
+            .filter(|i| {
+                links.get(&i.host_name).is_some_and(|l| {
+                    l.owned && l.kind == LinkKind::Veth && l.master.as_deref() == Some(&nd.bridge)
+                })
+            })
+            .map(|i| i.host_name.as_str())
+            .collect();
+        announce_remote(nd, known, &ports, &mut out);
+    }
+    let mut actions = out.make_room;
+    actions.extend(out.state);
+    actions.extend(out.announce);
+    actions
+}
+
+/// Announcements of `nd`'s remote endpoints that `known` lacks (or has with another
+/// MAC) to each of `ports` (host sides of local veths), unless that is a burst.
+fn announce_remote(
+    nd: &NetDesired,
+    known: &std::collections::BTreeMap<Ipv4Addr, Mac>,
+    ports: &[&str],
+    out: &mut Out,
+) {
+    let fresh: Vec<(&Ipv4Addr, &Mac)> =
+        nd.neigh.iter().filter(|(ip, mac)| known.get(ip) != Some(mac)).collect();
+    if fresh.is_empty() || fresh.len() * ports.len() > MAX_ANNOUNCEMENTS {
+        return;
+    }
+    for (ip, mac) in fresh {
+        for port in ports {
+            out.announce.push(Action::Announce {
+                ns: Ns::Host,
+                dev: port.to_string(),
+                ip: *ip,
+                mac: *mac,
+            });
+        }
+    }
+}
+
+/// Records in `links` what a successful FDB or neighbour action did (other actions are
+/// left to the next observation).
+pub fn fold(links: &mut std::collections::BTreeMap<String, LinkObs>, action: &Action) {
+    match action {
+        Action::AddFdb { dev, entry } => {
+            links.get_mut(dev).map(|l| l.fdb.insert(*entry));
+        }
+        Action::DelFdb { dev, entry } => {
+            links.get_mut(dev).map(|l| l.fdb.remove(entry));
+        }
+        Action::AddNeigh { dev, ip, mac } => {
+            links.get_mut(dev).map(|l| l.neigh.insert(*ip, *mac));
+        }
+        Action::DelNeigh { dev, ip, .. } => {
+            links.get_mut(dev).map(|l| l.neigh.remove(ip));
+        }
+        _ => {}
     }
 }
 
@@ -613,11 +719,6 @@ fn plan_announcements(desired: &HostDesired, observed: &ObservedHost, out: &mut 
             Uplink::Tap { .. } => observed.tap_neigh.get(&nd.uplink),
         };
         let Some(known) = known else { continue };
-        let fresh: Vec<(&Ipv4Addr, &Mac)> =
-            nd.neigh.iter().filter(|(ip, mac)| known.get(ip) != Some(mac)).collect();
-        if fresh.is_empty() {
-            continue;
-        }
         let ports: Vec<&str> = endpoints
             .iter()
             .flat_map(|ed| {
@@ -627,19 +728,7 @@ fn plan_announcements(desired: &HostDesired, observed: &ObservedHost, out: &mut 
                     .map(|i| i.host_name.as_str())
             })
             .collect();
-        if fresh.len() * ports.len() > MAX_ANNOUNCEMENTS {
-            continue;
-        }
-        for (ip, mac) in fresh {
-            for port in &ports {
-                out.announce.push(Action::Announce {
-                    ns: Ns::Host,
-                    dev: port.to_string(),
-                    ip: *ip,
-                    mac: *mac,
-                });
-            }
-        }
+        announce_remote(nd, known, &ports, out);
     }
 }
 
@@ -1251,5 +1340,48 @@ mod tests {
         );
         simulate(&mut obs, &actions);
         assert_eq!(plan(&d, &obs), vec![]);
+    }
+
+    #[test]
+    fn forwarding_first_then_nothing_left_for_the_full_plan() {
+        let (_, mut obs) = converged_h2();
+        let mut cat = catalog();
+        let e = crate::desired::tests::ep("new", "h1", &[("front", "10.1.0.20", 50)]);
+        cat.endpoints.insert(e.name.clone(), e);
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let (ip, mac) = ("10.1.0.20".parse().unwrap(), Mac::from_counter(50));
+        let fast = plan_forwarding(&d, &obs.links, &obs.tap_neigh);
+        assert_eq!(
+            fast,
+            vec![
+                Action::AddFdb {
+                    dev: "ovx-4096".into(),
+                    entry: Fdb { mac, dst: "192.0.2.1".parse().unwrap() }
+                },
+                Action::AddNeigh { dev: "ovx-4096".into(), ip, mac },
+                Action::Announce {
+                    ns: Ns::Host,
+                    dev: crate::desired::veth_name("api", "eth0"),
+                    ip,
+                    mac
+                },
+            ]
+        );
+        for a in &fast {
+            fold(&mut obs.links, a);
+        }
+        assert_eq!(plan(&d, &obs), vec![]);
+        // A veth not (yet) plugged into the bridge is not announced to; an uplink that
+        // is not right is left to the full plan.
+        let mut links = obs.links.clone();
+        links.get_mut(&crate::desired::veth_name("api", "eth0")).unwrap().master = None;
+        let e = crate::desired::tests::ep("newer", "h1", &[("front", "10.1.0.21", 51)]);
+        cat.endpoints.insert(e.name.clone(), e);
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let fast = plan_forwarding(&d, &links, &obs.tap_neigh);
+        assert_eq!(fast.len(), 2, "{fast:?}");
+        assert!(fast.iter().all(|a| !matches!(a, Action::Announce { .. })));
+        links.get_mut("ovx-4096").unwrap().kind = LinkKind::Bridge;
+        assert_eq!(plan_forwarding(&d, &links, &obs.tap_neigh), vec![]);
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! One failing namespace or action never stops the rest of a pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use crate::apply::{apply, ApplyError};
 use crate::desired::{HostDesired, Uplink};
 use crate::nl::Nl;
-use crate::observe::observe;
-use crate::plan::{in_the_way, plan, Action};
+use crate::observe::{observe_host_links, observe_with_links};
+use crate::plan::{fold, in_the_way, plan, plan_forwarding, Action};
 use crate::store::Store;
 
 /// The longest a failing action waits before it is tried again.
@@ -154,9 +154,31 @@ impl Reconciler {
     }
 
     /// Observes, plans and applies once, trying only the actions that are not backing
-    /// off. An error means nothing could be observed (so nothing was planned).
+    /// off. An error means nothing could be observed (so nothing was planned, or only
+    /// the first stage). Two stages: [`plan_forwarding`] from the host's devices alone,
+    /// applied before the endpoint namespaces are observed (what a peer waiting for a
+    /// new remote endpoint needs), then the full [`plan`].
     pub async fn pass(&mut self, host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
-        let mut observed = match observe(host, store).await {
+        let observed = async {
+            let mut links = observe_host_links(host).await?;
+            // Stage 1: peers' forwarding and announcements, from the host's devices.
+            let fast = plan_forwarding(desired, &links, &self.tap_neigh);
+            let (tried, errors, deferred) = self.apply_tracked(host, store, desired, fast).await;
+            let failed: BTreeSet<String> = errors.iter().map(|e| e.action.to_string()).collect();
+            for a in tried.iter().filter(|a| !failed.contains(&a.to_string())) {
+                fold(&mut links, a);
+            }
+            let mut observed = observe_with_links(store, links).await?;
+            // What stage 1 announced need not be announced again.
+            observed.tap_neigh = desired
+                .networks
+                .values()
+                .filter(|n| self.tap_neigh.contains_key(&n.uplink))
+                .map(|n| (n.uplink.clone(), n.neigh.clone()))
+                .collect();
+            anyhow::Ok((observed, tried, errors, deferred))
+        };
+        let (observed, mut tried, mut errors, mut deferred) = match observed.await {
             Ok(o) => o,
             Err(e) => {
                 let mut now = self.conditions.clone();
@@ -165,10 +187,36 @@ impl Reconciler {
                 return Err(e);
             }
         };
-        observed.tap_neigh = self.tap_neigh.clone();
         self.report(conditions(desired, &observed));
 
-        let actions = plan(desired, &observed);
+        // Stage 2: everything else.
+        let (t, e, d) = self.apply_tracked(host, store, desired, plan(desired, &observed)).await;
+        tried.extend(t);
+        errors.extend(e);
+        deferred.extend(d);
+
+        self.tap_neigh = desired
+            .networks
+            .values()
+            .filter(|n| matches!(n.uplink_kind, Uplink::Tap { .. }))
+            .map(|n| (n.uplink.clone(), n.neigh.clone()))
+            .collect();
+        // Forget failures of actions no longer planned: fixed some other way.
+        let planned: BTreeSet<String> =
+            tried.iter().chain(&deferred).map(Action::to_string).collect();
+        self.failures.retain(|key, _| planned.contains(key));
+        Ok(Pass { actions: tried, errors, deferred })
+    }
+
+    /// Applies the `actions` that are not backing off; returns (tried, their errors,
+    /// deferred), after recording failures and recoveries.
+    async fn apply_tracked(
+        &mut self,
+        host: &Nl,
+        store: &Store,
+        desired: &HostDesired,
+        actions: Vec<Action>,
+    ) -> (Vec<Action>, Vec<ApplyError>, Vec<Action>) {
         let now = Instant::now();
         let (due, deferred): (Vec<Action>, Vec<Action>) = actions
             .into_iter()
@@ -185,11 +233,6 @@ impl Reconciler {
             debug!(endpoint = a.netns().unwrap_or(""), "backing off: {a}");
         }
         let errors = apply(host, store, &due).await;
-
-        // Forget failures of actions no longer planned: fixed some other way.
-        let planned: std::collections::BTreeSet<String> =
-            due.iter().chain(&deferred).map(Action::to_string).collect();
-        self.failures.retain(|key, _| planned.contains(key));
         let failed: BTreeMap<String, &ApplyError> =
             errors.iter().map(|e| (e.action.to_string(), e)).collect();
         for a in due.iter().filter(|a| !best_effort(a)) {
@@ -224,14 +267,7 @@ impl Reconciler {
         for e in errors.iter().filter(|e| best_effort(&e.action)) {
             debug!("{}: {:#}", e.action, e.error);
         }
-
-        self.tap_neigh = desired
-            .networks
-            .values()
-            .filter(|n| matches!(n.uplink_kind, Uplink::Tap { .. }))
-            .map(|n| (n.uplink.clone(), n.neigh.clone()))
-            .collect();
-        Ok(Pass { actions: due, errors, deferred })
+        (due, errors, deferred)
     }
 }
 
