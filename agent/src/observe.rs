@@ -14,14 +14,18 @@ use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
 
-/// Links of one namespace with their addresses, FDB and neighbours, keyed by name.
-/// `all_owned`: everything in this namespace is ours (an endpoint namespace), else only
-/// devices with our alias are.
+/// Links of one namespace with their addresses, keyed by name. `host`: the host
+/// namespace, where only devices with our alias are ours and the FDB and permanent
+/// neighbours of the uplinks are read too; in an endpoint namespace everything is ours
+/// and those entries are not needed (and the kernel's ARP table is one for the whole
+/// machine: dumping it walks every namespace's entries, 10,000s with many remote
+/// endpoints, once per endpoint per pass).
 async fn dump(
     nl: &Nl,
     keep: impl Fn(&str) -> bool,
-    all_owned: bool,
+    host: bool,
 ) -> Result<BTreeMap<String, LinkObs>> {
+    let all_owned = !host;
     let raw: Vec<RawLink> = nl.links().await?;
     let names: BTreeMap<u32, String> = raw.iter().map(|l| (l.index, l.name.clone())).collect();
     let mut by_index: BTreeMap<u32, LinkObs> = BTreeMap::new();
@@ -38,14 +42,16 @@ async fn dump(
             l.addrs.insert(addr);
         }
     }
-    for (index, entry) in nl.fdb().await? {
-        if let Some(l) = by_index.get_mut(&index) {
-            l.fdb.insert(entry);
+    if host {
+        for (index, entry) in nl.fdb().await? {
+            if let Some(l) = by_index.get_mut(&index) {
+                l.fdb.insert(entry);
+            }
         }
-    }
-    for (index, ip, mac) in nl.neighs().await? {
-        if let Some(l) = by_index.get_mut(&index) {
-            l.neigh.insert(ip, mac);
+        for (index, ip, mac) in nl.neighs().await? {
+            if let Some(l) = by_index.get_mut(&index) {
+                l.neigh.insert(ip, mac);
+            }
         }
     }
     Ok(by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect())
@@ -56,7 +62,7 @@ pub async fn observe_netns(name: &str) -> Result<NsObs> {
     let (nl, (ip_forward, sysctls)) =
         Nl::in_netns_with(name, || (netns::forwarding(), read_sysctls()))
             .with_context(|| format!("opening netlink in namespace {name}"))?;
-    let links = dump(&nl, |_| true, true).await?;
+    let links = dump(&nl, |_| true, false).await?;
     let routes = nl.gateway_routes().await?.into_iter().collect();
     Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
 }
@@ -91,7 +97,7 @@ pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
 
 /// The host namespace's devices that may be ours, with their addresses and entries.
 pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> {
-    dump(host, owned, false).await
+    dump(host, owned, true).await
 }
 
 /// The rest of [`observe`], given the host's devices as [`observe_host_links`] found
