@@ -16,7 +16,7 @@
 //! (made by an agent from before aliases, or a TAP the data plane just opened) is
 //! adopted when it is of the kind we want under that name, and otherwise left alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -467,7 +467,7 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
 fn plan_entries(
     nd: &NetDesired,
     fdb: &BTreeSet<Fdb>,
-    neigh: &std::collections::BTreeMap<Ipv4Addr, Mac>,
+    neigh: &BTreeMap<Ipv4Addr, Mac>,
     out: &mut Out,
 ) {
     for entry in fdb.difference(&nd.fdb) {
@@ -498,8 +498,8 @@ fn plan_entries(
 /// what succeeded into its observation with [`fold`]).
 pub fn plan_forwarding(
     desired: &HostDesired,
-    links: &std::collections::BTreeMap<String, LinkObs>,
-    tap_neigh: &std::collections::BTreeMap<String, std::collections::BTreeMap<Ipv4Addr, Mac>>,
+    links: &BTreeMap<String, LinkObs>,
+    tap_neigh: &BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
 ) -> Vec<Action> {
     let mut out = Out::default();
     for nd in desired.networks.values() {
@@ -543,7 +543,7 @@ pub fn plan_forwarding(
 /// MAC) to each of `ports` (host sides of local veths), unless that is a burst.
 fn announce_remote(
     nd: &NetDesired,
-    known: &std::collections::BTreeMap<Ipv4Addr, Mac>,
+    known: &BTreeMap<Ipv4Addr, Mac>,
     ports: &[&str],
     out: &mut Out,
 ) {
@@ -566,7 +566,7 @@ fn announce_remote(
 
 /// Records in `links` what a successful FDB or neighbour action did (other actions are
 /// left to the next observation).
-pub fn fold(links: &mut std::collections::BTreeMap<String, LinkObs>, action: &Action) {
+pub fn fold(links: &mut BTreeMap<String, LinkObs>, action: &Action) {
     match action {
         Action::AddFdb { dev, entry } => {
             links.get_mut(dev).map(|l| l.fdb.insert(*entry));
@@ -797,10 +797,7 @@ mod tests {
 
     /// What a perfect apply does to the kernel, as data.
     pub fn simulate(obs: &mut ObservedHost, actions: &[Action]) {
-        fn links<'a>(
-            obs: &'a mut ObservedHost,
-            ns: &Ns,
-        ) -> &'a mut std::collections::BTreeMap<String, LinkObs> {
+        fn links<'a>(obs: &'a mut ObservedHost, ns: &Ns) -> &'a mut BTreeMap<String, LinkObs> {
             match ns {
                 Ns::Host => &mut obs.links,
                 Ns::Netns(n) => &mut obs.namespaces.get_mut(n).unwrap().as_mut().unwrap().links,
