@@ -61,6 +61,8 @@ pub struct Reconciler {
     /// Condition key -> message, as last reported.
     conditions: BTreeMap<String, String>,
     tap_neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
+    /// Why announcements last failed (their root cause), while they do.
+    announce_error: Option<String>,
 }
 
 /// The network an action's device belongs to, for logging.
@@ -151,6 +153,25 @@ impl Reconciler {
             info!(condition = %key, "resolved: {key}");
         }
         self.conditions = now;
+    }
+
+    /// Announcements are not retried, but a cause that makes them all fail (no
+    /// CAP_NET_RAW, say) must not go unnoticed: warned once per change of cause.
+    fn report_announcements(&mut self, tried: &[Action], errors: &[ApplyError]) {
+        let failed = errors.iter().find(|e| best_effort(&e.action));
+        let cause = failed.map(|e| e.error.root_cause().to_string());
+        let any_ok = tried.iter().filter(|a| best_effort(a)).count()
+            > errors.iter().filter(|e| best_effort(&e.action)).count();
+        match cause {
+            Some(cause) if self.announce_error.as_ref() != Some(&cause) => {
+                warn!("cannot send gratuitous ARP announcements ({cause}): peers of new endpoints wait for their own ARP retries");
+                self.announce_error = Some(cause);
+            }
+            None if any_ok && self.announce_error.take().is_some() => {
+                info!("gratuitous ARP announcements work again");
+            }
+            _ => {}
+        }
     }
 
     /// Observes, plans and applies once, trying only the actions that are not backing
@@ -267,6 +288,7 @@ impl Reconciler {
         for e in errors.iter().filter(|e| best_effort(&e.action)) {
             debug!("{}: {:#}", e.action, e.error);
         }
+        self.report_announcements(&due, &errors);
         (due, errors, deferred)
     }
 }

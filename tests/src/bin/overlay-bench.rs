@@ -16,6 +16,7 @@
 //!      measures when the data plane is programmed;
 //!    * "client": default kernel settings (ARP retried after 1 s), what a container
 //!      that talks to the new endpoint right away sees.
+//!
 //!    Endpoints slower than 300 ms by either probe are listed on stderr, per host.
 //! 3. `--remote` endpoints (default 10,000) on fake hosts (`overlayctl host add`, no
 //!    agent) in the same network, created while every agent is stopped. Then on host 1:
