@@ -12,7 +12,7 @@ Installs, under DESTDIR:
   PREFIX/bin/{overlay-controller,overlay-agent,overlayctl}      mode 0755
   UNITDIR/{overlay-controller,overlay-agent}.service            mode 0644
   /etc/overlay/{controller,agent}.toml     examples, only if absent  0644
-  /etc/sysctl.d/99-overlay.conf            ip_forward for the hosts  0644
+  /etc/sysctl.d/99-overlay.conf            ip_forward, ARP table size 0644
   PREFIX/share/doc/overlay/                README and example configs 0644
 
 Options (PREFIX and DESTDIR are also read from the environment, as with `make install`):

@@ -26,7 +26,7 @@ use crate::dns::DnsServers;
 use crate::firewall::Guard;
 use crate::identity::{establish, renew_forever, Controllers, Security};
 use crate::nl::Nl;
-use crate::reconcile::reconcile;
+use crate::reconcile::Reconciler;
 use crate::store::Store;
 use crate::watch::{run_heartbeat, run_watch, Identity, Replica};
 
@@ -181,11 +181,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         run_heartbeat(me, controllers.clone(), store.clone(), problem_rx).in_current_span(),
     );
 
-    let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
+    let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut last_revision = None;
+    let mut reconciler = Reconciler::new();
+    let mut arp_table = ArpTableWatch::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -198,7 +200,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
         let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard };
-        let firewall = pass(&ctx, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
+        let state = PassState {
+            dns: &mut dns,
+            dataplane: &mut dataplane,
+            reconciler: &mut reconciler,
+            last_revision: &mut last_revision,
+        };
+        let firewall = pass(&ctx, &catalog, state).await;
+        arp_table.check();
         if let Some(result) = firewall {
             let problem = result.err().map(|e| firewall_problem(&e));
             // Said when it starts and when it ends, not every pass (its wording may
@@ -281,6 +290,31 @@ async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, 
     }
 }
 
+/// Warns (at most once a minute) when the machine's ARP table overflowed since the last
+/// look: endpoints then wait seconds for every new neighbour (see README,
+/// Troubleshooting, on `gc_thresh3`).
+#[derive(Default)]
+struct ArpTableWatch {
+    last: Option<u64>,
+    warned: Option<tokio::time::Instant>,
+}
+
+impl ArpTableWatch {
+    fn check(&mut self) {
+        let Some(now) = crate::netns::arp_table_fulls() else { return };
+        let grew = self.last.is_some_and(|last| now > last);
+        self.last = Some(now);
+        let quiet = self.warned.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+        if grew && !quiet {
+            self.warned = Some(tokio::time::Instant::now());
+            warn!(
+                table_fulls = now,
+                "the kernel's ARP table is full (shared by every namespace on this machine): raise net.ipv4.neigh.default.gc_thresh1/2/3 (see /etc/sysctl.d/99-overlay.conf)"
+            );
+        }
+    }
+}
+
 /// What every pass works with.
 struct PassCtx<'a> {
     host: &'a Nl,
@@ -289,15 +323,22 @@ struct PassCtx<'a> {
     guard: &'a Guard,
 }
 
+/// What the main loop keeps from one pass to the next.
+struct PassState<'a> {
+    dns: &'a mut DnsServers,
+    dataplane: &'a mut DataplaneClient,
+    reconciler: &'a mut Reconciler,
+    last_revision: &'a mut Option<u64>,
+}
+
 /// One pass; returns whether the host firewall is in place (`None`: the pass did not
 /// get that far).
 async fn pass(
     ctx: &PassCtx<'_>,
     catalog: &Catalog,
-    dns: &mut DnsServers,
-    dataplane: &mut DataplaneClient,
-    last_revision: &mut Option<u64>,
+    st: PassState<'_>,
 ) -> Option<Result<(), String>> {
+    let PassState { dns, dataplane, reconciler, last_revision } = st;
     let (host, store) = (ctx.host, ctx.store);
     let mut desired = desired_for_host(catalog, ctx.local);
     desired.firewall.guard = ctx.guard.clone();
@@ -316,23 +357,26 @@ async fn pass(
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
     sync_dataplane(dataplane, &desired, catalog).await;
-    let firewall = match reconcile(host, store, &desired).await {
+    let firewall = match reconciler.pass(host, store, &desired).await {
         Ok(p) => {
             if p.applied > 0 {
                 info!(
                     actions = p.applied,
                     errors = p.errors.len(),
+                    deferred = p.deferred.len(),
                     held_back = p.held_back.len(),
                     "reconcile pass applied changes"
                 )
             }
             Some(p.firewall)
         }
+        // Reported by the reconciler, once per change of error.
         Err(e) => {
-            warn!("reconcile pass failed: {e:#}");
+            debug!("reconcile pass failed: {e:#}");
             None
         }
     };
+    dns.refresh_upstream();
     dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();

@@ -6,12 +6,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::nl::Nl;
+use crate::observed::OWNED_ALIAS;
 use crate::plan::{Action, Ns};
 use crate::store::Store;
-use crate::{firewall, netns};
+use crate::{firewall, garp, netns};
 
 /// One action that failed.
 #[derive(Debug)]
@@ -22,12 +23,14 @@ pub struct ApplyError {
 
 /// Applies `actions` in order with the host namespace's `host` connection.
 pub async fn apply(host: &Nl, store: &Store, actions: &[Action]) -> Vec<ApplyError> {
-    let mut ctx = Ctx { host, store, netns: BTreeMap::new(), indexes: BTreeMap::new() };
+    let mut ctx =
+        Ctx { host, store, netns: BTreeMap::new(), indexes: BTreeMap::new(), announcer: None };
     let mut errors = Vec::new();
     for action in actions {
         debug!(netns = action.netns().unwrap_or(""), "apply {action}");
         if let Err(error) = ctx.apply_one(action).await {
-            warn!(netns = action.netns().unwrap_or(""), "{action}: {error:#}");
+            // The caller reports failures (once per change of error, with backoff).
+            debug!(netns = action.netns().unwrap_or(""), "{action}: {error:#}");
             errors.push(ApplyError { action: action.clone(), error });
         }
     }
@@ -44,6 +47,9 @@ struct Ctx<'a> {
     /// round trips and parsing) and forgotten at any other action, which may create or
     /// delete devices.
     indexes: BTreeMap<String, u32>,
+    /// The host namespace's packet socket for announcements, opened on first use: one
+    /// per pass rather than per frame (see [`garp::Announcer`]).
+    announcer: Option<garp::Announcer>,
 }
 
 /// Whether `action` leaves every host device (and so its index) as it was.
@@ -54,6 +60,7 @@ fn keeps_devices(action: &Action) -> bool {
             | Action::DelFdb { .. }
             | Action::AddNeigh { .. }
             | Action::DelNeigh { .. }
+            | Action::Announce { .. }
     )
 }
 
@@ -100,13 +107,16 @@ impl Ctx<'_> {
                 self.store.forget_namespace(name).context("updating namespace record")
             }
             Action::CreateBridge { name, mtu, mac } => {
-                self.host.create_bridge(name, *mtu, *mac).await
+                self.host.create_bridge(name, *mtu, *mac).await?;
+                self.host.set_alias(name, OWNED_ALIAS).await
             }
             Action::CreateVxlan { name, vni, local, mtu, bridge } => {
                 self.host.create_vxlan(name, *vni, *local, *mtu, bridge).await?;
+                self.host.set_alias(name, OWNED_ALIAS).await?;
                 // The kernel may ignore IFLA_MTU on vxlan creation: set it explicitly.
                 self.host.set_mtu(name, *mtu).await
             }
+            Action::SetAlias { dev } => self.host.set_alias(dev, OWNED_ALIAS).await,
             Action::CreateVeth { netns: ns, host_name, peer_tmp, inside, mac, mtu, bridge } => {
                 let r = self.create_veth(ns, host_name, peer_tmp, inside, *mac, *mtu, bridge).await;
                 if r.is_err() {
@@ -153,6 +163,33 @@ impl Ctx<'_> {
                 netns::run_in(name, move || netns::set_forwarding(on))
                     .with_context(|| format!("setting net.ipv4.ip_forward in {name}"))
             }
+            Action::SetSysctls { netns: name, values } => {
+                let values = values.clone();
+                netns::run_in(name, move || {
+                    values.iter().try_for_each(|(k, v)| {
+                        netns::write_sysctl(k, v)
+                            .map_err(|e| std::io::Error::new(e.kind(), format!("{k}: {e}")))
+                    })
+                })
+                .with_context(|| format!("setting sysctls in {name}"))
+            }
+            Action::Announce { ns, dev, ip, mac } => {
+                let frame = garp::frame(*ip, *mac);
+                let context = || format!("announcing {ip} at {mac} on {dev} ({ns})");
+                match ns {
+                    Ns::Host => {
+                        if self.announcer.is_none() {
+                            self.announcer = Some(garp::Announcer::new().with_context(context)?);
+                        }
+                        let announcer = self.announcer.as_ref().context("no packet socket")?;
+                        announcer.send(dev, &frame).with_context(context)
+                    }
+                    Ns::Netns(name) => {
+                        let dev = dev.clone();
+                        netns::run_in(name, move || garp::send(&dev, &frame)).with_context(context)
+                    }
+                }
+            }
             Action::WriteResolvConf { netns: ns } => {
                 netns::write_resolv_conf(ns, crate::desired::RESOLV_CONF)
                     .context("writing resolv.conf")
@@ -181,6 +218,8 @@ impl Ctx<'_> {
         let host = self.host;
         host.delete_link(peer_tmp).await?;
         host.create_veth(host_name, peer_tmp, mtu).await?;
+        host.set_alias(host_name, OWNED_ALIAS).await?;
+        host.set_alias(peer_tmp, OWNED_ALIAS).await?;
         host.set_mac(peer_tmp, mac).await?;
         host.set_mtu(peer_tmp, mtu).await?;
         host.set_master(host_name, bridge).await?;

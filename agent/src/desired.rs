@@ -19,10 +19,13 @@
 //! gateway address: with ARP replicated, an endpoint's "who has GATEWAY?" would reach
 //! every host and be answered by all of them, and the endpoint could pick a remote
 //! host's bridge as its gateway. With proxy, the vxlan device swallows every ARP
-//! request (answering the ones it knows), so the gateway is always the local bridge,
-//! ARP costs no underlay traffic, and a new endpoint is reachable as soon as its
-//! entries are programmed (no stale negative ARP cache). The catalog knows every
-//! address, so nothing is lost by not flooding ARP.
+//! request (answering the ones it knows), so the gateway is always the local bridge and
+//! ARP costs no underlay traffic. The catalog knows every address, so nothing is lost
+//! by not flooding ARP — except the answer to a client that asks before its host has
+//! the entry: that one is given by an announcement (gratuitous ARP, see
+//! [`crate::garp`]) as soon as the entry is programmed, rather than at the client's
+//! next ARP retry a second later. MACs follow addresses (the controller derives them),
+//! so a cached entry stays right when an address moves between endpoints or hosts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -360,8 +363,6 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
     let vias: BTreeSet<&str> = catalog.routes.values().map(|r| r.via.as_str()).collect();
     for ep in local_eps {
         let mut interfaces: Vec<IfaceDesired> = Vec::new();
-        let mut routes = BTreeSet::new();
-        let mut has_default = false;
         for att in &ep.attachments {
             let Some(nd) = out.networks.get(&att.network) else { continue };
             let Some(net) = catalog.networks.get(&att.network) else { continue };
@@ -388,27 +389,8 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
                 mac: att.mac,
                 mtu: nd.mtu,
             });
-            if !nd.internal && !has_default {
-                has_default = true;
-                routes.insert(RouteSpec { dest: default_net(), via: nd.gateway.ip() });
-            }
-            for route in catalog.routes_in(&att.network) {
-                if route.via == ep.name {
-                    continue;
-                }
-                if let Some(via) = catalog.route_via_ip(route) {
-                    match check_route(route, via, nd.subnet) {
-                        Ok(()) => {
-                            routes.insert(RouteSpec { dest: route.destination, via });
-                        }
-                        Err(e) => rejected.push(format!(
-                            "route {} in network {} skipped: {e}",
-                            route.destination, route.network
-                        )),
-                    }
-                }
-            }
         }
+        let routes = endpoint_routes(catalog, &ep.name, &interfaces, &out.networks, &mut rejected);
         out.endpoints.insert(
             ep.name.clone(),
             EndpointDesired {
@@ -424,6 +406,56 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
     rejected.retain(|r| seen.insert(r.clone()));
     out.rejected = rejected;
     out
+}
+
+/// The routes of endpoint `name` with `interfaces`: the catalog's routes of its networks
+/// (not via itself), then a default route via the gateway of its first non-internal
+/// network unless a route already covers `0.0.0.0/0` (an egress endpoint). At most one
+/// route per destination, the first in interface order, so two networks routing the
+/// same destination differently cannot leave a route the kernel refuses (and the plan
+/// retrying it forever); and none to a destination inside a subnet the endpoint is
+/// attached to, which it reaches directly. A route whose destination or next hop does
+/// not check out is left out and listed in `rejected`.
+fn endpoint_routes(
+    catalog: &Catalog,
+    name: &str,
+    interfaces: &[IfaceDesired],
+    networks: &BTreeMap<String, NetDesired>,
+    rejected: &mut Vec<String>,
+) -> BTreeSet<RouteSpec> {
+    let attached: Vec<Ipv4Network> = interfaces
+        .iter()
+        .filter_map(|i| Ipv4Network::new(i.addr.network(), i.addr.prefix()).ok())
+        .collect();
+    let mut by_dest: BTreeMap<Ipv4Network, Ipv4Addr> = BTreeMap::new();
+    for iface in interfaces {
+        for route in catalog.routes_in(&iface.network) {
+            let dest = route.destination;
+            if route.via == name || attached.iter().any(|s| dest.is_subnet_of(*s)) {
+                continue;
+            }
+            let Some(via) = catalog.route_via_ip(route) else { continue };
+            let Some(subnet) = networks.get(&iface.network).map(|nd| nd.subnet) else { continue };
+            match check_route(route, via, subnet) {
+                Ok(()) => {
+                    by_dest.entry(dest).or_insert(via);
+                }
+                Err(e) => rejected.push(format!(
+                    "route {} in network {} skipped: {e}",
+                    route.destination, route.network
+                )),
+            }
+        }
+    }
+    let gateway = interfaces
+        .iter()
+        .filter_map(|i| networks.get(&i.network))
+        .find(|nd| !nd.internal)
+        .map(|nd| nd.gateway.ip());
+    if let Some(gw) = gateway {
+        by_dest.entry(default_net()).or_insert(gw);
+    }
+    by_dest.into_iter().map(|(dest, via)| RouteSpec { dest, via }).collect()
 }
 
 /// `0.0.0.0/0`.
@@ -713,5 +745,50 @@ pub(crate) mod tests {
         let d = desired_for_host(&catalog(), &local("h9", "192.0.2.9"));
         assert!(d.networks.is_empty() && d.endpoints.is_empty());
         assert!(!d.host_forwarding);
+    }
+
+    fn route(network: &str, dest: &str, via: &str) -> Route {
+        Route { network: network.into(), destination: dest.parse().unwrap(), via: via.into() }
+    }
+
+    fn routes_of(d: &HostDesired, ep: &str) -> Vec<(String, String)> {
+        d.endpoints[ep].routes.iter().map(|r| (r.dest.to_string(), r.via.to_string())).collect()
+    }
+
+    #[test]
+    fn routes_never_conflict_with_each_other_or_with_attached_subnets() {
+        let mut c = catalog();
+        // An egress endpoint for front: replaces the gateway as front's default route.
+        for r in [
+            route("front", "0.0.0.0/0", "gw"),
+            // Into back's own subnet, which api is attached to: api reaches it directly.
+            route("front", "10.2.0.0/24", "gw"),
+            // The same destination from both of api's networks: the first interface's wins.
+            route("back", "10.9.0.0/16", "db"),
+        ] {
+            c.routes.insert(r.key(), r);
+        }
+        let d = desired_for_host(&c, &local("h2", "192.0.2.2"));
+        assert_eq!(
+            routes_of(&d, "api"),
+            vec![
+                ("0.0.0.0/0".into(), "10.1.0.9".into()),
+                ("10.8.0.0/16".into(), "10.2.0.9".into()),
+                ("10.9.0.0/16".into(), "10.1.0.9".into()),
+            ]
+        );
+        // db (back only) takes back's routes, except the one via itself.
+        assert_eq!(routes_of(&d, "db"), vec![("10.8.0.0/16".into(), "10.2.0.9".into())]);
+    }
+
+    #[test]
+    fn an_endpoint_without_networks_keeps_its_namespace_and_nothing_else() {
+        let mut c = catalog();
+        c.endpoints.get_mut("db").unwrap().attachments.clear();
+        let d = desired_for_host(&c, &local("h2", "192.0.2.2"));
+        let db = &d.endpoints["db"];
+        assert!(db.interfaces.is_empty() && db.routes.is_empty() && !db.ip_forward);
+        // api still carries back.
+        assert!(d.networks.contains_key("back"));
     }
 }

@@ -3,11 +3,18 @@
 //! The records come from a [`DnsView`] published on a watch channel whenever the
 //! catalog changes; every server reads the latest one. Servers are started after the
 //! reconcile pass created the namespace (and brought `lo` up), and stopped *before* a
-//! pass deletes it: an open socket keeps a namespace, and its veth, alive.
+//! pass deletes it: an open socket keeps a namespace, and its veth, alive. An endpoint
+//! with no network left keeps its namespace and so its server, which then answers
+//! NXDOMAIN for every overlay name.
+//!
+//! The upstream resolvers are read from a resolv.conf ([`UpstreamSource`]) and read
+//! again whenever that file changes (a DHCP lease, a VPN, an administrator): checked
+//! with one `stat` per pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use overlay_dns::{DnsView, Upstream};
@@ -23,15 +30,75 @@ use crate::netns;
 /// A configured file that cannot be read is logged, and forwards then get SERVFAIL at
 /// once; the overlay's own names are answered either way.
 pub fn upstream(resolv_conf: Option<&Path>) -> Upstream {
-    let up = match resolv_conf {
-        None => Upstream::from_system(),
-        Some(path) => Upstream::from_resolv_conf(path).unwrap_or_else(|e| {
-            warn!("{e}; names that are not the overlay's will get SERVFAIL");
-            Upstream::new(Vec::new())
-        }),
-    };
+    let up = Upstream::new(servers_from(resolv_conf));
     info!(servers = ?up.servers(), "dns forwards other names to these resolvers");
     up
+}
+
+/// The resolvers `resolv_conf` names (the host's when `None`), with a warning when a
+/// configured file cannot be read or names none.
+fn servers_from(resolv_conf: Option<&Path>) -> Vec<SocketAddr> {
+    match resolv_conf {
+        None => Upstream::from_system().servers().to_vec(),
+        Some(path) => match Upstream::from_resolv_conf(path) {
+            Ok(up) if up.servers().is_empty() => {
+                warn!(
+                    "{} names no usable nameserver; names that are not the overlay's will get SERVFAIL",
+                    path.display()
+                );
+                Vec::new()
+            }
+            Ok(up) => up.servers().to_vec(),
+            Err(e) => {
+                warn!("{e}; names that are not the overlay's will get SERVFAIL");
+                Vec::new()
+            }
+        },
+    }
+}
+
+/// Identity and version of a file: it changed when any of these did.
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Where the upstream resolvers come from, and what that file looked like when read.
+#[derive(Debug)]
+pub struct UpstreamSource {
+    /// The configured resolv.conf; `None`: the host's.
+    configured: Option<PathBuf>,
+    stamp: Option<Stamp>,
+}
+
+impl UpstreamSource {
+    pub fn new(configured: Option<&Path>) -> UpstreamSource {
+        let mut source =
+            UpstreamSource { configured: configured.map(Path::to_path_buf), stamp: None };
+        source.stamp = source.current();
+        source
+    }
+
+    /// The file whose changes matter: the configured one, or the host's resolv.conf.
+    fn watched(&self) -> &Path {
+        self.configured.as_deref().unwrap_or(Path::new(overlay_dns::upstream::RESOLV_CONF))
+    }
+
+    fn current(&self) -> Option<Stamp> {
+        stamp(self.watched())
+    }
+
+    /// The servers to use now, if the file changed since it was last read.
+    pub fn changed(&mut self) -> Option<Vec<SocketAddr>> {
+        let now = self.current();
+        if now == self.stamp {
+            return None;
+        }
+        self.stamp = now;
+        Some(servers_from(self.configured.as_deref()))
+    }
 }
 
 struct Server {
@@ -45,6 +112,7 @@ pub struct DnsServers {
     view: watch::Sender<Arc<DnsView>>,
     revision: Option<u64>,
     upstream: Arc<Upstream>,
+    source: Option<UpstreamSource>,
     servers: BTreeMap<String, Server>,
 }
 
@@ -57,6 +125,7 @@ impl Drop for DnsServers {
 }
 
 impl DnsServers {
+    /// Servers that forward to `upstream`, a fixed list.
     pub fn new(upstream: Upstream) -> DnsServers {
         let (view, _) = watch::channel(Arc::new(DnsView::build(&Catalog::default())));
         DnsServers {
@@ -64,7 +133,29 @@ impl DnsServers {
             view,
             revision: None,
             upstream: Arc::new(upstream),
+            source: None,
             servers: BTreeMap::new(),
+        }
+    }
+
+    /// Servers that forward to the resolvers `resolv_conf` names (the host's when
+    /// `None`), read again when the file changes (see [`Self::refresh_upstream`]).
+    pub fn from_resolv_conf(resolv_conf: Option<&Path>) -> DnsServers {
+        let source = UpstreamSource::new(resolv_conf);
+        let mut dns = DnsServers::new(upstream(resolv_conf));
+        dns.source = Some(source);
+        dns
+    }
+
+    /// Reads the resolvers again if their file changed; every server uses the new list
+    /// for its next forward.
+    pub fn refresh_upstream(&mut self) {
+        let Some(servers) = self.source.as_mut().and_then(UpstreamSource::changed) else {
+            return;
+        };
+        if *self.upstream.servers() != *servers {
+            info!(servers = ?servers, "dns forwards other names to these resolvers now");
+            self.upstream.set_servers(servers);
         }
     }
 
@@ -150,6 +241,28 @@ mod tests {
         let want: Vec<SocketAddr> = vec!["192.0.2.53:53".parse().expect("addr")];
         assert_eq!(*upstream(Some(&path)).servers(), *want);
         assert!(upstream(Some(&dir.join("missing"))).servers().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_changed_resolv_conf_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-resolv2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("resolv.conf");
+        // As a file caught half-written would read: no servers yet.
+        std::fs::write(&path, "").expect("write");
+        let mut dns = DnsServers::from_resolv_conf(Some(&path));
+        assert!(dns.upstream.servers().is_empty());
+        dns.refresh_upstream();
+        assert!(dns.upstream.servers().is_empty());
+        std::fs::write(&path, "nameserver 192.0.2.53\n").expect("write");
+        dns.refresh_upstream();
+        let want: Vec<SocketAddr> = vec!["192.0.2.53:53".parse().expect("addr")];
+        assert_eq!(*dns.upstream.servers(), *want);
+        // Gone: nothing to forward to (SERVFAIL at once) until it is back.
+        std::fs::remove_file(&path).expect("rm");
+        dns.refresh_upstream();
+        assert!(dns.upstream.servers().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,9 +5,11 @@
 //! * [`desired`] (pure): catalog -> what this host should have.
 //! * [`observed`] + [`observe`]: what the kernel has, only objects we own.
 //! * [`plan`] (pure): desired vs observed -> a printable list of actions.
-//! * [`apply`] (+ [`nl`], [`netns`]): actions -> netlink, setns, nft.
+//! * [`apply`] (+ [`nl`], [`netns`], [`garp`]): actions -> netlink, setns, gratuitous
+//!   ARP, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
-//! * [`reconcile`]: one observe/plan/apply pass; [`store`]: what survives restarts.
+//! * [`reconcile`]: observe/plan/apply passes, with per-action backoff and reporting;
+//!   [`store`]: what survives restarts.
 //! * [`identity`]: the agent's certificate (checked, or joined with a token and renewed).
 //! * [`watch`]: register, heartbeat, and the controller's desired-state stream.
 //! * [`dns`]: one embedded DNS server per local endpoint.
@@ -16,8 +18,8 @@
 //! * [`agent`]: the main loop tying them together.
 //!
 //! The agent must never touch a device or namespace it did not create: owned devices
-//! carry the `ovb-`/`ovx-`/`ovu-`/`ovv`/`ovp` prefixes, owned namespaces are recorded in the
-//! data directory.
+//! carry the `ovb-`/`ovx-`/`ovu-`/`ovv`/`ovp` prefixes *and* the alias `overlay-agent`
+//! (set when it creates them), owned namespaces are recorded in the data directory.
 
 pub mod agent;
 pub mod apply;
@@ -25,6 +27,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod dns;
 pub mod firewall;
+pub mod garp;
 pub mod identity;
 pub mod netns;
 pub mod nl;

@@ -187,6 +187,44 @@ pub fn set_forwarding(on: bool) -> io::Result<()> {
     fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
 }
 
+/// The `/proc/sys` file of `key` (`net/ipv4/conf/all/rp_filter`), which must be a
+/// relative path without `..` (keys come from the agent's own table, never from input).
+fn sysctl_path(key: &str) -> io::Result<PathBuf> {
+    let relative = Path::new(key);
+    let plain = relative.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain || key.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad sysctl {key:?}")));
+    }
+    Ok(Path::new("/proc/sys").join(relative))
+}
+
+/// A sysctl of the calling thread's namespace, trimmed; `None` if it cannot be read.
+pub fn read_sysctl(key: &str) -> Option<String> {
+    fs::read_to_string(sysctl_path(key).ok()?).ok().map(|v| v.trim().to_string())
+}
+
+/// Sets a sysctl of the calling thread's namespace.
+pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    fs::write(sysctl_path(key)?, format!("{value}\n"))
+}
+
+/// How often, since boot, the kernel could not add a neighbour because its ARP table
+/// (one for the whole machine) was full: the sum of `table_fulls` over every CPU in
+/// `/proc/net/stat/arp_cache`.
+pub fn arp_table_fulls() -> Option<u64> {
+    parse_table_fulls(&fs::read_to_string("/proc/net/stat/arp_cache").ok()?)
+}
+
+/// `table_fulls` summed over the per-CPU lines (hexadecimal) of an `arp_cache` text.
+fn parse_table_fulls(text: &str) -> Option<u64> {
+    let mut lines = text.lines();
+    let col = lines.next()?.split_whitespace().position(|c| c == "table_fulls")?;
+    lines
+        .filter_map(|l| l.split_whitespace().nth(col))
+        .map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +246,23 @@ mod tests {
             assert_eq!(written, Err(io::ErrorKind::InvalidInput), "{bad}");
         }
         assert!(checked("ovt123a-s1").is_ok());
+    }
+
+    #[test]
+    fn table_fulls_are_summed_over_cpus() {
+        let text =
+            "entries  allocs table_fulls\n00000022 000000b1 0000000a\n00000022 000000b4 00000001\n";
+        assert_eq!(parse_table_fulls(text), Some(11));
+        assert_eq!(parse_table_fulls("entries allocs\n1 2\n"), None);
+        assert_eq!(parse_table_fulls("table_fulls\nzz\n"), None);
+        assert_eq!(parse_table_fulls(""), None);
+    }
+
+    #[test]
+    fn sysctl_keys_stay_under_proc_sys() {
+        assert!(sysctl_path("net/ipv4/conf/all/rp_filter").is_ok());
+        for bad in ["", "/etc/passwd", "../etc/passwd", "net/../../etc"] {
+            assert!(sysctl_path(bad).is_err(), "{bad}");
+        }
     }
 }

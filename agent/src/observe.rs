@@ -1,19 +1,31 @@
-//! Netlink dump -> [`ObservedHost`], only objects the agent owns: devices with our
-//! prefixes in the host namespace, and the namespaces recorded in the data directory
-//! (everything inside those is ours).
+//! Netlink dump -> [`ObservedHost`], only objects the agent may own: devices with our
+//! prefixes in the host namespace (marked [`LinkObs::owned`] when they carry our alias),
+//! and the namespaces recorded in the data directory (everything inside those is ours).
+//! One namespace that cannot be read is reported in [`ObservedHost::unreadable`] and
+//! does not stop the others from being observed.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
 use crate::nl::{Nl, RawLink};
-use crate::observed::{LinkObs, NsObs, ObservedHost};
-use crate::plan::is_owned_host_link as owned;
+use crate::observed::{LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
+use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
 
-/// Links of one namespace with their addresses, FDB and neighbours, keyed by name.
-async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, LinkObs>> {
+/// Links of one namespace with their addresses, keyed by name. `host`: the host
+/// namespace, where only devices with our alias are ours and the FDB and permanent
+/// neighbours of the uplinks are read too; in an endpoint namespace everything is ours
+/// and those entries are not needed (and the kernel's ARP table is one for the whole
+/// machine: dumping it walks every namespace's entries, 10,000s with many remote
+/// endpoints, once per endpoint per pass).
+async fn dump(
+    nl: &Nl,
+    keep: impl Fn(&str) -> bool,
+    host: bool,
+) -> Result<BTreeMap<String, LinkObs>> {
+    let all_owned = !host;
     let raw: Vec<RawLink> = nl.links().await?;
     let names: BTreeMap<u32, String> = raw.iter().map(|l| (l.index, l.name.clone())).collect();
     let mut by_index: BTreeMap<u32, LinkObs> = BTreeMap::new();
@@ -21,6 +33,7 @@ async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, L
         let mut obs = LinkObs::new(l.kind.clone(), l.mtu);
         obs.mac = l.mac;
         obs.up = l.up;
+        obs.owned = all_owned || l.alias.as_deref() == Some(OWNED_ALIAS);
         obs.master = l.master.and_then(|m| names.get(&m).cloned());
         by_index.insert(l.index, obs);
     }
@@ -29,14 +42,16 @@ async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, L
             l.addrs.insert(addr);
         }
     }
-    for (index, entry) in nl.fdb().await? {
-        if let Some(l) = by_index.get_mut(&index) {
-            l.fdb.insert(entry);
+    if host {
+        for (index, entry) in nl.fdb().await? {
+            if let Some(l) = by_index.get_mut(&index) {
+                l.fdb.insert(entry);
+            }
         }
-    }
-    for (index, ip, mac) in nl.neighs().await? {
-        if let Some(l) = by_index.get_mut(&index) {
-            l.neigh.insert(ip, mac);
+        for (index, ip, mac) in nl.neighs().await? {
+            if let Some(l) = by_index.get_mut(&index) {
+                l.neigh.insert(ip, mac);
+            }
         }
     }
     Ok(by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect())
@@ -44,25 +59,80 @@ async fn dump(nl: &Nl, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, L
 
 /// One endpoint namespace.
 pub async fn observe_netns(name: &str) -> Result<NsObs> {
-    let nl = Nl::in_netns(name).with_context(|| format!("opening netlink in namespace {name}"))?;
-    let links = dump(&nl, |_| true).await?;
+    let (nl, (ip_forward, sysctls)) =
+        Nl::in_netns_with(name, || (netns::forwarding(), read_sysctls()))
+            .with_context(|| format!("opening netlink in namespace {name}"))?;
+    let links = dump(&nl, |_| true, false).await?;
     let routes = nl.gateway_routes().await?.into_iter().collect();
-    let ip_forward = netns::run_in(name, || Ok(netns::forwarding())).unwrap_or(false);
-    Ok(NsObs { links, routes, ip_forward, resolv_conf: netns::read_resolv_conf(name) })
+    Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
 }
 
-/// The whole host. A namespace that cannot be read is reported as an error rather
-/// than as missing, so the plan never recreates something merely unreadable.
+/// The settings the plan sets in endpoint namespaces ([`ENDPOINT_SYSCTLS`], and
+/// [`iface_sysctls`] for every interface but `lo`), as the calling thread's namespace
+/// has them; unreadable ones are left out.
+fn read_sysctls() -> BTreeMap<String, String> {
+    let ifaces: Vec<String> = std::fs::read_dir("/proc/sys/net/ipv4/conf")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| !matches!(n.as_str(), "all" | "default" | "lo"))
+                .collect()
+        })
+        .unwrap_or_default();
+    ENDPOINT_SYSCTLS
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .chain(ifaces.iter().flat_map(|i| iface_sysctls(i).map(|(k, _)| k)))
+        .filter_map(|k| Some((netns::read_sysctl(&k)?, k)))
+        .map(|(v, k)| (k, v))
+        .collect()
+}
+
+/// The whole host. A namespace that cannot be read is reported in `unreadable` rather
+/// than as missing, so the plan never recreates something merely unreadable, and the
+/// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
-    let links = dump(host, owned).await?;
+    let links = observe_host_links(host).await?;
+    observe_with_links(store, links).await
+}
+
+/// The host namespace's devices that may be ours, with their addresses and entries.
+pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> {
+    dump(host, owned, true).await
+}
+
+/// The rest of [`observe`], given the host's devices as [`observe_host_links`] found
+/// them (and as the caller changed them since).
+pub async fn observe_with_links(
+    store: &Store,
+    links: BTreeMap<String, LinkObs>,
+) -> Result<ObservedHost> {
     let recorded = store.owned_namespaces().context("reading the namespace record")?;
     let existing = netns::list();
     let mut namespaces = BTreeMap::new();
+    let mut unreadable = BTreeMap::new();
     for name in &recorded {
-        let obs = if existing.contains(name) { Some(observe_netns(name).await?) } else { None };
-        namespaces.insert(name.clone(), obs);
+        if !existing.contains(name) {
+            namespaces.insert(name.clone(), None);
+            continue;
+        }
+        match observe_netns(name).await {
+            Ok(obs) => {
+                namespaces.insert(name.clone(), Some(obs));
+            }
+            Err(e) => {
+                unreadable.insert(name.clone(), format!("{e:#}"));
+            }
+        }
     }
     let foreign = existing.difference(&recorded).cloned().collect();
     let firewall = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
-    Ok(ObservedHost { links, namespaces, foreign, host_forwarding: netns::forwarding(), firewall })
+    Ok(ObservedHost {
+        links,
+        namespaces,
+        foreign,
+        unreadable,
+        tap_neigh: BTreeMap::new(),
+        host_forwarding: netns::forwarding(),
+        firewall,
+    })
 }

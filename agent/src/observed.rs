@@ -3,7 +3,9 @@
 //! [`crate::observe`] fills it from netlink; [`crate::plan`] compares it with
 //! [`crate::desired::HostDesired`]. Only devices whose names carry our prefixes
 //! (`ovb-`, `ovx-`, `ovu-`, `ovv`, `ovp`) and namespaces the agent recorded as created by it
-//! appear here, so nothing a user made can ever be planned away.
+//! appear here. Which of those devices are really ours is told by their alias
+//! ([`OWNED_ALIAS`], set when the agent creates or adopts one), not by the name alone,
+//! so a user's device that merely starts with `ov` is never planned away.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -12,6 +14,10 @@ use ipnetwork::Ipv4Network;
 use overlay_model::Mac;
 
 use crate::desired::{Fdb, RouteSpec};
+
+/// The alias (`IFLA_IFALIAS`, `ip link show` prints it) of every host device the agent
+/// created or adopted: what makes a device ours.
+pub const OWNED_ALIAS: &str = "overlay-agent";
 
 /// The vxlan attributes the plan cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +50,8 @@ pub struct LinkObs {
     pub master: Option<String>,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// Carries [`OWNED_ALIAS`] (always true inside an endpoint namespace of ours).
+    pub owned: bool,
     pub addrs: BTreeSet<Ipv4Network>,
     /// vxlan only: permanent `self` FDB entries with a remote.
     pub fdb: BTreeSet<Fdb>,
@@ -60,6 +68,7 @@ impl LinkObs {
             mac: None,
             master: None,
             up: false,
+            owned: true,
             addrs: BTreeSet::new(),
             fdb: BTreeSet::new(),
             neigh: BTreeMap::new(),
@@ -74,6 +83,9 @@ pub struct NsObs {
     /// Main-table routes that have a gateway.
     pub routes: BTreeSet<RouteSpec>,
     pub ip_forward: bool,
+    /// The settings of [`crate::plan::ENDPOINT_SYSCTLS`] as read (`/proc/sys/` paths
+    /// relative, value trimmed); an unreadable one is absent.
+    pub sysctls: BTreeMap<String, String>,
     /// Content of `/etc/netns/NAME/resolv.conf`, if any.
     pub resolv_conf: Option<String>,
 }
@@ -95,6 +107,13 @@ pub struct ObservedHost {
     pub namespaces: BTreeMap<String, Option<NsObs>>,
     /// Namespaces that exist but are not ours: never touched.
     pub foreign: BTreeSet<String>,
+    /// Namespaces of ours that could not be read this pass, with the reason: left as
+    /// they are (neither repaired nor removed) while the other endpoints go on.
+    pub unreadable: BTreeMap<String, String>,
+    /// For TAP uplinks (by device name): the remote neighbours the user-space data plane
+    /// was given on the previous pass, so new ones can be announced. Absent when not
+    /// known (the agent just started).
+    pub tap_neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
     pub host_forwarding: bool,
     pub firewall: Option<FirewallObs>,
 }

@@ -8,10 +8,15 @@
 //!
 //! Actions come in phases so that each one's prerequisites exist: the firewall (first,
 //! so nothing is ever created unprotected), removals that make room, creations,
-//! attributes, forwarding state, and finally garbage (devices and namespaces nobody
-//! wants any more).
+//! attributes, forwarding state, announcements (gratuitous ARP, see [`crate::garp`]),
+//! and finally garbage (devices and namespaces nobody wants any more).
+//!
+//! Host devices are ours when they carry our alias ([`crate::observed::OWNED_ALIAS`]): only those are
+//! changed, replaced or collected. A device with one of our names but without the alias
+//! (made by an agent from before aliases, or a TAP the data plane just opened) is
+//! adopted when it is of the kind we want under that name, and otherwise left alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -24,6 +29,39 @@ use crate::desired::{
 };
 use crate::firewall::{self, Ruleset};
 use crate::observed::{LinkKind, LinkObs, NsObs, ObservedHost, VxlanObs};
+
+/// Settings of every endpoint namespace that the plan relies on, set explicitly because
+/// a new namespace copies its IPv4 settings from the host's initial namespace
+/// (`net.core.devconf_inherit_init_net = 0`), whatever that host's administrator or
+/// other software chose there:
+/// * `rp_filter` off: a multi-homed endpoint gets replies through a route via another
+///   network than the one it would send them on;
+/// * gratuitous ARP accepted, so announcements replace stale or pending entries;
+/// * no entries made from unsolicited ARP (`arp_accept`), so announcements for peers an
+///   endpoint never talked to cost nothing in the host's shared neighbour table.
+///
+/// `all` and `default` here; the same keys per interface in [`iface_sysctls`].
+pub const ENDPOINT_SYSCTLS: [(&str, &str); 6] = [
+    ("net/ipv4/conf/all/rp_filter", "0"),
+    ("net/ipv4/conf/default/rp_filter", "0"),
+    ("net/ipv4/conf/all/drop_gratuitous_arp", "0"),
+    ("net/ipv4/conf/default/drop_gratuitous_arp", "0"),
+    ("net/ipv4/conf/all/arp_accept", "0"),
+    ("net/ipv4/conf/default/arp_accept", "0"),
+];
+
+/// The per-interface settings of `iface` (an interface inside an endpoint namespace):
+/// the effective value combines `all` with these, and an interface keeps the copy of
+/// `default` it got when it appeared in the namespace.
+pub fn iface_sysctls(iface: &str) -> [(String, &'static str); 3] {
+    ["rp_filter", "drop_gratuitous_arp", "arp_accept"]
+        .map(|knob| (format!("net/ipv4/conf/{iface}/{knob}"), "0"))
+}
+
+/// At most this many announcements of remote endpoints per network and pass: more means
+/// a catch-up burst (thousands of endpoints learned at once), where the clients' own
+/// ARP retries are cheaper than a storm of frames.
+pub const MAX_ANNOUNCEMENTS: usize = 1024;
 
 /// Which network namespace an action works in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,6 +132,11 @@ pub enum Action {
         dev: String,
         master: String,
     },
+    /// Marks a host device as ours ([`crate::observed::OWNED_ALIAS`]): one the agent created, or one
+    /// adopted because it has a name and kind we want.
+    SetAlias {
+        dev: String,
+    },
     SetUp {
         ns: Ns,
         dev: String,
@@ -139,6 +182,20 @@ pub enum Action {
         ns: Ns,
         on: bool,
     },
+    /// Writes `/proc/sys/KEY = VALUE` inside the endpoint namespace, for each pair.
+    SetSysctls {
+        netns: String,
+        values: Vec<(String, String)>,
+    },
+    /// A gratuitous ARP "`ip` is at `mac`" sent out of `dev` in `ns`: an endpoint's own
+    /// `ethN` when it appears, or (in the host) the host side of a local endpoint's veth,
+    /// to tell that endpoint of a remote one.
+    Announce {
+        ns: Ns,
+        dev: String,
+        ip: Ipv4Addr,
+        mac: Mac,
+    },
     WriteResolvConf {
         netns: String,
     },
@@ -155,6 +212,7 @@ impl Action {
             Action::CreateVeth { netns, .. }
             | Action::AddRoute { netns, .. }
             | Action::DelRoute { netns, .. }
+            | Action::SetSysctls { netns, .. }
             | Action::WriteResolvConf { netns } => Some(netns),
             Action::DeleteLink { ns: Ns::Netns(n), .. }
             | Action::SetMtu { ns: Ns::Netns(n), .. }
@@ -162,6 +220,7 @@ impl Action {
             | Action::SetUp { ns: Ns::Netns(n), .. }
             | Action::AddAddress { ns: Ns::Netns(n), .. }
             | Action::DelAddress { ns: Ns::Netns(n), .. }
+            | Action::Announce { ns: Ns::Netns(n), .. }
             | Action::SetForwarding { ns: Ns::Netns(n), .. } => Some(n),
             _ => None,
         }
@@ -187,6 +246,7 @@ struct Out {
     attrs: Vec<Action>,
     state: Vec<Action>,
     firewall: Vec<Action>,
+    announce: Vec<Action>,
     garbage: Vec<Action>,
 }
 
@@ -199,6 +259,7 @@ impl Out {
         v.extend(self.create);
         v.extend(self.attrs);
         v.extend(self.state);
+        v.extend(self.announce);
         v.extend(self.garbage);
         v
     }
@@ -232,11 +293,12 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
     }
 
     for ed in desired.endpoints.values() {
-        if observed.foreign.contains(&ed.name) {
-            continue;
-        }
+        // Wanted even when the namespace is skipped: its veths are not garbage.
         for i in &ed.interfaces {
             wanted_host_links.insert(&i.host_name);
+        }
+        if left_alone(ed, observed) {
+            continue;
         }
         plan_endpoint(ed, observed, &mut out);
     }
@@ -250,11 +312,16 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         out.firewall.push(Action::ApplyFirewall { ruleset });
     }
 
+    plan_announcements(desired, observed, &mut out);
+
     // Garbage: owned devices nobody wants (veths first, then uplinks, then bridges).
     let mut garbage: Vec<&String> = observed
         .links
-        .keys()
-        .filter(|n| is_owned_host_link(n) && !wanted_host_links.contains(n.as_str()))
+        .iter()
+        .filter(|(n, l)| {
+            l.owned && is_owned_host_link(n) && !wanted_host_links.contains(n.as_str())
+        })
+        .map(|(n, _)| n)
         .collect();
     garbage.sort_by_key(|n| {
         let rank = if n.starts_with(BRIDGE_PREFIX) {
@@ -269,7 +336,8 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
     for name in garbage {
         out.garbage.push(Action::DeleteLink { ns: Ns::Host, name: name.clone() });
     }
-    for name in observed.namespaces.keys() {
+    // Ours by the record, so removable even when unreadable.
+    for name in observed.namespaces.keys().chain(observed.unreadable.keys()) {
         if !desired.endpoints.contains_key(name) {
             out.garbage.push(Action::DeleteNamespace { name: name.clone() });
         }
@@ -277,13 +345,56 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
     out.finish()
 }
 
+/// Endpoints whose namespace is someone else's, or could not be read this pass.
+fn left_alone(ed: &EndpointDesired, observed: &ObservedHost) -> bool {
+    observed.foreign.contains(&ed.name) || observed.unreadable.contains_key(&ed.name)
+}
+
+/// Whether a device of this kind may be adopted under a given name.
+type Adoptable = fn(&LinkKind) -> bool;
+
+/// Host devices that hold a name the desired state needs but are not ours and not of
+/// the kind we would adopt: nothing is planned for them, and the caller reports them.
+pub fn in_the_way(desired: &HostDesired, observed: &ObservedHost) -> Vec<String> {
+    let mut wanted: Vec<(&str, Adoptable)> = Vec::new();
+    for nd in desired.networks.values() {
+        wanted.push((&nd.bridge, |k| *k == LinkKind::Bridge));
+        match nd.uplink_kind {
+            Uplink::Vxlan => wanted.push((&nd.uplink, |k| matches!(k, LinkKind::Vxlan(_)))),
+            Uplink::Tap { .. } => wanted.push((&nd.uplink, |k| *k == LinkKind::Tun)),
+        }
+    }
+    for ed in desired.endpoints.values().filter(|ed| !left_alone(ed, observed)) {
+        for i in &ed.interfaces {
+            wanted.push((&i.host_name, |k| *k == LinkKind::Veth));
+        }
+    }
+    wanted
+        .into_iter()
+        .filter(|(name, adoptable)| {
+            observed.links.get(*name).is_some_and(|l| !l.owned && !adoptable(&l.kind))
+        })
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Marks a device we keep as ours if it is not yet.
+fn adopt(dev: &str, link: &LinkObs, out: &mut Out) {
+    if !link.owned {
+        out.attrs.push(Action::SetAlias { dev: dev.to_string() });
+    }
+}
+
 fn plan_bridge(nd: &NetDesired, observed: &ObservedHost, out: &mut Out) {
     let ns = Ns::Host;
     match observed.links.get(&nd.bridge) {
         Some(link) if link.kind == LinkKind::Bridge => {
+            adopt(&nd.bridge, link, out);
             plan_attrs(&ns, &nd.bridge, link, nd.mtu, Some(nd.bridge_mac), out);
             plan_addrs(&ns, &nd.bridge, &link.addrs, nd.gateway, out);
         }
+        // Someone else's device under our name: never touched (see `in_the_way`).
+        Some(link) if !link.owned => {}
         other => {
             if other.is_some() {
                 out.make_room.push(Action::DeleteLink { ns: ns.clone(), name: nd.bridge.clone() });
@@ -300,21 +411,22 @@ fn plan_bridge(nd: &NetDesired, observed: &ObservedHost, out: &mut Out) {
 
 /// The TAP uplink of a UDP network. The UDP data plane creates it (TUNSETIFF is an
 /// ioctl, not netlink) before every pass and carries its forwarding facts itself, so
-/// here it only gets plugged in: bridge, MTU, up. One of the wrong kind is removed so
-/// the data plane can create the right one on the next pass.
+/// here it only gets adopted and plugged in: bridge, MTU, up. One of the wrong kind is
+/// removed (if ours) so the data plane can create the right one on the next pass.
 fn plan_tap(nd: &NetDesired, observed: &ObservedHost, out: &mut Out) {
     match observed.links.get(&nd.uplink) {
         Some(link) if link.kind == LinkKind::Tun => {
+            adopt(&nd.uplink, link, out);
             plan_attrs(&Ns::Host, &nd.uplink, link, nd.mtu, None, out);
             if link.master.as_deref() != Some(nd.bridge.as_str()) {
                 out.attrs
                     .push(Action::SetMaster { dev: nd.uplink.clone(), master: nd.bridge.clone() });
             }
         }
-        Some(_) => {
+        Some(link) if link.owned => {
             out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.uplink.clone() });
         }
-        None => {}
+        _ => {}
     }
 }
 
@@ -326,6 +438,7 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
     let existing = observed.links.get(&nd.uplink);
     let (fdb, neigh) = match existing {
         Some(link) if matches!(&link.kind, LinkKind::Vxlan(v) if vxlan_ok(v, nd, local)) => {
+            adopt(&nd.uplink, link, out);
             plan_attrs(&Ns::Host, &nd.uplink, link, nd.mtu, None, out);
             if link.master.as_deref() != Some(nd.bridge.as_str()) {
                 out.attrs
@@ -333,6 +446,8 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
             }
             (link.fdb.clone(), link.neigh.clone())
         }
+        // Not ours and not what we want: never touched (see `in_the_way`).
+        Some(link) if !link.owned => return,
         other => {
             if other.is_some() {
                 out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.uplink.clone() });
@@ -347,13 +462,23 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
             Default::default()
         }
     };
+    plan_entries(nd, &fdb, &neigh, out);
+}
+
+/// The FDB and neighbour entries that take an uplink from `fdb`/`neigh` to `nd`'s.
+fn plan_entries(
+    nd: &NetDesired,
+    fdb: &BTreeSet<Fdb>,
+    neigh: &BTreeMap<Ipv4Addr, Mac>,
+    out: &mut Out,
+) {
     for entry in fdb.difference(&nd.fdb) {
         out.make_room.push(Action::DelFdb { dev: nd.uplink.clone(), entry: *entry });
     }
-    for entry in nd.fdb.difference(&fdb) {
+    for entry in nd.fdb.difference(fdb) {
         out.state.push(Action::AddFdb { dev: nd.uplink.clone(), entry: *entry });
     }
-    for (ip, mac) in &neigh {
+    for (ip, mac) in neigh {
         if !nd.neigh.contains_key(ip) {
             out.make_room.push(Action::DelNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
@@ -362,6 +487,102 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
         if neigh.get(ip) != Some(mac) {
             out.state.push(Action::AddNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
         }
+    }
+}
+
+/// The first stage of a pass: what lets local endpoints reach remote ones, planned from
+/// the host's devices alone (`links`) so that it is applied before every endpoint
+/// namespace is observed — that takes a thread and several netlink dumps per endpoint,
+/// and a peer asking for a new remote endpoint waits for this stage only. For uplinks
+/// that are otherwise right: their FDB and neighbour entries, and announcements of the
+/// remote endpoints new to them to the local endpoints' veths plugged into the
+/// network's bridge. The full [`plan`] afterwards finds this done (the caller folds
+/// what succeeded into its observation with [`fold`]).
+pub fn plan_forwarding(
+    desired: &HostDesired,
+    links: &BTreeMap<String, LinkObs>,
+    tap_neigh: &BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
+) -> Vec<Action> {
+    let mut out = Out::default();
+    for nd in desired.networks.values() {
+        let known = match nd.uplink_kind {
+            Uplink::Vxlan => {
+                let Some(local) = desired.underlay_ip else { continue };
+                let Some(link) = links.get(&nd.uplink).filter(|l| {
+                    l.owned && matches!(&l.kind, LinkKind::Vxlan(v) if vxlan_ok(v, nd, local))
+                }) else {
+                    continue;
+                };
+                plan_entries(nd, &link.fdb, &link.neigh, &mut out);
+                &link.neigh
+            }
+            Uplink::Tap { .. } => match tap_neigh.get(&nd.uplink) {
+                Some(known) => known,
+                None => continue,
+            },
+        };
+        let ports: Vec<&str> = desired
+            .endpoints
+            .values()
+            .flat_map(|ed| ed.interfaces.iter())
+            .filter(|i| i.network == nd.name)
+            .filter(|i| {
+                links.get(&i.host_name).is_some_and(|l| {
+                    l.owned && l.kind == LinkKind::Veth && l.master.as_deref() == Some(&nd.bridge)
+                })
+            })
+            .map(|i| i.host_name.as_str())
+            .collect();
+        announce_remote(nd, known, &ports, &mut out);
+    }
+    let mut actions = out.make_room;
+    actions.extend(out.state);
+    actions.extend(out.announce);
+    actions
+}
+
+/// Announcements of `nd`'s remote endpoints that `known` lacks (or has with another
+/// MAC) to each of `ports` (host sides of local veths), unless that is a burst.
+fn announce_remote(
+    nd: &NetDesired,
+    known: &BTreeMap<Ipv4Addr, Mac>,
+    ports: &[&str],
+    out: &mut Out,
+) {
+    let fresh: Vec<(&Ipv4Addr, &Mac)> =
+        nd.neigh.iter().filter(|(ip, mac)| known.get(ip) != Some(mac)).collect();
+    if fresh.is_empty() || fresh.len() * ports.len() > MAX_ANNOUNCEMENTS {
+        return;
+    }
+    for (ip, mac) in fresh {
+        for port in ports {
+            out.announce.push(Action::Announce {
+                ns: Ns::Host,
+                dev: port.to_string(),
+                ip: *ip,
+                mac: *mac,
+            });
+        }
+    }
+}
+
+/// Records in `links` what a successful FDB or neighbour action did (other actions are
+/// left to the next observation).
+pub fn fold(links: &mut BTreeMap<String, LinkObs>, action: &Action) {
+    match action {
+        Action::AddFdb { dev, entry } => {
+            links.get_mut(dev).map(|l| l.fdb.insert(*entry));
+        }
+        Action::DelFdb { dev, entry } => {
+            links.get_mut(dev).map(|l| l.fdb.remove(entry));
+        }
+        Action::AddNeigh { dev, ip, mac } => {
+            links.get_mut(dev).map(|l| l.neigh.insert(*ip, *mac));
+        }
+        Action::DelNeigh { dev, ip, .. } => {
+            links.get_mut(dev).map(|l| l.neigh.remove(ip));
+        }
+        _ => {}
     }
 }
 
@@ -397,14 +618,29 @@ fn plan_addrs(ns: &Ns, dev: &str, have: &BTreeSet<Ipv4Network>, want: Ipv4Networ
 }
 
 fn plan_endpoint(ed: &EndpointDesired, observed: &ObservedHost, out: &mut Out) {
-    let empty = NsObs::default();
-    let nso = match observed.namespaces.get(&ed.name) {
-        Some(Some(nso)) => nso,
+    match observed.namespaces.get(&ed.name) {
+        Some(Some(nso)) => plan_endpoint_in(ed, nso, observed, out),
         _ => {
             out.create.push(Action::CreateNamespace { name: ed.name.clone() });
-            &empty
+            // Before any interface moves in (an interface copies `default` then), and
+            // whatever the namespace inherited from the host's initial one.
+            out.create
+                .push(Action::SetForwarding { ns: Ns::Netns(ed.name.clone()), on: ed.ip_forward });
+            let values: Vec<(String, String)> =
+                ENDPOINT_SYSCTLS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            out.create.push(Action::SetSysctls { netns: ed.name.clone(), values: values.clone() });
+            let fresh = NsObs {
+                ip_forward: ed.ip_forward,
+                sysctls: values.into_iter().collect(),
+                ..NsObs::default()
+            };
+            plan_endpoint_in(ed, &fresh, observed, out);
         }
-    };
+    }
+}
+
+/// An endpoint whose namespace exists (or is being created, as `nso` describes it).
+fn plan_endpoint_in(ed: &EndpointDesired, nso: &NsObs, observed: &ObservedHost, out: &mut Out) {
     let ns = Ns::Netns(ed.name.clone());
     if !nso.links.get("lo").is_some_and(|l| l.up) {
         out.attrs.push(Action::SetUp { ns: ns.clone(), dev: "lo".into() });
@@ -430,6 +666,72 @@ fn plan_endpoint(ed: &EndpointDesired, observed: &ObservedHost, out: &mut Out) {
     if nso.ip_forward != ed.ip_forward {
         out.state.push(Action::SetForwarding { ns, on: ed.ip_forward });
     }
+    // An interface yet to be created copies `default` (set above) as it moves in; only
+    // the ones already there can have kept other values.
+    let present = ed.interfaces.iter().filter(|i| nso.links.contains_key(&i.name));
+    let wanted = ENDPOINT_SYSCTLS
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .chain(present.flat_map(|i| iface_sysctls(&i.name)));
+    let values: Vec<(String, String)> = wanted
+        .filter(|(k, v)| nso.sysctls.get(k).map(String::as_str) != Some(*v))
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    if !values.is_empty() {
+        out.state.push(Action::SetSysctls { netns: ed.name.clone(), values });
+    }
+}
+
+/// The interface was in place before this pass: both ends of its veth exist, and the
+/// inside one has its address and MAC.
+fn iface_in_place(iface: &IfaceDesired, nso: Option<&NsObs>, observed: &ObservedHost) -> bool {
+    let inside = nso.and_then(|n| n.links.get(&iface.name)).is_some_and(|l| {
+        l.kind == LinkKind::Veth && l.addrs.contains(&iface.addr) && l.mac == Some(iface.mac)
+    });
+    inside && observed.links.get(&iface.host_name).is_some_and(|l| l.kind == LinkKind::Veth)
+}
+
+/// Gratuitous ARP: an endpoint interface that appears (or gets a new address or MAC)
+/// announces itself; a remote endpoint new to this host (or with a new MAC) is announced
+/// to the local endpoints of its network that were already there, so a client that
+/// asked for it before this host knew it gets its answer now, not at its next ARP retry.
+fn plan_announcements(desired: &HostDesired, observed: &ObservedHost, out: &mut Out) {
+    let nso = |ed: &EndpointDesired| observed.namespaces.get(&ed.name).and_then(Option::as_ref);
+    let endpoints: Vec<&EndpointDesired> =
+        desired.endpoints.values().filter(|ed| !left_alone(ed, observed)).collect();
+    for ed in &endpoints {
+        for i in ed.interfaces.iter().filter(|i| !iface_in_place(i, nso(ed), observed)) {
+            out.announce.push(Action::Announce {
+                ns: Ns::Netns(ed.name.clone()),
+                dev: i.name.clone(),
+                ip: i.addr.ip(),
+                mac: i.mac,
+            });
+        }
+    }
+    for nd in desired.networks.values() {
+        // What this host already told its endpoints' neighbours about; unknown for an
+        // uplink just created (its endpoints are new too, with nothing cached).
+        let known = match nd.uplink_kind {
+            Uplink::Vxlan => observed
+                .links
+                .get(&nd.uplink)
+                .filter(|l| l.owned && matches!(&l.kind, LinkKind::Vxlan(v) if v.vni == nd.vni))
+                .map(|l| &l.neigh),
+            Uplink::Tap { .. } => observed.tap_neigh.get(&nd.uplink),
+        };
+        let Some(known) = known else { continue };
+        let ports: Vec<&str> = endpoints
+            .iter()
+            .flat_map(|ed| {
+                ed.interfaces
+                    .iter()
+                    .filter(|i| i.network == nd.name && iface_in_place(i, nso(ed), observed))
+                    .map(|i| i.host_name.as_str())
+            })
+            .collect();
+        announce_remote(nd, known, &ports, out);
+    }
 }
 
 fn plan_iface(
@@ -441,9 +743,14 @@ fn plan_iface(
 ) {
     let ns = Ns::Netns(ed.name.clone());
     let inside = nso.links.get(&iface.name).filter(|l| l.kind == LinkKind::Veth);
-    let outside = observed.links.get(&iface.host_name).filter(|l| l.kind == LinkKind::Veth);
+    let host_side = observed.links.get(&iface.host_name);
+    if host_side.is_some_and(|l| !l.owned && l.kind != LinkKind::Veth) {
+        return; // someone else's device under our veth's name (see `in_the_way`)
+    }
+    let outside = host_side.filter(|l| l.kind == LinkKind::Veth);
     match (inside, outside) {
         (Some(inside), Some(outside)) => {
+            adopt(&iface.host_name, outside, out);
             plan_attrs(&Ns::Host, &iface.host_name, outside, iface.mtu, None, out);
             if outside.master.as_deref() != Some(iface.bridge.as_str()) {
                 out.attrs.push(Action::SetMaster {
@@ -492,10 +799,7 @@ mod tests {
 
     /// What a perfect apply does to the kernel, as data.
     pub fn simulate(obs: &mut ObservedHost, actions: &[Action]) {
-        fn links<'a>(
-            obs: &'a mut ObservedHost,
-            ns: &Ns,
-        ) -> &'a mut std::collections::BTreeMap<String, LinkObs> {
+        fn links<'a>(obs: &'a mut ObservedHost, ns: &Ns) -> &'a mut BTreeMap<String, LinkObs> {
             match ns {
                 Ns::Host => &mut obs.links,
                 Ns::Netns(n) => &mut obs.namespaces.get_mut(n).unwrap().as_mut().unwrap().links,
@@ -541,7 +845,16 @@ mod tests {
                     let mut i = LinkObs::new(LinkKind::Veth, mtu);
                     i.up = true;
                     i.mac = Some(mac);
-                    nsobs(obs, &netns).links.insert(inside, i);
+                    let ns = nsobs(obs, &netns);
+                    // As the kernel does: a new interface copies the namespace's `default`.
+                    for (key, _) in iface_sysctls(&inside) {
+                        let knob = key.rsplit('/').next().unwrap();
+                        let default = format!("net/ipv4/conf/default/{knob}");
+                        if let Some(v) = ns.sysctls.get(&default).cloned() {
+                            ns.sysctls.insert(key, v);
+                        }
+                    }
+                    ns.links.insert(inside, i);
                 }
                 Action::DeleteLink { ns, name } => {
                     links(obs, &ns).remove(&name);
@@ -578,6 +891,12 @@ mod tests {
                 Action::DelRoute { netns, route } => {
                     nsobs(obs, &netns).routes.remove(&route);
                 }
+                Action::SetAlias { dev } => obs.links.get_mut(&dev).unwrap().owned = true,
+                Action::SetSysctls { netns, values } => {
+                    nsobs(obs, &netns).sysctls.extend(values);
+                }
+                // Changes neighbour caches inside endpoints, which are not observed.
+                Action::Announce { .. } => {}
                 Action::SetForwarding { ns: Ns::Host, on } => obs.host_forwarding = on,
                 Action::SetForwarding { ns: Ns::Netns(n), on } => nsobs(obs, &n).ip_forward = on,
                 Action::WriteResolvConf { netns } => {
@@ -628,6 +947,14 @@ mod tests {
                 bridge: "ovb-4096".into(),
             },
             Action::CreateNamespace { name: "web".into() },
+            Action::SetForwarding { ns: Ns::Netns("web".into()), on: false },
+            Action::SetSysctls {
+                netns: "web".into(),
+                values: ENDPOINT_SYSCTLS
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
             Action::CreateVeth {
                 netns: "web".into(),
                 host_name: iface.host_name.clone(),
@@ -664,6 +991,13 @@ mod tests {
                 },
             },
             Action::SetForwarding { ns: Ns::Host, on: true },
+            // The new interface announces itself.
+            Action::Announce {
+                ns: Ns::Netns("web".into()),
+                dev: "eth0".into(),
+                ip: "10.1.0.2".parse().unwrap(),
+                mac: Mac::from_counter(1),
+            },
         ];
         assert_eq!(actions, expected);
     }
@@ -685,7 +1019,8 @@ mod tests {
         let mut obs = ObservedHost::default();
         converge(&desired_for_host(&cat, &l), &mut obs);
 
-        // A new remote endpoint: only its FDB/neigh entries.
+        // A new remote endpoint: only its FDB/neigh entries, and it is announced to the
+        // local endpoints of its network (api; db is not in front).
         let e = crate::desired::tests::ep("new", "h1", &[("front", "10.1.0.20", 50)]);
         cat.endpoints.insert(e.name.clone(), e);
         let d = desired_for_host(&cat, &l);
@@ -700,6 +1035,12 @@ mod tests {
                 },
                 Action::AddNeigh {
                     dev: "ovx-4096".into(),
+                    ip: "10.1.0.20".parse().unwrap(),
+                    mac: Mac::from_counter(50)
+                },
+                Action::Announce {
+                    ns: Ns::Host,
+                    dev: crate::desired::veth_name("api", "eth0"),
                     ip: "10.1.0.20".parse().unwrap(),
                     mac: Mac::from_counter(50)
                 },
@@ -832,5 +1173,214 @@ mod tests {
         assert!(!actions
             .iter()
             .any(|a| matches!(a, Action::DeleteLink { name, .. } if name == "eth0")));
+    }
+
+    /// A converged host h2 (api on front+back, db on back) and its desired state.
+    fn converged_h2() -> (HostDesired, ObservedHost) {
+        let d = desired_for_host(&catalog(), &local("h2", "192.0.2.2"));
+        let mut obs = ObservedHost::default();
+        converge(&d, &mut obs);
+        assert_eq!(plan(&d, &obs), vec![]);
+        (d, obs)
+    }
+
+    #[test]
+    fn namespace_settings_are_set_whatever_was_inherited() {
+        let (d, mut obs) = converged_h2();
+        // As a namespace made on a host with ip_forward=1 and strict rp_filter looks.
+        let db = obs.namespaces.get_mut("db").unwrap().as_mut().unwrap();
+        db.ip_forward = true;
+        db.sysctls.insert("net/ipv4/conf/all/rp_filter".into(), "1".into());
+        db.sysctls.insert("net/ipv4/conf/eth0/rp_filter".into(), "1".into());
+        db.sysctls.remove("net/ipv4/conf/default/arp_accept");
+        assert_eq!(
+            plan(&d, &obs),
+            vec![
+                Action::SetForwarding { ns: Ns::Netns("db".into()), on: false },
+                Action::SetSysctls {
+                    netns: "db".into(),
+                    values: vec![
+                        ("net/ipv4/conf/all/rp_filter".into(), "0".into()),
+                        ("net/ipv4/conf/default/arp_accept".into(), "0".into()),
+                        ("net/ipv4/conf/eth0/rp_filter".into(), "0".into()),
+                    ],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_namespace_is_left_alone_and_the_rest_goes_on() {
+        let (d, mut obs) = converged_h2();
+        let api = obs.namespaces.remove("api").unwrap();
+        obs.unreadable.insert("api".into(), "permission denied".into());
+        // db drifted meanwhile: repaired; api: nothing, and its veths are not garbage.
+        let db = obs.namespaces.get_mut("db").unwrap().as_mut().unwrap();
+        let default = *db.routes.iter().next().unwrap();
+        db.routes.remove(&default);
+        assert_eq!(plan(&d, &obs), vec![Action::AddRoute { netns: "db".into(), route: default }]);
+        // Unwanted, it is deleted all the same (ours by the record).
+        let mut cat = catalog();
+        cat.endpoints.remove("api");
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let actions = plan(&d, &obs);
+        assert!(actions.contains(&Action::DeleteNamespace { name: "api".into() }), "{actions:?}");
+        drop(api);
+    }
+
+    #[test]
+    fn only_devices_with_our_alias_are_changed_or_collected() {
+        let (d, mut obs) = converged_h2();
+        // Made by an agent from before aliases: adopted, nothing recreated.
+        obs.links.get_mut("ovb-4096").unwrap().owned = false;
+        obs.links.get_mut("ovx-4097").unwrap().owned = false;
+        // A user's devices that happen to share our prefixes: never touched.
+        let mut users = LinkObs::new(LinkKind::Other("dummy".into()), 1500);
+        users.owned = false;
+        obs.links.insert("ovb-9999".into(), users.clone());
+        obs.links.insert(
+            "ovvmine".into(),
+            LinkObs { owned: false, ..LinkObs::new(LinkKind::Veth, 1500) },
+        );
+        // Ours and unwanted: collected.
+        obs.links.insert(
+            "ovx-5000".into(),
+            LinkObs::new(
+                LinkKind::Vxlan(VxlanObs {
+                    vni: 5000,
+                    local: None,
+                    port: VXLAN_PORT,
+                    learning: false,
+                    proxy: true,
+                }),
+                1450,
+            ),
+        );
+        assert_eq!(
+            plan(&d, &obs),
+            vec![
+                // Networks in name order: back (4097), then front (4096).
+                Action::SetAlias { dev: "ovx-4097".into() },
+                Action::SetAlias { dev: "ovb-4096".into() },
+                Action::DeleteLink { ns: Ns::Host, name: "ovx-5000".into() },
+            ]
+        );
+        assert!(in_the_way(&d, &obs).is_empty());
+        // A foreign device of the wrong kind under a name we need: left alone, reported,
+        // and nothing is planned on top of it.
+        obs.links.insert("ovb-4096".into(), users);
+        let actions = plan(&d, &obs);
+        assert!(actions.iter().all(|a| !format!("{a:?}").contains("\"ovb-4096\"")), "{actions:?}");
+        assert_eq!(in_the_way(&d, &obs), vec!["ovb-4096".to_string()]);
+    }
+
+    #[test]
+    fn remote_endpoints_new_to_a_tap_uplink_are_announced_once() {
+        let mut cat = catalog();
+        cat.networks.get_mut("front").unwrap().encap = overlay_model::Encap::Udp;
+        let l = local("h2", "192.0.2.2");
+        let d = desired_for_host(&cat, &l);
+        let mut obs = ObservedHost::default();
+        obs.links.insert("ovu-4096".into(), LinkObs::new(LinkKind::Tun, 1450));
+        converge(&d, &mut obs);
+        // The agent just started: what the data plane knew is unknown, nothing announced.
+        assert_eq!(plan(&d, &obs), vec![]);
+        obs.tap_neigh.insert("ovu-4096".into(), d.networks["front"].neigh.clone());
+        assert_eq!(plan(&d, &obs), vec![]);
+        // web (h1) moves to another address's MAC: announced to api, the local endpoint.
+        let web = cat.endpoints.get_mut("web").unwrap();
+        web.attachments[0].mac = Mac::from_ip("10.1.0.2".parse().unwrap());
+        let d = desired_for_host(&cat, &l);
+        assert_eq!(
+            plan(&d, &obs),
+            vec![Action::Announce {
+                ns: Ns::Host,
+                dev: crate::desired::veth_name("api", "eth0"),
+                ip: "10.1.0.2".parse().unwrap(),
+                mac: Mac::from_ip("10.1.0.2".parse().unwrap()),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_burst_of_new_remote_endpoints_is_not_announced() {
+        let (_, mut obs) = converged_h2();
+        let mut cat = catalog();
+        for i in 0..=MAX_ANNOUNCEMENTS as u32 {
+            let ip = std::net::Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 4, 0)) + i);
+            let e = crate::desired::tests::ep(
+                &format!("n{i}"),
+                "h1",
+                &[("front", &ip.to_string(), 1000 + u64::from(i))],
+            );
+            cat.endpoints.insert(e.name.clone(), e);
+        }
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let actions = plan(&d, &obs);
+        assert!(actions.iter().all(|a| !matches!(a, Action::Announce { .. })));
+        simulate(&mut obs, &actions);
+        assert_eq!(plan(&d, &obs), vec![]);
+    }
+
+    #[test]
+    fn an_interface_that_gets_a_new_address_announces_it() {
+        let (mut d, mut obs) = converged_h2();
+        let db = d.endpoints.get_mut("db").unwrap();
+        db.interfaces[0].addr = "10.2.0.7/24".parse().unwrap();
+        let actions = plan(&d, &obs);
+        assert_eq!(
+            actions.last(),
+            Some(&Action::Announce {
+                ns: Ns::Netns("db".into()),
+                dev: "eth0".into(),
+                ip: "10.2.0.7".parse().unwrap(),
+                mac: Mac::from_counter(4),
+            })
+        );
+        simulate(&mut obs, &actions);
+        assert_eq!(plan(&d, &obs), vec![]);
+    }
+
+    #[test]
+    fn forwarding_first_then_nothing_left_for_the_full_plan() {
+        let (_, mut obs) = converged_h2();
+        let mut cat = catalog();
+        let e = crate::desired::tests::ep("new", "h1", &[("front", "10.1.0.20", 50)]);
+        cat.endpoints.insert(e.name.clone(), e);
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let (ip, mac) = ("10.1.0.20".parse().unwrap(), Mac::from_counter(50));
+        let fast = plan_forwarding(&d, &obs.links, &obs.tap_neigh);
+        assert_eq!(
+            fast,
+            vec![
+                Action::AddFdb {
+                    dev: "ovx-4096".into(),
+                    entry: Fdb { mac, dst: "192.0.2.1".parse().unwrap() }
+                },
+                Action::AddNeigh { dev: "ovx-4096".into(), ip, mac },
+                Action::Announce {
+                    ns: Ns::Host,
+                    dev: crate::desired::veth_name("api", "eth0"),
+                    ip,
+                    mac
+                },
+            ]
+        );
+        for a in &fast {
+            fold(&mut obs.links, a);
+        }
+        assert_eq!(plan(&d, &obs), vec![]);
+        // A veth not (yet) plugged into the bridge is not announced to; an uplink that
+        // is not right is left to the full plan.
+        let mut links = obs.links.clone();
+        links.get_mut(&crate::desired::veth_name("api", "eth0")).unwrap().master = None;
+        let e = crate::desired::tests::ep("newer", "h1", &[("front", "10.1.0.21", 51)]);
+        cat.endpoints.insert(e.name.clone(), e);
+        let d = desired_for_host(&cat, &local("h2", "192.0.2.2"));
+        let fast = plan_forwarding(&d, &links, &obs.tap_neigh);
+        assert_eq!(fast.len(), 2, "{fast:?}");
+        assert!(fast.iter().all(|a| !matches!(a, Action::Announce { .. })));
+        links.get_mut("ovx-4096").unwrap().kind = LinkKind::Bridge;
+        assert_eq!(plan_forwarding(&d, &links, &obs.tap_neigh), vec![]);
     }
 }

@@ -3,7 +3,10 @@
 //! endpoints ping each other over VXLAN. Needs root; skipped otherwise.
 //!
 //! Every namespace and device created here is named `ovt<pid>…` and removed by a Drop
-//! guard, also when the test fails.
+//! guard, also when the test fails. The second test checks the neighbour caches of
+//! endpoints (first contact, an address whose MAC changed, an endpoint moved between
+//! hosts): each wait is bounded far below the kernel's own ARP timers, which the test
+//! stretches in the client so that only an announcement can explain a quick answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,12 +15,13 @@ use std::process::Command;
 
 use overlay_agent::desired::{desired_for_host, LocalHost};
 use overlay_agent::nl::Nl;
-use overlay_agent::reconcile::{reconcile, Pass};
+use overlay_agent::reconcile::{Pass, Reconciler};
 use overlay_agent::store::Store;
 use overlay_model::{Attachment, Catalog, Encap, Endpoint, Host, HostStatus, Mac, Network};
 
 struct Lab {
-    pid: u32,
+    /// Endpoint namespaces the agent may have made.
+    endpoints: Vec<String>,
     namespaces: Vec<String>,
     dirs: Vec<std::path::PathBuf>,
 }
@@ -25,8 +29,8 @@ struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Endpoint namespaces the agent made, then the hosts (which takes their devices).
-        for ns in [format!("ovt{}a", self.pid), format!("ovt{}b", self.pid)] {
-            let _ = overlay_agent::netns::delete(&ns);
+        for ns in &self.endpoints {
+            let _ = overlay_agent::netns::delete(ns);
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
@@ -53,6 +57,19 @@ fn is_root() -> bool {
 
 /// Runs one reconcile pass with `ns` as the host namespace.
 fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::path::Path) -> Pass {
+    pass_with(ns, catalog, host, ip, dir, Reconciler::new()).0
+}
+
+/// One pass by `reconciler` (which remembers failures across passes) with `ns` as the
+/// host namespace; the reconciler comes back for the next pass.
+fn pass_with(
+    ns: &str,
+    catalog: &Catalog,
+    host: &str,
+    ip: Ipv4Addr,
+    dir: &std::path::Path,
+    mut reconciler: Reconciler,
+) -> (Pass, Reconciler) {
     let ns = ns.to_string();
     let catalog = catalog.clone();
     let local = LocalHost { name: host.to_string(), underlay_ip: ip, can_encrypt: false };
@@ -69,14 +86,38 @@ fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::pat
             let store = Store::open(&dir).unwrap();
             let nl = Nl::current().unwrap();
             let desired = desired_for_host(&catalog, &local);
-            reconcile(&nl, &store, &desired).await.unwrap()
+            let pass = reconciler.pass(&nl, &store, &desired).await.unwrap();
+            (pass, reconciler)
         })
     })
     .join()
     .unwrap()
 }
 
+/// Two host namespaces joined by a veth (`PREFIX1`/`PREFIX2`) on 192.168.213.0/24.
+fn underlay(h1: &str, h2: &str, prefix: &str) {
+    ok(&["ip", "netns", "add", h1]);
+    ok(&["ip", "netns", "add", h2]);
+    let (u1, u2) = (format!("{prefix}1"), format!("{prefix}2"));
+    ok(&["ip", "link", "add", &u1, "netns", h1, "type", "veth", "peer", "name", &u2, "netns", h2]);
+    for (ns, dev, ip) in [(h1, &u1, "192.168.213.1/24"), (h2, &u2, "192.168.213.2/24")] {
+        ok(&["ip", "-n", ns, "addr", "add", ip, "dev", dev]);
+        ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+}
+
 fn catalog(pid: u32, with_b: bool) -> Catalog {
+    let mut eps = vec![(format!("ovt{pid}a"), "h1", "10.213.0.2", Mac::from_counter(1))];
+    if with_b {
+        eps.push((format!("ovt{pid}b"), "h2", "10.213.0.3", Mac::from_counter(2)));
+    }
+    catalog_of(&eps)
+}
+
+/// Hosts h1 and h2, network `front` (10.213.0.0/24), and `endpoints` as (name, host,
+/// IP, MAC) in `front`.
+fn catalog_of(endpoints: &[(String, &str, &str, Mac)]) -> Catalog {
     let mut c = Catalog { revision: 1, ..Catalog::default() };
     for (name, ip) in [("h1", "192.168.213.1"), ("h2", "192.168.213.2")] {
         c.hosts.insert(
@@ -104,21 +145,17 @@ fn catalog(pid: u32, with_b: bool) -> Catalog {
             internal: false,
         },
     );
-    let mut eps = vec![(format!("ovt{pid}a"), "h1", "10.213.0.2", 1)];
-    if with_b {
-        eps.push((format!("ovt{pid}b"), "h2", "10.213.0.3", 2));
-    }
-    for (name, host, ip, mac) in eps {
+    for (name, host, ip, mac) in endpoints {
         c.endpoints.insert(
             name.clone(),
             Endpoint {
-                name,
-                host: host.into(),
+                name: name.clone(),
+                host: host.to_string(),
                 attachments: vec![Attachment {
                     network: "front".into(),
                     interface: "eth0".into(),
                     ip: ip.parse().unwrap(),
-                    mac: Mac::from_counter(mac),
+                    mac: *mac,
                     aliases: vec![],
                 }],
             },
@@ -144,20 +181,12 @@ fn two_hosts_reach_each_other_over_vxlan_and_converge() {
     let (a, b) = (format!("ovt{pid}a"), format!("ovt{pid}b"));
     let tmp = std::env::temp_dir();
     let (d1, d2) = (tmp.join(format!("ovt{pid}d1")), tmp.join(format!("ovt{pid}d2")));
-    let _lab =
-        Lab { pid, namespaces: vec![h1.clone(), h2.clone()], dirs: vec![d1.clone(), d2.clone()] };
-
-    ok(&["ip", "netns", "add", &h1]);
-    ok(&["ip", "netns", "add", &h2]);
-    let (u1, u2) = (format!("ovt{pid}u1"), format!("ovt{pid}u2"));
-    ok(&[
-        "ip", "link", "add", &u1, "netns", &h1, "type", "veth", "peer", "name", &u2, "netns", &h2,
-    ]);
-    for (ns, dev, ip) in [(&h1, &u1, "192.168.213.1/24"), (&h2, &u2, "192.168.213.2/24")] {
-        ok(&["ip", "-n", ns, "addr", "add", ip, "dev", dev]);
-        ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
+    let _lab = Lab {
+        endpoints: vec![a.clone(), b.clone()],
+        namespaces: vec![h1.clone(), h2.clone()],
+        dirs: vec![d1.clone(), d2.clone()],
+    };
+    underlay(&h1, &h2, &format!("ovt{pid}u"));
 
     let ip1: Ipv4Addr = "192.168.213.1".parse().unwrap();
     let ip2: Ipv4Addr = "192.168.213.2".parse().unwrap();
@@ -244,4 +273,168 @@ fn two_hosts_reach_each_other_over_vxlan_and_converge() {
     assert!(pass.errors.is_empty(), "{:?}", pass.errors);
     let fdb = json(&["bridge", "-j", "-n", &h1, "fdb", "show", "dev", "ovx-4213"]);
     assert!(fdb.as_array().unwrap().iter().all(|e| e.get("dst").is_none()), "{fdb}");
+}
+
+/// The MAC `ns` has cached for `ip` and the entry's state, if it has one.
+fn cached(ns: &str, ip: &str) -> Option<(Option<String>, Vec<String>)> {
+    let v = json(&["ip", "-j", "-n", ns, "neigh", "show", ip]);
+    let e = v.as_array()?.first()?.clone();
+    let states = e["state"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect::<Vec<_>>());
+    Some((e["lladdr"].as_str().map(str::to_string), states.unwrap_or_default()))
+}
+
+/// Polls (every 50 ms, for at most `secs`) until `f` holds.
+fn within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {secs}s: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn neighbour_caches_follow_endpoints_that_appear_change_or_move() {
+    if !is_root() || !std::path::Path::new("/proc/self/ns/net").exists() {
+        eprintln!("skipped: needs root and network namespaces");
+        return;
+    }
+    let pid = std::process::id();
+    let (h1, h2) = (format!("ovt{pid}nh1"), format!("ovt{pid}nh2"));
+    let (a, b, c) = (format!("ovt{pid}na"), format!("ovt{pid}nb"), format!("ovt{pid}nc"));
+    let tmp = std::env::temp_dir();
+    let (d1, d2) = (tmp.join(format!("ovt{pid}nd1")), tmp.join(format!("ovt{pid}nd2")));
+    let _lab = Lab {
+        endpoints: vec![a.clone(), b.clone(), c.clone()],
+        namespaces: vec![h1.clone(), h2.clone()],
+        dirs: vec![d1.clone(), d2.clone()],
+    };
+    underlay(&h1, &h2, &format!("ovt{pid}nu"));
+    let ip1: Ipv4Addr = "192.168.213.1".parse().unwrap();
+    let ip2: Ipv4Addr = "192.168.213.2".parse().unwrap();
+    let sync = |cat: &Catalog| {
+        // h2 first: where endpoints appear; then h1, which learns of them.
+        for (ns, host, ip, dir) in [(&h2, "h2", ip2, &d2), (&h1, "h1", ip1, &d1)] {
+            let pass = pass_as(ns, cat, host, ip, dir);
+            assert!(pass.errors.is_empty(), "{host}: {:?}", pass.errors);
+        }
+    };
+    let a_ep = (a.clone(), "h1", "10.213.0.2", Mac::from_ip("10.213.0.2".parse().unwrap()));
+    let b_ep = (b.clone(), "h2", "10.213.0.3", Mac::from_ip("10.213.0.3".parse().unwrap()));
+    sync(&catalog_of(std::slice::from_ref(&a_ep)));
+    // The client asks again only every 30 s, and gives up after one try: only an
+    // announcement can answer it within the waits below.
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &a,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.neigh.eth0.retrans_time_ms=30000",
+    ]);
+    ok(&["ip", "netns", "exec", &a, "sysctl", "-q", "-w", "net.ipv4.neigh.eth0.mcast_solicit=1"]);
+
+    // 1. First contact: a pings b before h1 knows b; the ping's ARP gets no answer.
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &a, "ping", "-c", "1", "-W", "20", "10.213.0.3"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    within(5, "a's ARP request for b to be pending", || {
+        cached(&a, "10.213.0.3").is_some_and(|(_, s)| s.contains(&"INCOMPLETE".to_string()))
+    });
+    sync(&catalog_of(&[a_ep.clone(), b_ep.clone()]));
+    let b_mac = b_ep.3.to_string();
+    within(5, "a to learn b's MAC from h1's announcement", || {
+        cached(&a, "10.213.0.3").is_some_and(|(mac, _)| mac.as_deref() == Some(b_mac.as_str()))
+    });
+    let status = ping.wait_with_output().unwrap().status;
+    assert!(status.success(), "the first ping to b was answered");
+
+    // 2. The address gets another MAC (an attachment from before MACs followed
+    // addresses, replaced): a's cached entry is replaced at once.
+    let old_mac = Mac::from_counter(77);
+    let b_old = (b.clone(), "h2", "10.213.0.3", old_mac);
+    sync(&catalog_of(&[a_ep.clone(), b_old]));
+    within(5, "a to learn b's old MAC", || {
+        cached(&a, "10.213.0.3").is_some_and(|(mac, _)| mac == Some(old_mac.to_string()))
+    });
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+    sync(&catalog_of(&[a_ep.clone(), b_ep.clone()]));
+    within(5, "a to learn b's new MAC", || {
+        cached(&a, "10.213.0.3").is_some_and(|(mac, _)| mac.as_deref() == Some(b_mac.as_str()))
+    });
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+
+    // 3. b removed from h2 and created again on h1 as c, with the same address (so the
+    // same MAC): h1's bridge had learned that MAC behind its VXLAN port; c's own
+    // announcement moves it to c's port, and a (whose cache is right) reaches c at once.
+    let c_ep = (c.clone(), "h1", "10.213.0.3", b_ep.3);
+    sync(&catalog_of(&[a_ep.clone(), c_ep]));
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+    ok(&["ip", "netns", "exec", &c, "ping", "-c", "1", "-W", "2", "10.213.0.2"]);
+}
+
+#[test]
+fn one_broken_namespace_or_route_does_not_hold_up_the_rest() {
+    if !is_root() || !std::path::Path::new("/proc/self/ns/net").exists() {
+        eprintln!("skipped: needs root and network namespaces");
+        return;
+    }
+    let pid = std::process::id();
+    let (h1, h2) = (format!("ovt{pid}rh1"), format!("ovt{pid}rh2"));
+    let (a, b) = (format!("ovt{pid}ra"), format!("ovt{pid}rb"));
+    let tmp = std::env::temp_dir();
+    let d1 = tmp.join(format!("ovt{pid}rd1"));
+    // Inside the data dir, so it goes with it.
+    let stand_in = d1.join("not-a-namespace");
+    let _lab = Lab {
+        endpoints: vec![a.clone(), b.clone()],
+        namespaces: vec![h1.clone(), h2.clone()],
+        dirs: vec![d1.clone()],
+    };
+    underlay(&h1, &h2, &format!("ovt{pid}ru"));
+    let ip1: Ipv4Addr = "192.168.213.1".parse().unwrap();
+    let mac = |ip: &str| Mac::from_ip(ip.parse().unwrap());
+    let mut cat = catalog_of(&[
+        (a.clone(), "h1", "10.213.0.2", mac("10.213.0.2")),
+        (b.clone(), "h1", "10.213.0.3", mac("10.213.0.3")),
+    ]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, Reconciler::new());
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+
+    // A route via b for a, but a hand-made route to the same destination is in the way.
+    ok(&["ip", "-n", &a, "route", "add", "10.99.0.0/16", "dev", "eth0"]);
+    let route = overlay_model::Route {
+        network: "front".into(),
+        destination: "10.99.0.0/16".parse().unwrap(),
+        via: b.clone(),
+    };
+    cat.routes.insert(route.key(), route);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    let failed: Vec<String> =
+        pass.errors.iter().map(|e| format!("{}: {:#}", e.action, e.error)).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("AddRoute") && failed[0].contains("in the way"), "{failed:?}");
+    assert_eq!(r.failing(), 1);
+    // Right away again: not retried (backing off), nothing else to do.
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.actions.is_empty() && pass.errors.is_empty(), "{:?}", pass.actions);
+    assert_eq!(pass.deferred.len(), 1, "{:?}", pass.deferred);
+
+    // a's namespace becomes unreadable (a plain file where the namespace was mounted):
+    // left alone, while b's drift is still repaired in the same pass.
+    ok(&["umount", &format!("/var/run/netns/{a}")]);
+    std::fs::write(&stand_in, b"").unwrap();
+    ok(&["mount", "--bind", stand_in.to_str().unwrap(), &format!("/var/run/netns/{a}")]);
+    ok(&["ip", "-n", &b, "route", "del", "default"]);
+    let (pass, _) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+    assert_eq!(pass.actions.len(), 1, "{:?}", pass.actions);
+    assert!(pass.actions[0].to_string().contains("AddRoute"), "{:?}", pass.actions);
+    assert_eq!(pass.actions[0].netns(), Some(b.as_str()));
+    let _ = Command::new("umount").arg(format!("/var/run/netns/{a}")).status();
 }

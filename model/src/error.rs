@@ -58,8 +58,6 @@ pub enum ModelError {
     AlreadyAttached { endpoint: String, network: String },
     #[error("endpoint {endpoint} is not attached to network {network}")]
     NotAttached { endpoint: String, network: String },
-    #[error("endpoint {endpoint} has only network {network}: remove the endpoint instead")]
-    LastAttachment { endpoint: String, network: String },
     #[error("duplicate alias {0}")]
     DuplicateAlias(String),
     #[error("host {0} is not registered (see overlayctl host ls)")]

@@ -9,8 +9,12 @@
 //! representations — which keeps replicas byte-identical whatever order things were
 //! freed in.
 //!
-//! Allocation always hands out the lowest free address: freed addresses are reused
-//! first, and two replicas applying the same commands pick the same address.
+//! Allocation is serial, as Swarm's and podman's: a cursor walks up the subnet and the
+//! next automatic allocation takes the lowest free address at or after it, wrapping to
+//! the bottom of the subnet only when nothing above is free. So a freed address is not
+//! handed out again while unused ones remain, and peers' ARP and FDB caches for it have
+//! every chance to expire before it belongs to someone else. The cursor is part of the
+//! replicated state: two replicas applying the same commands pick the same address.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -40,6 +44,40 @@ pub struct Ipam {
     free: BTreeMap<u32, u32>,
     /// Kept alongside `free` so counting never walks the ranges.
     free_count: u32,
+    /// Serial allocation: the next automatic allocation takes the lowest free address
+    /// at or after this one (wrapping). It moves past every automatically allocated
+    /// address; explicit requests and releases leave it alone.
+    next: u32,
+}
+
+/// The allocator as snapshots of format 1 stored it (lowest-free allocation, no
+/// cursor); [`IpamV1::upgrade`] gives it the cursor of format 2.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct IpamV1 {
+    subnet: Ipv4Network,
+    gateway: Ipv4Addr,
+    free: BTreeMap<u32, u32>,
+    free_count: u32,
+}
+
+impl IpamV1 {
+    /// The same free addresses, with the cursor just past `last_used` (the highest
+    /// address attached in the network), or at the bottom of the subnet when nothing is
+    /// attached.
+    pub(crate) fn upgrade(self, last_used: Option<Ipv4Addr>) -> Ipam {
+        let mut ipam = Ipam {
+            subnet: self.subnet,
+            gateway: self.gateway,
+            free: self.free,
+            free_count: self.free_count,
+            next: 0,
+        };
+        ipam.next = match last_used {
+            Some(ip) => u32::from(ip).saturating_add(1),
+            None => ipam.first_usable(),
+        };
+        ipam
+    }
 }
 
 impl Ipam {
@@ -51,7 +89,8 @@ impl Ipam {
     /// Host bits in `subnet` are ignored.
     pub fn new(subnet: Ipv4Network, gateway: Ipv4Addr) -> Ipam {
         let subnet = Ipv4Network::new_checked(subnet.network(), subnet.prefix()).unwrap_or(subnet);
-        let mut ipam = Ipam { subnet, gateway, free: BTreeMap::new(), free_count: 0 };
+        let mut ipam = Ipam { subnet, gateway, free: BTreeMap::new(), free_count: 0, next: 0 };
+        ipam.next = ipam.first_usable();
         if subnet.prefix() <= MAX_PREFIX {
             let first = u32::from(subnet.network()) + 1;
             let last = u32::from(subnet.broadcast()) - 1;
@@ -87,9 +126,24 @@ impl Ipam {
     }
 
     /// The address the next [`allocate`](Self::allocate) would return, so callers can
-    /// validate a whole command before changing anything.
+    /// validate a whole command before changing anything: the lowest free address at or
+    /// after the cursor, else (wrapping) the lowest free address.
+    pub fn next_free(&self) -> Option<Ipv4Addr> {
+        let at_or_after = match self.range_containing(self.next) {
+            Some(_) => Some(self.next),
+            None => self.free.range(self.next..).next().map(|(&start, _)| start),
+        };
+        at_or_after.or_else(|| self.free.keys().next().copied()).map(Ipv4Addr::from)
+    }
+
+    /// The lowest free address (what a wrapped cursor would take).
     pub fn lowest_free(&self) -> Option<Ipv4Addr> {
         self.free.keys().next().map(|&start| Ipv4Addr::from(start))
+    }
+
+    /// Where the cursor stands: the next allocation looks here first.
+    pub fn cursor(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.next)
     }
 
     pub fn free_count(&self) -> u32 {
@@ -101,10 +155,14 @@ impl Ipam {
         self.usable_count().saturating_sub(self.free_count).saturating_sub(self.gateway_reserved())
     }
 
-    /// The lowest free address, now taken.
+    /// The [`next_free`](Self::next_free) address, now taken; the cursor moves past it.
     pub fn allocate(&mut self) -> Option<Ipv4Addr> {
-        let ip = self.lowest_free()?;
-        self.take(u32::from(ip));
+        let ip = self.next_free()?;
+        let n = u32::from(ip);
+        self.take(n);
+        // Past the top of the subnet the next lookup finds nothing at or after the
+        // cursor and wraps, so the cursor needs no bound of its own.
+        self.next = n.saturating_add(1);
         Some(ip)
     }
 
@@ -150,6 +208,11 @@ impl Ipam {
     /// The free ranges, lowest first (inclusive bounds); for inspection and tests.
     pub fn free_ranges(&self) -> impl Iterator<Item = (Ipv4Addr, Ipv4Addr)> + '_ {
         self.free.iter().map(|(&s, &e)| (Ipv4Addr::from(s), Ipv4Addr::from(e)))
+    }
+
+    /// The subnet's first host address (where a fresh cursor starts).
+    fn first_usable(&self) -> u32 {
+        u32::from(self.subnet.network()).saturating_add(1)
     }
 
     fn usable_count(&self) -> u32 {
@@ -256,14 +319,57 @@ mod tests {
     }
 
     #[test]
-    fn allocate_is_lowest_first_and_reuses_released() {
-        let mut ipam = Ipam::new(net("10.0.1.0/24"), ip("10.0.1.1"));
+    fn allocation_is_serial_and_wraps() {
+        let mut ipam = Ipam::new(net("10.0.1.0/29"), ip("10.0.1.1"));
         assert_eq!(ipam.allocate(), Some(ip("10.0.1.2")));
         assert_eq!(ipam.allocate(), Some(ip("10.0.1.3")));
         assert_eq!(ipam.allocate(), Some(ip("10.0.1.4")));
+        // A freed address is not handed out while unused ones remain above the cursor.
         assert!(ipam.release(ip("10.0.1.3")));
-        assert_eq!(ipam.allocate(), Some(ip("10.0.1.3")));
+        assert_eq!(ipam.next_free(), Some(ip("10.0.1.5")));
         assert_eq!(ipam.allocate(), Some(ip("10.0.1.5")));
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.6")));
+        // Nothing above: wrap to the lowest free address.
+        assert_eq!(ipam.cursor(), ip("10.0.1.7"));
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.3")));
+        assert_eq!(ipam.allocate(), None);
+        assert!(ipam.release(ip("10.0.1.2")));
+        assert!(ipam.release(ip("10.0.1.6")));
+        // The cursor stands just past .3: .6 comes before the older .2.
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.6")));
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.2")));
+    }
+
+    #[test]
+    fn explicit_requests_leave_the_cursor_alone() {
+        let mut ipam = Ipam::new(net("10.0.1.0/24"), ip("10.0.1.1"));
+        assert_eq!(ipam.allocate_specific(ip("10.0.1.3")), Ok(()));
+        assert_eq!(ipam.allocate_specific(ip("10.0.1.200")), Ok(()));
+        assert_eq!(ipam.cursor(), ip("10.0.1.1"));
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.2")));
+        // The taken .3 is skipped, not an obstacle.
+        assert_eq!(ipam.allocate(), Some(ip("10.0.1.4")));
+    }
+
+    #[test]
+    fn a_format_1_allocator_upgrades_with_its_cursor_past_the_last_used_address() {
+        let mut old = Ipam::new(net("10.0.1.0/24"), ip("10.0.1.1"));
+        for _ in 0..4 {
+            old.allocate();
+        }
+        old.release(ip("10.0.1.3"));
+        let v1 = IpamV1 {
+            subnet: old.subnet,
+            gateway: old.gateway,
+            free: old.free.clone(),
+            free_count: old.free_count,
+        };
+        let mut up = v1.clone().upgrade(Some(ip("10.0.1.5")));
+        assert_eq!(up.free_ranges().collect::<Vec<_>>(), old.free_ranges().collect::<Vec<_>>());
+        assert_eq!(up.allocate(), Some(ip("10.0.1.6")));
+        let mut empty = v1.upgrade(None);
+        assert_eq!(empty.cursor(), ip("10.0.1.1"));
+        assert_eq!(empty.allocate(), Some(ip("10.0.1.3")));
     }
 
     #[test]
@@ -303,7 +409,9 @@ mod tests {
         for i in [5, 3, 4, 14, 2, 8, 6, 7, 13, 9, 11, 10, 12] {
             assert!(a.release(Ipv4Addr::new(10, 0, 1, i)));
         }
-        assert_eq!(a, fresh);
+        // Same free set, same ranges; only the cursor remembers the history.
+        assert_eq!(a.free, fresh.free);
+        assert_eq!(a.free_count, fresh.free_count);
     }
 
     #[test]
@@ -334,7 +442,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
-        /// The range map behaves exactly like a plain set of used addresses.
+        /// The range map behaves exactly like a plain set of used addresses with a serial
+        /// cursor.
         #[test]
         fn matches_a_set_model(gw in 1u8..63, ops in proptest::collection::vec(op(), 0..200)) {
             // 10.0.0.0/26 plus addresses outside it (the u8 goes up to 255).
@@ -342,15 +451,18 @@ mod tests {
             let gateway = Ipv4Addr::new(10, 0, 0, gw);
             let mut ipam = Ipam::new(subnet, gateway);
             let mut used: BTreeSet<u8> = BTreeSet::new();
+            let mut cursor: u8 = 1;
             let usable = |n: u8| (1..63).contains(&n);
             for op in ops {
                 match op {
                     Op::Allocate => {
-                        let want = (1u8..63).find(|n| *n != gw && !used.contains(n));
+                        let free = |n: &u8| *n != gw && !used.contains(n);
+                        let want = (cursor..63).find(free).or_else(|| (1u8..63).find(free));
                         let got = ipam.allocate();
                         prop_assert_eq!(got, want.map(|n| Ipv4Addr::new(10, 0, 0, n)));
                         if let Some(n) = want {
                             used.insert(n);
+                            cursor = n + 1;
                         }
                     }
                     Op::Specific(n) => {

@@ -69,13 +69,25 @@ impl FromStr for Encap {
     }
 }
 
-/// A MAC address. The controller assigns locally administered unicast addresses
-/// (first octet 0x02) from a counter, so no two attachments ever share one.
+/// A MAC address. The controller derives an attachment's MAC from its IPv4 address
+/// ([`Mac::from_ip`], as Docker does): subnets never overlap, so no two attachments
+/// share one, and an address that moves (to another endpoint or host) keeps its MAC, so
+/// peers' ARP caches stay right. Attachments made before that (snapshot format 1) keep
+/// the counter MACs ([`Mac::from_counter`]) they were given.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
-    /// The `n`th controller-assigned MAC: 02:xx:xx:xx:xx:xx with the low 40 bits of `n`.
+    /// The MAC of the attachment with address `ip`: locally administered unicast
+    /// `02:42:` followed by the four bytes of `ip`. Counter MACs are `02:00:…` until
+    /// 0x42_0000_0000 of them were handed out, so the two never meet.
+    pub fn from_ip(ip: Ipv4Addr) -> Mac {
+        let [a, b, c, d] = ip.octets();
+        Mac([0x02, 0x42, a, b, c, d])
+    }
+
+    /// The `n`th MAC of the old counter scheme: 02:xx:xx:xx:xx:xx with the low 40 bits
+    /// of `n` (still found on attachments made before MACs followed addresses).
     pub fn from_counter(n: u64) -> Mac {
         let b = n.to_be_bytes();
         Mac([0x02, b[3], b[4], b[5], b[6], b[7]])

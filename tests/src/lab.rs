@@ -597,9 +597,19 @@ impl Lab {
 
     /// The resolv.conf every agent forwards DNS with: it names [`OUTSIDE_IP`] only, so
     /// forwarded names stay inside the lab (nothing answers there unless a test does).
+    ///
+    /// Written whole under a temporary name and renamed into place, once: agents read it
+    /// as they start, and rewriting it in place (truncate, then write) while an earlier
+    /// agent starts could let that agent read an empty file — no upstream at all, so
+    /// every forwarded name would get SERVFAIL from that host's endpoints.
     pub fn resolv_conf(&self) -> Result<PathBuf> {
         let path = self.dir.join("resolv.conf");
-        fs::write(&path, format!("nameserver {OUTSIDE_IP}\n"))?;
+        let content = format!("nameserver {OUTSIDE_IP}\n");
+        if fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
+            let tmp = self.dir.join(".resolv.conf.tmp");
+            fs::write(&tmp, &content)?;
+            fs::rename(&tmp, &path)?;
+        }
         Ok(path)
     }
 

@@ -293,7 +293,7 @@ fn units_declare_what_the_daemons_do() {
     assert_eq!(agent["KillMode"], ["process"]);
     assert_eq!(
         agent["CapabilityBoundingSet"],
-        ["CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE"]
+        ["CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW"]
     );
     // Anything giving the agent its own mount namespace would hide the namespaces it
     // mounts under /run/netns from the host (`ip netns exec` would find nothing); device

@@ -25,6 +25,8 @@
 //!      measures when the data plane is programmed;
 //!    * "client": default kernel settings (ARP retried after 1 s), what a container
 //!      that talks to the new endpoint right away sees.
+//!
+//!    Endpoints slower than 300 ms by either probe are listed on stderr, per host.
 //! 3. `--remote` endpoints (default 10,000) on fake hosts (`overlayctl host add`, no
 //!    agent) in the same network, created while every agent is stopped. Then on host 1:
 //!    * catch-up: its agent restarts and replays the missed changes, until `bridge
@@ -341,13 +343,16 @@ fn convergence(
             r.iter().max().copied().unwrap_or_default(),
             c.iter().max().copied().unwrap_or_default(),
         );
-        if r_max > Duration::from_millis(300) {
-            let per_host: Vec<String> =
-                rs.iter().zip(&r).map(|((i, _), d)| format!("h{i} {}", d.as_millis())).collect();
+        if r_max.max(c_max) > Duration::from_millis(300) {
+            let per_host = |v: &[(usize, String)], d: &[Duration]| -> String {
+                let each = v.iter().zip(d).map(|((i, _), d)| format!("h{i} {}", d.as_millis()));
+                each.collect::<Vec<_>>().join(", ")
+            };
             eprintln!(
-                "  slow: {name} on h{h}, created {} UTC: ready after {r_max:?} (ms: {})",
+                "  slow: {name} on h{h}, created {} UTC: ready after {r_max:?} (ms: {}), client after {c_max:?} (ms: {})",
                 utc_time_of_day(t0.elapsed()),
-                per_host.join(", ")
+                per_host(&rs, &r),
+                per_host(&cs, &c)
             );
         }
         // Forget the learned neighbours the pings made: the kernel's ARP table is one
