@@ -346,7 +346,7 @@ where
             let mut tally = Tally { metrics, method, done: false };
             // A call refused before any message (most errors) carries its status in the
             // headers ("trailers-only"); the rest in the trailers.
-            tally.from_headers(&parts.headers);
+            tally.read_status(&parts.headers);
             Ok(http::Response::from_parts(parts, CountedBody { inner: body, tally }))
         })
     }
@@ -360,7 +360,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn from_headers(&mut self, headers: &http::HeaderMap) {
+    fn read_status(&mut self, headers: &http::HeaderMap) {
         if self.done {
             return;
         }
@@ -403,7 +403,7 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(trailers) = frame.trailers_ref() {
-                this.tally.from_headers(trailers);
+                this.tally.read_status(trailers);
             }
         }
         polled
