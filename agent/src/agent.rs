@@ -20,6 +20,7 @@ use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
 use crate::identity::{establish, renew_forever, Controllers, Security};
+use crate::metrics::Metrics;
 use crate::nl::Nl;
 use crate::reconcile::reconcile;
 use crate::store::Store;
@@ -44,6 +45,10 @@ pub struct Config {
     /// How the agent authenticates to the controllers; its certificate also carries
     /// `--encrypted` networks (not with `--insecure`).
     pub security: Security,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The log filter (RUST_LOG syntax) `main` set up logging with.
+    pub log: Option<String>,
 }
 
 /// PEM files of the cluster CA and this host's certificate and key.
@@ -76,6 +81,17 @@ pub async fn underlay_mtu(host: &Nl, ip: Ipv4Addr) -> Result<u32> {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let store = Store::open(&cfg.data_dir)
         .with_context(|| format!("data dir {}", cfg.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new(&cfg.data_dir));
+    // Bound first: a wrong --metrics-listen stops the agent at start, with the reason.
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = overlay_ops::http::bind(addr).await?;
+            let serve =
+                overlay_ops::http::serve(listener, metrics.render(), std::future::pending());
+            Some(tokio::spawn(serve.in_current_span()))
+        }
+        None => None,
+    };
     let host = Nl::current().context("opening netlink")?;
     let mtu = match underlay_mtu(&host, cfg.underlay_ip).await {
         Ok(m) => m,
@@ -128,11 +144,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // WATCHDOG=1 is sent from this loop, between passes: a pass that hangs stops it,
+    // and systemd restarts the agent.
+    let mut watchdog = overlay_ops::notify::watchdog_interval().map(tokio::time::interval);
+    let mut ready = false;
+    if rx.borrow().is_none() {
+        overlay_ops::notify::notify("STATUS=waiting for the desired state from the controllers");
+    }
     tokio::pin!(shutdown);
     let mut last_revision = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = async {
+                match &mut watchdog {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => {
+                overlay_ops::notify::notify("WATCHDOG=1");
+                continue;
+            }
             r = rx.changed() => if r.is_err() { break },
             _ = tick.tick() => {}
             // A renewed certificate: the data plane's QUIC endpoint must present it.
@@ -141,9 +173,29 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             }
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
+        pass(
+            &host,
+            &store,
+            &local,
+            &catalog,
+            &mut dns,
+            &mut dataplane,
+            &mut last_revision,
+            &metrics,
+        )
+        .await;
+        if !ready {
+            // The first pass is done: this host's data plane matches the desired state
+            // as far as the kernel let it (failures are reported per endpoint).
+            ready = true;
+            overlay_ops::notify::notify("READY=1\nSTATUS=reconciling");
+        }
     }
+    overlay_ops::notify::notify("STOPPING=1");
     info!("shutting down; the data plane stays in place");
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     watch_task.abort();
     heartbeat_task.abort();
     if let Some(task) = renew_task {
@@ -200,13 +252,21 @@ fn file_fingerprint(path: &std::path::Path) -> String {
 
 /// Hands the TAP-uplink networks' tables to the data-plane daemon (which creates their
 /// TAP devices), so the netlink pass that follows finds the devices to plug in.
-async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, catalog: &Catalog) {
+async fn sync_dataplane(
+    dataplane: &mut DataplaneClient,
+    desired: &HostDesired,
+    catalog: &Catalog,
+    metrics: &Metrics,
+) {
     let names = catalog.hosts.values().map(|h| (h.underlay_ip, h.name.clone())).collect();
     if let Err(e) = dataplane.apply(&tables_for(desired, &names)).await {
+        metrics.error("dataplane");
         warn!("data plane for --encap udp networks: {e:#}");
     }
 }
 
+// One pass needs all of the loop's state; a struct for it would only move the list.
+#[allow(clippy::too_many_arguments)]
 async fn pass(
     host: &Nl,
     store: &Store,
@@ -215,7 +275,9 @@ async fn pass(
     dns: &mut DnsServers,
     dataplane: &mut DataplaneClient,
     last_revision: &mut Option<u64>,
+    metrics: &Metrics,
 ) {
+    let started = std::time::Instant::now();
     let desired = desired_for_host(catalog, local);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
@@ -228,8 +290,9 @@ async fn pass(
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
-    sync_dataplane(dataplane, &desired, catalog).await;
-    match reconcile(host, store, &desired).await {
+    sync_dataplane(dataplane, &desired, catalog, metrics).await;
+    let result = reconcile(host, store, &desired).await;
+    match &result {
         Ok(p) if !p.actions.is_empty() => {
             info!(
                 actions = p.actions.len(),
@@ -240,6 +303,7 @@ async fn pass(
         Ok(_) => {}
         Err(e) => warn!("reconcile pass failed: {e:#}"),
     }
+    metrics.pass(&desired, catalog.revision, result.as_ref().map_err(|_| ()), started.elapsed());
     dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();

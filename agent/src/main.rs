@@ -3,7 +3,7 @@
 //! It must never tear down the data plane on exit: SIGTERM stops the agent and leaves
 //! bridges, VXLAN devices and endpoints running.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -74,6 +74,14 @@ struct Args {
     /// run --insecure). No encrypted networks.
     #[arg(long)]
     insecure: bool,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (plaintext, no authentication:
+    /// loopback, or an address only the monitoring reaches; endpoints never can).
+    /// Default: off.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `info,overlay_agent=debug`.
+    #[arg(long)]
+    log: Option<String>,
     /// Internal: run as the data-plane daemon listening on this socket (the agent
     /// starts it itself; see `overlay_agent::dataplane`).
     #[arg(long, hide = true, requires = "dataplane_settings")]
@@ -108,6 +116,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     join_token: Option<String>,
     insecure: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
+    log: Option<String>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -185,6 +195,11 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if !(1..=16).contains(&udp_queues) {
         return Err(format!("--udp-queues {udp_queues} is out of range (1–16)"));
     }
+    let log = args.log.or(file.log);
+    if let Some(filter) = &log {
+        tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| format!("--log {filter:?} is not a valid filter: {e}"))?;
+    }
     let security = security(
         insecure,
         args.tls_ca.or(file.tls_ca),
@@ -203,6 +218,8 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         quic_port,
         udp_queues,
         security,
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        log,
     })
 }
 
@@ -248,17 +265,24 @@ async fn shutdown_signal() {
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// Logs to stderr with `filter` (the `log` setting), else `RUST_LOG`, else `info`.
+fn init_tracing(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
     if let Some(socket) = args.dataplane_daemon.clone() {
+        init_tracing(args.log.as_deref());
         return run_dataplane_daemon(socket, args.dataplane_settings.as_deref().unwrap_or(""));
     }
     let cfg = match config(args) {
@@ -268,6 +292,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_tracing(cfg.log.as_deref());
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt,
@@ -423,6 +448,36 @@ mod tests {
         assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/a.conf")));
         let c = config(args(&["--config", f, "--resolv-conf", "/etc/b.conf"])).unwrap();
         assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/b.conf")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_listen_and_log_from_flag_or_file() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-ops-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        let base = "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\n";
+        std::fs::write(&file, base).unwrap();
+        let f = file.to_str().unwrap();
+        let c = config(args(&["--config", f])).unwrap();
+        assert_eq!((c.metrics_listen, c.log), (None, None));
+        std::fs::write(
+            &file,
+            format!(
+                "{base}metrics_listen = \"127.0.0.1:7491\"\nlog = \"info,overlay_agent=debug\"\n"
+            ),
+        )
+        .unwrap();
+        let c = config(args(&["--config", f])).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:7491".parse().unwrap()));
+        assert_eq!(c.log.as_deref(), Some("info,overlay_agent=debug"));
+        let c =
+            config(args(&["--config", f, "--metrics-listen", "192.0.2.1:9999", "--log", "warn"]))
+                .unwrap();
+        assert_eq!(c.metrics_listen, Some("192.0.2.1:9999".parse().unwrap()));
+        assert_eq!(c.log.as_deref(), Some("warn"));
+        let e = config(args(&["--config", f, "--log", "overlay_agent=loud"])).unwrap_err();
+        assert!(e.contains("--log"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
