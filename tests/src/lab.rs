@@ -172,10 +172,23 @@ pub fn spawn_in(
     log: &Path,
     detached: bool,
 ) -> Result<Child> {
+    spawn_in_env(ns, program, args, log, detached, &[])
+}
+
+/// [`spawn_in`] with extra environment variables (e.g. a `PATH` that hides a tool).
+pub fn spawn_in_env(
+    ns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    detached: bool,
+    env: &[(&str, &str)],
+) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(program).args(args);
+    cmd.envs(env.iter().copied());
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     if detached {
         cmd.process_group(0);
@@ -652,6 +665,17 @@ impl Lab {
         // Logs are appended across restarts, so a failing test shows the whole story.
         let log = self.dir.join(format!("agent{i}.log"));
         let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached)?;
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Starts agent `i` with extra environment variables (e.g. a `PATH` whose first
+    /// directory holds a failing `nft`).
+    pub fn start_agent_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let args = self.agent_args(i)?;
+        let log = self.dir.join(format!("agent{i}.log"));
+        let child =
+            spawn_in_env(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached, env)?;
         self.agents[i - 1] = Some(child);
         Ok(())
     }

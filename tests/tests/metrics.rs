@@ -2,7 +2,9 @@
 //! underlay switch (where a monitoring system sits) and parsed: values move as the
 //! cluster does (commit index and endpoints per network after creates, reconcile passes
 //! over time, data-plane packets after pings, for a kernel VXLAN network and an
-//! `--encap udp` one), and no endpoint can reach any metrics port. Every lab controller
+//! `--encap udp` one), and no endpoint can reach any metrics port; the agent tells
+//! systemd it is ready only after its first reconcile pass, and pings the watchdog
+//! (a datagram socket standing in for systemd's). Every lab controller
 //! and agent runs with `--metrics-listen HOST_IP:7490` / `:7491` (see `lab.rs`).
 //! Needs root and `cargo build --workspace --bins`; skipped without root.
 
@@ -190,6 +192,47 @@ fn metrics_unreachable_from_endpoints(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
+/// Agent 3 restarted under a fake systemd: `READY=1` arrives once a pass has run (its
+/// metrics already count one), then `WATCHDOG=1` keeps coming from the reconcile loop.
+fn agent_notifies_ready_and_watchdog(lab: &mut Lab) -> Result<()> {
+    let path = lab.dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    lab.stop_agent(3);
+    let notify = path.to_str().context("utf-8 path")?;
+    lab.start_agent_with_env(3, &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "2000000")])?;
+    let start = std::time::Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    let mut passes_at_ready = None;
+    let mut buf = [0u8; 512];
+    while start.elapsed() < T {
+        let Ok(n) = socket.recv(&mut buf) else { continue };
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        if msg.lines().any(|l| l == "READY=1") && passes_at_ready.is_none() {
+            let s = lab.agent_metrics(3)?;
+            passes_at_ready = s.get("overlay_agent_reconcile_passes_total", &[]);
+        }
+        seen.push(msg);
+        let watchdogs = seen.iter().filter(|m| m.as_str() == "WATCHDOG=1").count();
+        if passes_at_ready.is_some() && watchdogs >= 3 {
+            break;
+        }
+    }
+    lab.stop_agent(3);
+    lab.start_agent(3)?;
+    let passes = passes_at_ready.with_context(|| format!("no READY=1 from agent 3: {seen:?}"))?;
+    ensure!(passes >= 1.0, "READY=1 before the first pass ended ({passes} passes)");
+    let watchdogs = seen.iter().filter(|m| m.as_str() == "WATCHDOG=1").count();
+    ensure!(watchdogs >= 3, "{watchdogs} WATCHDOG=1 in {:?}: {seen:?}", start.elapsed());
+    let first_ready = seen.iter().position(|m| m.contains("READY=1")).unwrap_or(usize::MAX);
+    ensure!(
+        seen.iter().position(|m| m == "STOPPING=1").is_none_or(|i| i > first_ready),
+        "{seen:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn metrics_in_the_lab() {
     let cases: &[(&str, Case)] = &[
@@ -197,6 +240,7 @@ fn metrics_in_the_lab() {
         ("controller metrics move with the cluster", controller_metrics_move),
         ("agent metrics move with reconciles and traffic", agent_metrics_move),
         ("endpoints cannot reach metrics ports", metrics_unreachable_from_endpoints),
+        ("agent notifies systemd: ready after a pass, watchdog", agent_notifies_ready_and_watchdog),
     ];
     run_cases(cases);
 }
