@@ -18,6 +18,9 @@ const DEFAULT_CONFIG: &str = "/etc/overlay/agent.toml";
 const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
 const DEFAULT_UDP_PORT: u16 = 7470;
 const DEFAULT_QUIC_PORT: u16 = 7471;
+/// Ports endpoints must never reach on a host: the controller's API and raft port, and
+/// the suggested `--metrics-listen` ports of the controller (7490) and the agent (7491).
+const DEFAULT_CONTROL_PORTS: [u16; 3] = [7400, 7490, 7491];
 
 /// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
 /// desired state.
@@ -55,6 +58,11 @@ struct Args {
     /// TAP queues (reader threads) per UDP network; default min(CPUs, 4).
     #[arg(long)]
     udp_queues: Option<usize>,
+    /// Controller and metrics ports that endpoints must not reach on any host,
+    /// comma-separated (the ports of the --controller URLs and of this agent's
+    /// --metrics-listen are always added); default 7400,7490,7491.
+    #[arg(long, value_delimiter = ',')]
+    control_ports: Option<Vec<u16>>,
     /// The cluster CA certificate (PEM): the controllers and every host must present a
     /// certificate it signed.
     #[arg(long)]
@@ -111,6 +119,7 @@ struct FileConfig {
     udp_port: Option<u16>,
     quic_port: Option<u16>,
     udp_queues: Option<usize>,
+    control_ports: Option<Vec<u16>>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -200,6 +209,18 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         tracing_subscriber::EnvFilter::try_new(filter)
             .map_err(|e| format!("--log {filter:?} is not a valid filter: {e}"))?;
     }
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    let mut control_ports: std::collections::BTreeSet<u16> = args
+        .control_ports
+        .or(file.control_ports)
+        .unwrap_or_else(|| DEFAULT_CONTROL_PORTS.to_vec())
+        .into_iter()
+        .collect();
+    if control_ports.contains(&0) {
+        return Err("--control-ports: 0 is not a usable port".into());
+    }
+    // This agent's own metrics port is a control port whatever the list says.
+    control_ports.extend(metrics_listen.map(|a| a.port()));
     let security = security(
         insecure,
         args.tls_ca.or(file.tls_ca),
@@ -218,8 +239,9 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         quic_port,
         udp_queues,
         security,
-        metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        metrics_listen,
         log,
+        control_ports,
     })
 }
 
@@ -363,6 +385,13 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.reconcile_interval, Duration::from_secs(2));
 
+        std::fs::write(
+            &file,
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\ncontrol_ports = [7400, 9200]\n",
+        )
+        .unwrap();
+        assert_eq!(config(args(&["--config", f])).unwrap().control_ports, [7400, 9200].into());
+
         std::fs::write(&file, "name = \"h1\"\nbogus = 1\n").unwrap();
         let e = config(args(&["--config", f])).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
@@ -406,6 +435,14 @@ mod tests {
         assert!(e.contains("99"), "{e}");
         let c = with(&[]).unwrap();
         assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
+        assert_eq!(c.control_ports, [7400, 7490, 7491].into());
+        let c = with(&["--control-ports", "7400,9200,9100"]).unwrap();
+        assert_eq!(c.control_ports, [7400, 9100, 9200].into());
+        // Its own metrics port is always one.
+        let c = with(&["--control-ports", "7400", "--metrics-listen", "0.0.0.0:9300"]).unwrap();
+        assert_eq!(c.control_ports, [7400, 9300].into());
+        let e = with(&["--control-ports", "7400,0"]).unwrap_err();
+        assert!(e.contains("--control-ports"), "{e}");
     }
 
     #[test]

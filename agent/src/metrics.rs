@@ -49,6 +49,7 @@ pub struct Metrics {
     endpoints: Gauge,
     revision: Gauge,
     firewall_failing: Gauge,
+    held_back: Gauge,
     /// By VNI, as of the last pass.
     carried: Mutex<BTreeMap<u32, Carried>>,
     data_dir: PathBuf,
@@ -66,6 +67,7 @@ impl Metrics {
             endpoints: Gauge::default(),
             revision: Gauge::default(),
             firewall_failing: Gauge::default(),
+            held_back: Gauge::default(),
             carried: Mutex::default(),
             data_dir: data_dir.to_path_buf(),
         }
@@ -92,15 +94,15 @@ impl Metrics {
                 let failed: Vec<&crate::plan::Action> =
                     pass.errors.iter().map(|e| &e.action).collect();
                 for a in &pass.actions {
-                    if !failed.contains(&a) {
+                    if !failed.contains(&a) && !pass.held_back.contains(a) {
                         self.actions.get_or_create(&vec![("kind", action_kind(a))]).inc();
                     }
                 }
                 for _ in &pass.errors {
                     self.error("apply");
                 }
-                let firewall_failed = failed.iter().any(|a| action_kind(a) == "apply_firewall");
-                self.firewall_failing.set(i64::from(firewall_failed));
+                self.firewall_failing.set(i64::from(pass.firewall.is_err()));
+                self.held_back.set(pass.held_back.len() as i64);
             }
             Err(()) => self.error("observe"),
         }
@@ -163,8 +165,13 @@ impl Metrics {
         );
         r.register(
             "overlay_agent_firewall_failing",
-            "1 when the last pass could not install the host firewall (nftables)",
+            "1 when the last pass could not install the host firewall (nftables): the host is degraded and attaches no endpoint",
             self.firewall_failing.clone(),
+        );
+        r.register(
+            "overlay_agent_reconcile_held_back",
+            "Actions the last pass held back because the host firewall is not in place",
+            self.held_back.clone(),
         );
         let me = self.clone();
         r.register_collector(Box::new(Scraped(move || me.scrape())));

@@ -143,7 +143,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
             let metrics_listener = overlay_ops::http::bind(addr).await?;
-            let render = metrics_render(&cluster, tls.cert_not_after);
+            let render = metrics_render(&cluster, liveness.clone(), tls.cert_not_after);
             let mut stop = shutdown_rx.clone();
             Some(tokio::spawn(overlay_ops::http::serve(metrics_listener, render, async move {
                 let _ = stop.changed().await;
@@ -213,6 +213,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// at the scrape.
 fn metrics_render(
     cluster: &Cluster,
+    liveness: Arc<liveness::Liveness>,
     cert_not_after: Option<std::time::SystemTime>,
 ) -> overlay_ops::http::Render {
     let mut registry = prometheus_client::registry::Registry::default();
@@ -220,7 +221,8 @@ fn metrics_render(
     let shared = cluster.shared.clone();
     registry.register_collector(Box::new(overlay_ops::metrics::Scraped(move || {
         let status = shared.status.borrow().clone();
-        metrics::scrape(&status, &shared.read_state().catalog, cert_not_after)
+        let problems = liveness.problems();
+        metrics::scrape(&status, &shared.read_state().catalog, &problems, cert_not_after)
     })));
     Arc::new(move || overlay_ops::metrics::encode(&registry))
 }

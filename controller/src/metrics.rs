@@ -187,8 +187,14 @@ impl Drop for WatchGuard {
 }
 
 /// Values read at scrape time from the published raft status and the applied catalog
-/// (pure). `cert_expiry` is this member's TLS certificate's end of validity.
-pub fn scrape(status: &NodeStatus, catalog: &Catalog, cert_expiry: Option<SystemTime>) -> Samples {
+/// (pure). `problems`: what agents reported, by host (known on the leader only, which
+/// alone can tell `degraded` hosts); `cert_expiry`: this member's certificate's end.
+pub fn scrape(
+    status: &NodeStatus,
+    catalog: &Catalog,
+    problems: &std::collections::HashMap<String, String>,
+    cert_expiry: Option<SystemTime>,
+) -> Samples {
     let mut s = Samples::default();
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     s.gauge(
@@ -276,14 +282,20 @@ pub fn scrape(status: &NodeStatus, catalog: &Catalog, cert_expiry: Option<System
         );
     }
     let mut by_status: std::collections::BTreeMap<&str, usize> =
-        ["ready", "down"].into_iter().map(|k| (k, 0)).collect();
+        ["ready", "down", "degraded"].into_iter().map(|k| (k, 0)).collect();
     for host in catalog.hosts.values() {
-        *by_status.entry(host.status.as_str()).or_default() += 1;
+        let problem = problems.get(&host.name).map(String::as_str);
+        let (shown, _) = crate::liveness::shown_status(host, problem);
+        let key = match shown.as_str() {
+            "degraded" => "degraded",
+            _ => host.status.as_str(),
+        };
+        *by_status.entry(key).or_default() += 1;
     }
     for (st, n) in by_status {
         s.gauge_with(
             "overlay_controller_hosts",
-            "Registered hosts, by status (ready, down).",
+            "Registered hosts, by status (ready, down, degraded: ready but its agent reports a problem; the leader alone knows problems).",
             vec![("status", st.to_string())],
             n as f64,
         );
@@ -463,6 +475,7 @@ mod tests {
         let host = Command::RegisterHost {
             name: "h1".into(),
             underlay_ip: "192.0.2.1".parse().unwrap(),
+            underlay_prefix: 24,
             underlay_mtu: 1500,
             now_ms: 0,
         };
@@ -475,7 +488,7 @@ mod tests {
         ] {
             state.apply(&c).unwrap();
         }
-        let s = scrape(&status(), &state.catalog, None);
+        let s = scrape(&status(), &state.catalog, &Default::default(), None);
         assert_eq!(s.get("overlay_controller_raft_term", &[]), Some(5.0));
         assert_eq!(s.get("overlay_controller_raft_is_leader", &[]), Some(1.0));
         assert_eq!(s.get("overlay_controller_raft_has_leader", &[]), Some(1.0));
@@ -492,6 +505,10 @@ mod tests {
         );
         assert_eq!(s.get("overlay_controller_hosts", &[("status", "ready")]), Some(1.0));
         assert_eq!(s.get("overlay_controller_hosts", &[("status", "down")]), Some(0.0));
+        let problems = [("h1".to_string(), "no nft".to_string())].into();
+        let s = scrape(&status(), &state.catalog, &problems, None);
+        assert_eq!(s.get("overlay_controller_hosts", &[("status", "degraded")]), Some(1.0));
+        assert_eq!(s.get("overlay_controller_hosts", &[("status", "ready")]), Some(0.0));
     }
 
     #[test]

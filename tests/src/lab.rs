@@ -680,6 +680,25 @@ impl Lab {
         Ok(())
     }
 
+    /// Packets counted so far by the rule of the agent's `inet overlay` table, chain
+    /// `chain`, in host `i`'s namespace whose JSON form contains every one of `needles`
+    /// (e.g. `["@hosts", "saddr"]`); `None` without such a rule or without nft.
+    pub fn nft_rule_packets(&self, i: usize, chain: &str, needles: &[&str]) -> Option<u64> {
+        let ns = self.host_ns(i);
+        let text = run_ok(&[
+            "ip", "netns", "exec", &ns, "nft", "-j", "list", "chain", "inet", "overlay", chain,
+        ])
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["nftables"].as_array()?.iter().filter_map(|item| item.get("rule")).find_map(|rule| {
+            let expr = rule["expr"].to_string();
+            if !needles.iter().all(|n| expr.contains(n)) {
+                return None;
+            }
+            rule["expr"].as_array()?.iter().find_map(|e| e["counter"]["packets"].as_u64())
+        })
+    }
+
     /// SIGTERM (graceful: the agent leaves the data plane in place) and wait.
     pub fn stop_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents[i - 1].take() {
