@@ -193,7 +193,10 @@ impl Metrics {
         } else {
             None
         };
-        let proc_net_dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+        // The main thread's view (`/proc/PID`, not `/proc/self`): a thread that entered
+        // an endpoint's namespace would see that namespace's devices.
+        let path = format!("/proc/{}/net/dev", std::process::id());
+        let proc_net_dev = std::fs::read_to_string(path).unwrap_or_default();
         let mut s = dataplane_samples(&carried, counters.as_deref(), &proc_net_dev);
         s.gauge_with(
             "overlay_agent_build_info",
