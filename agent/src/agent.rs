@@ -25,6 +25,7 @@ use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
 use crate::firewall::Guard;
 use crate::identity::{establish, renew_forever, Controllers, Security};
+use crate::metrics::Metrics;
 use crate::nl::Nl;
 use crate::reconcile::Reconciler;
 use crate::store::Store;
@@ -49,6 +50,10 @@ pub struct Config {
     /// How the agent authenticates to the controllers; its certificate also carries
     /// `--encrypted` networks (not with `--insecure`).
     pub security: Security,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The log filter (RUST_LOG syntax) `main` set up logging with.
+    pub log: Option<String>,
     /// Controller and metrics ports endpoints must not reach on any host (the ports of
     /// the `--controller` URLs are added to these).
     pub control_ports: BTreeSet<u16>,
@@ -110,6 +115,17 @@ pub async fn underlay_link(host: &Nl, ip: Ipv4Addr) -> Result<(u32, u8)> {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let store = Store::open(&cfg.data_dir)
         .with_context(|| format!("data dir {}", cfg.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new(&cfg.data_dir));
+    // Bound first: a wrong --metrics-listen stops the agent at start, with the reason.
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = overlay_ops::http::bind(addr).await?;
+            let serve =
+                overlay_ops::http::serve(listener, metrics.render(), std::future::pending());
+            Some(tokio::spawn(serve.in_current_span()))
+        }
+        None => None,
+    };
     let host = Nl::current().context("opening netlink")?;
     let (mtu, prefix) = match underlay_link(&host, cfg.underlay_ip).await {
         Ok(l) => l,
@@ -184,6 +200,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // WATCHDOG=1 is sent from this loop, between passes: a pass that hangs stops it,
+    // and systemd restarts the agent.
+    let mut watchdog = overlay_ops::notify::watchdog_interval().map(tokio::time::interval);
+    let mut ready = false;
+    if rx.borrow().is_none() {
+        overlay_ops::notify::notify("STATUS=waiting for the desired state from the controllers");
+    }
     tokio::pin!(shutdown);
     let mut last_revision = None;
     let mut reconciler = Reconciler::new();
@@ -191,6 +214,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = async {
+                match &mut watchdog {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => {
+                overlay_ops::notify::notify("WATCHDOG=1");
+                continue;
+            }
             r = rx.changed() => if r.is_err() { break },
             _ = tick.tick() => {}
             // A renewed certificate: the data plane's QUIC endpoint must present it.
@@ -206,7 +238,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             reconciler: &mut reconciler,
             last_revision: &mut last_revision,
         };
-        let firewall = pass(&ctx, &catalog, state).await;
+        let firewall = pass(&ctx, &catalog, state, &metrics).await;
         arp_table.check();
         if let Some(result) = firewall {
             let problem = result.err().map(|e| firewall_problem(&e));
@@ -225,8 +257,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 true
             });
         }
+        if !ready {
+            // The first pass is done: this host's data plane matches the desired state
+            // as far as the kernel let it (failures are reported per endpoint, a
+            // missing firewall as the host's problem).
+            ready = true;
+            overlay_ops::notify::notify("READY=1\nSTATUS=reconciling");
+        }
     }
+    overlay_ops::notify::notify("STOPPING=1");
     info!("shutting down; the data plane stays in place");
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     watch_task.abort();
     heartbeat_task.abort();
     if let Some(task) = renew_task {
@@ -283,9 +326,15 @@ fn file_fingerprint(path: &std::path::Path) -> String {
 
 /// Hands the TAP-uplink networks' tables to the data-plane daemon (which creates their
 /// TAP devices), so the netlink pass that follows finds the devices to plug in.
-async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, catalog: &Catalog) {
+async fn sync_dataplane(
+    dataplane: &mut DataplaneClient,
+    desired: &HostDesired,
+    catalog: &Catalog,
+    metrics: &Metrics,
+) {
     let names = catalog.hosts.values().map(|h| (h.underlay_ip, h.name.clone())).collect();
     if let Err(e) = dataplane.apply(&tables_for(desired, &names)).await {
+        metrics.error("dataplane");
         warn!("data plane for --encap udp networks: {e:#}");
     }
 }
@@ -337,7 +386,9 @@ async fn pass(
     ctx: &PassCtx<'_>,
     catalog: &Catalog,
     st: PassState<'_>,
+    metrics: &Metrics,
 ) -> Option<Result<(), String>> {
+    let started = std::time::Instant::now();
     let PassState { dns, dataplane, reconciler, last_revision } = st;
     let (host, store) = (ctx.host, ctx.store);
     let mut desired = desired_for_host(catalog, ctx.local);
@@ -356,8 +407,10 @@ async fn pass(
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
-    sync_dataplane(dataplane, &desired, catalog).await;
-    let firewall = match reconciler.pass(host, store, &desired).await {
+    sync_dataplane(dataplane, &desired, catalog, metrics).await;
+    let result = reconciler.pass(host, store, &desired).await;
+    metrics.pass(&desired, catalog.revision, result.as_ref().map_err(|_| ()), started.elapsed());
+    let firewall = match result {
         Ok(p) => {
             if p.applied > 0 {
                 info!(
@@ -402,6 +455,8 @@ mod tests {
             udp_queues: 1,
             security: Security::Insecure,
             control_ports: [7400, 9100].into(),
+            metrics_listen: None,
+            log: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! * [`dns`]: one embedded DNS server per local endpoint.
 //! * [`dataplane`]: the daemon that carries `--encap udp` networks in user space (it
 //!   outlives agent restarts), and the agent's client of it.
+//! * [`metrics`]: what `--metrics-listen` shows (passes, the data plane's counters).
 //! * [`agent`]: the main loop tying them together.
 //!
 //! The agent must never touch a device or namespace it did not create: owned devices
@@ -29,6 +30,7 @@ pub mod dns;
 pub mod firewall;
 pub mod garp;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod nl;
 pub mod observe;

@@ -3,7 +3,7 @@
 //! It must never tear down the data plane on exit: SIGTERM stops the agent and leaves
 //! bridges, VXLAN devices and endpoints running.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,8 +19,8 @@ const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
 const DEFAULT_UDP_PORT: u16 = 7470;
 const DEFAULT_QUIC_PORT: u16 = 7471;
 /// Ports endpoints must never reach on a host: the controller's API and raft port, and
-/// the metrics port (the `--metrics-listen` default).
-const DEFAULT_CONTROL_PORTS: [u16; 2] = [7400, 9100];
+/// the suggested `--metrics-listen` ports of the controller (7490) and the agent (7491).
+const DEFAULT_CONTROL_PORTS: [u16; 3] = [7400, 7490, 7491];
 
 /// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
 /// desired state.
@@ -59,8 +59,8 @@ struct Args {
     #[arg(long)]
     udp_queues: Option<usize>,
     /// Controller and metrics ports that endpoints must not reach on any host,
-    /// comma-separated (the ports of the --controller URLs are always added); default
-    /// 7400,9100.
+    /// comma-separated (the ports of the --controller URLs and of this agent's
+    /// --metrics-listen are always added); default 7400,7490,7491.
     #[arg(long, value_delimiter = ',')]
     control_ports: Option<Vec<u16>>,
     /// The cluster CA certificate (PEM): the controllers and every host must present a
@@ -82,6 +82,14 @@ struct Args {
     /// run --insecure). No encrypted networks.
     #[arg(long)]
     insecure: bool,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (plaintext, no authentication:
+    /// loopback, or an address only the monitoring reaches; endpoints never can).
+    /// Default: off.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `info,overlay_agent=debug`.
+    #[arg(long)]
+    log: Option<String>,
     /// Internal: run as the data-plane daemon listening on this socket (the agent
     /// starts it itself; see `overlay_agent::dataplane`).
     #[arg(long, hide = true, requires = "dataplane_settings")]
@@ -117,6 +125,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     join_token: Option<String>,
     insecure: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
+    log: Option<String>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -194,7 +204,13 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if !(1..=16).contains(&udp_queues) {
         return Err(format!("--udp-queues {udp_queues} is out of range (1–16)"));
     }
-    let control_ports: std::collections::BTreeSet<u16> = args
+    let log = args.log.or(file.log);
+    if let Some(filter) = &log {
+        tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| format!("--log {filter:?} is not a valid filter: {e}"))?;
+    }
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    let mut control_ports: std::collections::BTreeSet<u16> = args
         .control_ports
         .or(file.control_ports)
         .unwrap_or_else(|| DEFAULT_CONTROL_PORTS.to_vec())
@@ -203,6 +219,8 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if control_ports.contains(&0) {
         return Err("--control-ports: 0 is not a usable port".into());
     }
+    // This agent's own metrics port is a control port whatever the list says.
+    control_ports.extend(metrics_listen.map(|a| a.port()));
     let security = security(
         insecure,
         args.tls_ca.or(file.tls_ca),
@@ -221,6 +239,8 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         quic_port,
         udp_queues,
         security,
+        metrics_listen,
+        log,
         control_ports,
     })
 }
@@ -267,17 +287,24 @@ async fn shutdown_signal() {
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// Logs to stderr with `filter` (the `log` setting), else `RUST_LOG`, else `info`.
+fn init_tracing(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
     if let Some(socket) = args.dataplane_daemon.clone() {
+        init_tracing(args.log.as_deref());
         return run_dataplane_daemon(socket, args.dataplane_settings.as_deref().unwrap_or(""));
     }
     let cfg = match config(args) {
@@ -287,6 +314,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_tracing(cfg.log.as_deref());
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt,
@@ -407,9 +435,12 @@ mod tests {
         assert!(e.contains("99"), "{e}");
         let c = with(&[]).unwrap();
         assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
-        assert_eq!(c.control_ports, [7400, 9100].into());
+        assert_eq!(c.control_ports, [7400, 7490, 7491].into());
         let c = with(&["--control-ports", "7400,9200,9100"]).unwrap();
         assert_eq!(c.control_ports, [7400, 9100, 9200].into());
+        // Its own metrics port is always one.
+        let c = with(&["--control-ports", "7400", "--metrics-listen", "0.0.0.0:9300"]).unwrap();
+        assert_eq!(c.control_ports, [7400, 9300].into());
         let e = with(&["--control-ports", "7400,0"]).unwrap_err();
         assert!(e.contains("--control-ports"), "{e}");
     }
@@ -454,6 +485,36 @@ mod tests {
         assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/a.conf")));
         let c = config(args(&["--config", f, "--resolv-conf", "/etc/b.conf"])).unwrap();
         assert_eq!(c.resolv_conf, Some(PathBuf::from("/etc/b.conf")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_listen_and_log_from_flag_or_file() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-ops-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        let base = "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\n";
+        std::fs::write(&file, base).unwrap();
+        let f = file.to_str().unwrap();
+        let c = config(args(&["--config", f])).unwrap();
+        assert_eq!((c.metrics_listen, c.log), (None, None));
+        std::fs::write(
+            &file,
+            format!(
+                "{base}metrics_listen = \"127.0.0.1:7491\"\nlog = \"info,overlay_agent=debug\"\n"
+            ),
+        )
+        .unwrap();
+        let c = config(args(&["--config", f])).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:7491".parse().unwrap()));
+        assert_eq!(c.log.as_deref(), Some("info,overlay_agent=debug"));
+        let c =
+            config(args(&["--config", f, "--metrics-listen", "192.0.2.1:9999", "--log", "warn"]))
+                .unwrap();
+        assert_eq!(c.metrics_listen, Some("192.0.2.1:9999".parse().unwrap()));
+        assert_eq!(c.log.as_deref(), Some("warn"));
+        let e = config(args(&["--config", f, "--log", "overlay_agent=loud"])).unwrap_err();
+        assert!(e.contains("--log"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -107,6 +107,8 @@ pub struct Shared {
     pub state: RwLock<State>,
     pub hub: WatchHub,
     pub status: watch::Sender<NodeStatus>,
+    /// Event metrics (proposals, apply latency, snapshots, watch streams).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -348,6 +350,20 @@ impl Cluster {
     /// Retries while no leader is known (an election takes a second or two) but never
     /// re-sends a command whose outcome is unknown, so a write is applied at most once.
     pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
+        use crate::metrics::Outcome;
+        let started = std::time::Instant::now();
+        let result = self.propose_once(command).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Committed,
+            Err(ClusterError::Rejected(_) | ClusterError::RejectedRemote(..)) => Outcome::Rejected,
+            Err(ClusterError::Unavailable(_) | ClusterError::Refused(_)) => Outcome::NoLeader,
+            Err(ClusterError::OutcomeUnknown(_)) => Outcome::Unknown,
+        };
+        self.shared.metrics.proposal(outcome, started.elapsed());
+        result
+    }
+
+    async fn propose_once(&self, command: Command) -> Result<Applied, ClusterError> {
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         loop {
             let leader = self.status().leader;

@@ -68,6 +68,11 @@ pub struct Flags {
     /// the network. For labs only.
     #[arg(long)]
     pub insecure: bool,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (plaintext, no
+    /// authentication: keep it on loopback or an address only the monitoring reaches).
+    /// Default: off.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The file's keys mirror the flags (snake_case).
@@ -88,6 +93,7 @@ pub struct FileConfig {
     pub tls_ca_key: Option<PathBuf>,
     pub agent_cert_lifetime: Option<String>,
     pub insecure: Option<bool>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How the member secures its connections.
@@ -121,6 +127,8 @@ pub struct Config {
     pub snapshot_every: u64,
     pub log: Option<String>,
     pub security: Security,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -229,6 +237,7 @@ impl Config {
             snapshot_every,
             log: flags.log.or(file.log),
             security,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
         })
     }
 }
@@ -315,5 +324,7 @@ mod tests {
     fn file_keys_are_checked() {
         assert!(toml::from_str::<FileConfig>("id = 2\nlisten = \"127.0.0.1:7400\"").is_ok());
         assert!(toml::from_str::<FileConfig>("idd = 2").is_err());
+        let f: FileConfig = toml::from_str("metrics_listen = \"127.0.0.1:7490\"").expect("valid");
+        assert_eq!(f.metrics_listen, Some(SocketAddr::from(([127, 0, 0, 1], 7490))));
     }
 }

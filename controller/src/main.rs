@@ -9,7 +9,7 @@ mod api;
 mod cluster;
 mod config;
 mod liveness;
-mod notify;
+mod metrics;
 mod raft;
 mod security;
 mod watch;
@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use overlay_grpc::Dialer;
+use overlay_ops::notify;
 use overlay_proto::pb;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tracing::{error, info, warn};
@@ -111,6 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         state: RwLock::new(state),
         hub: watch::WatchHub::new(revision, WATCH_HISTORY),
         status: status_tx,
+        metrics: Arc::default(),
     });
     let (driver_tx, driver_rx) = mpsc::channel(65_536);
     let cluster = Cluster::new(config.id, peers.clone(), shared.clone(), driver_tx);
@@ -138,6 +140,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let metrics_listener = overlay_ops::http::bind(addr).await?;
+            let render = metrics_render(&cluster, liveness.clone(), tls.cert_not_after);
+            let mut stop = shutdown_rx.clone();
+            Some(tokio::spawn(overlay_ops::http::serve(metrics_listener, render, async move {
+                let _ = stop.changed().await;
+            })))
+        }
+        None => None,
+    };
     let overlay = pb::overlay_server::OverlayServer::new(api::overlay::OverlayApi {
         cluster: cluster.clone(),
         liveness: liveness.clone(),
@@ -155,6 +168,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let mut server_shutdown = shutdown_rx.clone();
     let server = tonic::transport::Server::builder()
+        .layer(metrics::CountRequests(cluster.shared.metrics.clone()))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(overlay)
@@ -189,7 +203,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if !server_task.is_finished() {
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
     }
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     outcome
+}
+
+/// What `/metrics` shows: the event metrics, and the raft status and catalog as they are
+/// at the scrape.
+fn metrics_render(
+    cluster: &Cluster,
+    liveness: Arc<liveness::Liveness>,
+    cert_not_after: Option<std::time::SystemTime>,
+) -> overlay_ops::http::Render {
+    let mut registry = prometheus_client::registry::Registry::default();
+    cluster.shared.metrics.register(&mut registry);
+    let shared = cluster.shared.clone();
+    registry.register_collector(Box::new(overlay_ops::metrics::Scraped(move || {
+        let status = shared.status.borrow().clone();
+        let problems = liveness.problems();
+        metrics::scrape(&status, &shared.read_state().catalog, &problems, cert_not_after)
+    })));
+    Arc::new(move || overlay_ops::metrics::encode(&registry))
 }
 
 /// Gives the cluster its id the first time this member leads a cluster without one.

@@ -21,6 +21,8 @@ pub struct Loaded {
     pub server: Option<Arc<overlay_pki::rustls::ServerConfig>>,
     pub dialer: Dialer,
     pub signer: Option<Signer>,
+    /// When this member's certificate expires (for the metrics); `None` with `--insecure`.
+    pub cert_not_after: Option<std::time::SystemTime>,
 }
 
 pub fn load(security: &Security, listen: std::net::SocketAddr) -> anyhow::Result<Loaded> {
@@ -30,7 +32,12 @@ pub fn load(security: &Security, listen: std::net::SocketAddr) -> anyhow::Result
                 %listen,
                 "--insecure: the control plane is PLAINTEXT and UNAUTHENTICATED; anyone who can reach {listen} can read and change the whole network"
             );
-            return Ok(Loaded { server: None, dialer: Dialer::insecure(), signer: None });
+            return Ok(Loaded {
+                server: None,
+                dialer: Dialer::insecure(),
+                signer: None,
+                cert_not_after: None,
+            });
         }
         Security::Tls { ca, cert, key, ca_key, agent_cert_lifetime } => {
             (ca, cert, key, ca_key, *agent_cert_lifetime)
@@ -57,7 +64,8 @@ pub fn load(security: &Security, listen: std::net::SocketAddr) -> anyhow::Result
             Some(Signer { ca: signing, lifetime })
         }
     };
-    Ok(Loaded { server: Some(server), dialer, signer })
+    let cert_not_after = Some(identity.info.not_after);
+    Ok(Loaded { server: Some(server), dialer, signer, cert_not_after })
 }
 
 /// Signs agent certificates (only on members given `--tls-ca-key`).

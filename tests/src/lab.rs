@@ -35,6 +35,10 @@ pub const OUTSIDE_IP: &str = "192.168.217.254";
 /// Underlay MTU of the hosts' interfaces.
 pub const UNDERLAY_MTU: u32 = 1500;
 const CONTROLLER_PORT: u16 = 7400;
+/// Every lab controller serves `/metrics` on its host's address at this port.
+pub const CONTROLLER_METRICS_PORT: u16 = 7490;
+/// Every lab agent serves `/metrics` on its host's address at this port.
+pub const AGENT_METRICS_PORT: u16 = 7491;
 
 static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
 
@@ -513,7 +517,7 @@ impl Lab {
         Ok(())
     }
 
-    /// The TLS flags (and the lab's extra flags) of the controller on host `i`.
+    /// The TLS and metrics flags (and the lab's extra flags) of the controller on host `i`.
     fn controller_security_args(&self, i: usize) -> Vec<String> {
         let pki = self.pki_dir();
         let (cert, key) = cert_files(&pki, &format!("c{i}"));
@@ -526,8 +530,37 @@ impl Lab {
         ] {
             args.extend([flag.to_string(), path.display().to_string()]);
         }
+        args.extend([
+            "--metrics-listen".to_string(),
+            format!("{}:{CONTROLLER_METRICS_PORT}", Lab::host_ip(i)),
+        ]);
         args.extend(self.controller_args.iter().cloned());
         args
+    }
+
+    /// `/metrics` of the controller on host `i`, scraped from the switch (where a
+    /// monitoring system would be), parsed.
+    pub fn controller_metrics(&self, i: usize) -> Result<crate::prom::Scrape> {
+        self.scrape_from(&self.switch_ns(), &Lab::host_ip(i), CONTROLLER_METRICS_PORT)
+    }
+
+    /// `/metrics` of the agent on host `i`, scraped from the switch, parsed.
+    pub fn agent_metrics(&self, i: usize) -> Result<crate::prom::Scrape> {
+        self.scrape_from(&self.switch_ns(), &Lab::host_ip(i), AGENT_METRICS_PORT)
+    }
+
+    /// `GET http://IP:PORT/metrics` from inside namespace `ns`, parsed.
+    pub fn scrape_from(&self, ns: &str, ip: &str, port: u16) -> Result<crate::prom::Scrape> {
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+        let text = in_netns(ns, || crate::prom::get_metrics(addr, Duration::from_secs(5)))??;
+        crate::prom::Scrape::parse(&text)
+    }
+
+    /// Whether a TCP connection from namespace `ns` to `ip:port` is accepted within
+    /// `timeout` (a refusal or a drop both count as not).
+    pub fn tcp_connects(&self, ns: &str, ip: &str, port: u16, timeout: Duration) -> Result<bool> {
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+        in_netns(ns, || std::net::TcpStream::connect_timeout(&addr, timeout).is_ok())
     }
 
     /// `https://IP:PORT` of the controller on host `i`.
@@ -628,6 +661,8 @@ impl Lab {
             "1".into(),
             "--resolv-conf".into(),
             self.resolv_conf()?.display().to_string(),
+            "--metrics-listen".into(),
+            format!("{}:{AGENT_METRICS_PORT}", Lab::host_ip(i)),
             "--tls-ca".into(),
             self.pki_dir().join("ca.pem").display().to_string(),
             "--join-token".into(),

@@ -21,14 +21,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use overlay_tests::frames::{udp_frame, vxlan};
-use overlay_tests::lab::{in_netns, run_cases, run_ok, wait_for, Lab, OUTSIDE_IP};
+use overlay_tests::lab::{
+    in_netns, run_cases, run_ok, wait_for, Lab, AGENT_METRICS_PORT, CONTROLLER_METRICS_PORT,
+    OUTSIDE_IP,
+};
 
 const T: Duration = Duration::from_secs(20);
 const NET: &str = "fw";
 const SUBNET: &str = "10.0.31.0/24";
 const CONTROLLER_PORT: u16 = 7400;
-/// The agents' default metrics port, one of their default control ports.
-const METRICS_PORT: u16 = 9100;
+/// Every port of the control plane the lab serves on the hosts: the controllers' API and
+/// raft, and the real `/metrics` of the controllers (hosts 1-3) and agents.
+const CONTROL_PORTS: [u16; 3] = [CONTROLLER_PORT, CONTROLLER_METRICS_PORT, AGENT_METRICS_PORT];
 /// An unprivileged port for ordinary traffic (nothing about it is special).
 const OUTSIDE_PORT: u16 = 8080;
 const ROGUE_IP: &str = "192.168.217.201";
@@ -102,11 +106,14 @@ fn control_targets(port: u16) -> Vec<SocketAddr> {
 fn control_plane_unreachable(lab: &mut Lab) -> Result<()> {
     let a = lab.ep("a");
     let c = lab.ep("c");
-    // Positive controls: the controllers answer on the underlay, a metrics-like listener
-    // on h2 answers a host, and an ordinary outside service answers the endpoint.
-    ensure!(connects(&lab.host_ns(3), sock(&Lab::host_ip(1), CONTROLLER_PORT))?, "h3 -> h1:7400");
-    let _metrics = listen(&lab.host_ns(2), sock(&Lab::host_ip(2), METRICS_PORT))?;
-    ensure!(connects(&lab.host_ns(1), sock(&Lab::host_ip(2), METRICS_PORT))?, "h1 -> h2:9100");
+    // Positive controls: every control port answers on the underlay, from another host,
+    // and an ordinary outside service answers the endpoint.
+    for port in CONTROL_PORTS {
+        for (from, to) in [(3, 1), (1, 2), (2, 3)] {
+            let target = sock(&Lab::host_ip(to), port);
+            ensure!(connects(&lab.host_ns(from), target)?, "h{from} -> {target}");
+        }
+    }
     let _outside = listen(&lab.switch_ns(), sock(OUTSIDE_IP, OUTSIDE_PORT))?;
     let outside = sock(OUTSIDE_IP, OUTSIDE_PORT);
     wait_for(T, "a to open a TCP connection to the outside", || {
@@ -115,7 +122,7 @@ fn control_plane_unreachable(lab: &mut Lab) -> Result<()> {
 
     // Through the gateway: its own host (input) and the other hosts (forward +
     // masquerade).
-    for port in [CONTROLLER_PORT, METRICS_PORT] {
+    for port in CONTROL_PORTS {
         for target in control_targets(port) {
             ensure!(!connects(&a, target)?, "endpoint a opened a TCP connection to {target}");
         }
@@ -133,7 +140,7 @@ fn control_plane_unreachable(lab: &mut Lab) -> Result<()> {
         wait_for(T, "a to reach the outside through c", || {
             connects(&a, outside).ok()?.then_some(())
         })?;
-        for port in [CONTROLLER_PORT, METRICS_PORT] {
+        for port in CONTROL_PORTS {
             for target in control_targets(port) {
                 ensure!(!connects(&a, target)?, "via c: endpoint a reached {target}");
             }

@@ -286,9 +286,12 @@ fn units_declare_what_the_daemons_do() {
         assert_eq!(unit["Restart"], ["on-failure"]);
         assert!(unit.contains_key("StateDirectory") && unit.contains_key("ConfigurationDirectory"));
     }
-    // The controller sends READY=1 (controller/src/notify.rs); the agent does not.
+    // Both send READY=1 (overlay-ops' notify): the controller once it serves, the agent
+    // after its first reconcile pass; the agent also pings the watchdog from its loop.
     assert_eq!(controller["Type"], ["notify"]);
-    assert_eq!(agent["Type"], ["exec"]);
+    assert_eq!(agent["Type"], ["notify"]);
+    assert_eq!(agent["WatchdogSec"], ["60"]);
+    assert!(!agent.contains_key("NotifyAccess"), "only the agent's main process notifies");
     // The `--encap udp` data-plane daemon the agent spawns must survive agent restarts.
     assert_eq!(agent["KillMode"], ["process"]);
     assert_eq!(

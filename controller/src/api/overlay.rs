@@ -458,7 +458,9 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster.clone();
+        let open = cluster.shared.metrics.watch_opened();
         tokio::spawn(async move {
+            let _open = open;
             debug!(host = %r.host, from = r.from_revision, "watch started");
             serve_watch(cluster, r.from_revision, tx, slot).await;
             debug!(host = %r.host, "watch ended");

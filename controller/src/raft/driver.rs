@@ -370,6 +370,7 @@ impl Driver {
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> anyhow::Result<()> {
         let meta = snapshot.get_metadata().clone();
+        self.shared.metrics.snapshot(false, snapshot.get_data().len());
         let (replicated, state) = super::snapshot::decode(snapshot.get_data())
             .map_err(|e| anyhow::anyhow!("snapshot from the leader is unreadable: {e}"))?;
         self.node
@@ -419,6 +420,7 @@ impl Driver {
                 return;
             }
         };
+        let started = std::time::Instant::now();
         let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
         for p in batch.proposals {
             let result = state.apply(&p.command);
@@ -433,6 +435,8 @@ impl Driver {
                 }
             }
         }
+        drop(state);
+        self.shared.metrics.applied(started.elapsed());
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) {
@@ -688,6 +692,7 @@ impl Driver {
             .compact(self.applied, self.conf_state.clone(), data, self.config.keep_entries)
             .context("writing a snapshot")?;
         self.last_snapshot = self.applied;
+        self.shared.metrics.snapshot(true, size);
         info!(index = self.applied, bytes = size, "snapshot taken, log compacted");
         Ok(())
     }

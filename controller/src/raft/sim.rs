@@ -220,6 +220,7 @@ impl Sim {
             state: RwLock::new(state),
             hub: WatchHub::new(revision, 1000),
             status: watch::channel(NodeStatus::initial(id, recovering_until.is_some())).0,
+            metrics: Arc::default(),
         });
         let outbox = SimOutbox::default();
         let config = DriverConfig {

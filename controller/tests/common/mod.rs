@@ -41,6 +41,8 @@ pub struct Member {
     /// Started with `--join` these URLs instead of the cluster's `--peers`.
     join: Option<String>,
     starts: u32,
+    /// The binary it runs (an upgrade changes it); [`BIN`] unless set.
+    binary: Option<PathBuf>,
 }
 
 impl Member {
@@ -141,6 +143,7 @@ impl Cluster {
                     extra: extra.iter().map(|s| s.to_string()).collect(),
                     join: None,
                     starts: 0,
+                    binary: None,
                 }
             })
             .collect();
@@ -177,7 +180,7 @@ impl Cluster {
         assert!(m.child.is_none(), "member {id} is already running");
         m.starts += 1;
         let log = File::options().create(true).append(true).open(&m.log).expect("open member log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(m.binary.as_deref().unwrap_or(Path::new(BIN)));
         cmd.arg("--id")
             .arg(id.to_string())
             .arg("--listen")
@@ -229,6 +232,36 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM (as `systemctl stop` or a package upgrade does), then wait (bounded) for
+    /// a clean exit.
+    pub fn stop(&mut self, id: u64) {
+        let m = self.member_mut(id);
+        let Some(mut child) = m.child.take() else { return };
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "member {id} exited with {status} on SIGTERM");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("member {id} did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts stopped member `id` running `binary` from now on (an upgrade).
+    pub fn restart_on(&mut self, id: u64, binary: &Path) {
+        self.member_mut(id).binary = Some(binary.to_path_buf());
+        self.restart(id);
+    }
+
     /// A new member `id` on a free loopback port that joins through every current member
     /// (`--join`); not started yet (see [`Cluster::restart`]). Returns its address.
     pub fn new_joiner(&mut self, id: u64, extra: &[&str]) -> SocketAddr {
@@ -244,6 +277,7 @@ impl Cluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             join: Some(join),
             starts: 0,
+            binary: None,
         });
         addr
     }
