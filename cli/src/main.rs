@@ -244,7 +244,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             validate_name(&network)?;
             validate_name(&endpoint)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::ConnectRequest { network, endpoint, ip, aliases };
+            let request =
+                pb::ConnectRequest { network, endpoint, ip, aliases, ..Default::default() };
             emit(out, &rpc!(ctl, Write, connect_network, request))
         }
         Command::Network(NetworkCmd::Disconnect { network, endpoint }) => {
@@ -259,7 +260,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             validate_name(&host)?;
             validate_name(&network)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::CreateEndpointRequest { name, host, network, ip, aliases };
+            let request = pb::CreateEndpointRequest {
+                name,
+                host,
+                network,
+                ip,
+                aliases,
+                ..Default::default()
+            };
             emit(out, &rpc!(ctl, Write, create_endpoint, request))
         }
         Command::Endpoint(EndpointCmd::Ls) => {

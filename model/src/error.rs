@@ -72,6 +72,10 @@ pub enum ModelError {
     RouteNotFound { destination: Ipv4Network, network: String },
     #[error("--via endpoint {endpoint} is not attached to network {network}")]
     ViaNotAttached { endpoint: String, network: String },
+    #[error(
+        "invalid interface name {0:?}: 1-15 characters of a-z, A-Z, 0-9, '-', '_' and '.', not lo"
+    )]
+    InvalidInterface(String),
     #[error("invalid MAC address {0:?}")]
     InvalidMac(String),
     #[error("invalid host status {0:?}: expected ready or down")]
@@ -80,6 +84,11 @@ pub enum ModelError {
     InvalidDuration(String),
     #[error("invalid cluster id {0:?}: expected 32 hex digits")]
     InvalidClusterId(String),
+    // --- Containers (CNI, issue 12) ---
+    #[error("endpoint {endpoint} already has interface {interface} (in network {network})")]
+    InterfaceInUse { endpoint: String, interface: String, network: String },
+    #[error("endpoint {endpoint} is on host {host}, not on host {asked}")]
+    EndpointOnOtherHost { endpoint: String, host: String, asked: String },
 }
 
 impl ModelError {
@@ -91,6 +100,7 @@ impl ModelError {
                 ErrorKind::NotFound
             }
             NetworkExists(_) | EndpointExists(_) | RouteExists { .. } => ErrorKind::AlreadyExists,
+            EndpointOnOtherHost { .. } => ErrorKind::PermissionDenied,
             NetworkInUse { .. } | HostInUse { .. } | SubnetExhausted { .. } | VniExhausted => {
                 ErrorKind::FailedPrecondition
             }
@@ -105,4 +115,7 @@ pub enum ErrorKind {
     NotFound,
     AlreadyExists,
     FailedPrecondition,
+    /// The command is valid but names an object the caller may not change (a guarded
+    /// command whose endpoint is on another host).
+    PermissionDenied,
 }

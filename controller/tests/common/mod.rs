@@ -476,5 +476,6 @@ pub fn create_endpoint_request(name: &str, host: &str, network: &str) -> pb::Cre
         network: network.into(),
         ip: String::new(),
         aliases: Vec::new(),
+        ..Default::default()
     }
 }
