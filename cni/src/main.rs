@@ -48,7 +48,8 @@ fn main() -> ExitCode {
             println!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(Step::Ask { socket, request, context }) => {
+        Ok(Step::Ask(ask)) => {
+            let plugin::Ask { socket, request, context } = *ask;
             let reply = match exchange(&socket, &request) {
                 Ok(reply) => reply,
                 Err(why) => return fail(&plugin::agent_unreachable(&context, &socket, &why)),

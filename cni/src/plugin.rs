@@ -23,8 +23,16 @@ pub enum Step {
     About(String),
     /// Print this on stdout and exit 0.
     Print(String),
-    /// Send `request` to the agent at `socket`, then [`finish`] with its reply.
-    Ask { socket: String, request: Request, context: Context },
+    /// Ask the agent.
+    Ask(Box<Ask>),
+}
+
+/// Send `request` to the agent at `socket`, then [`finish`] with its reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    pub socket: String,
+    pub request: Request,
+    pub context: Context,
 }
 
 /// What [`finish`] needs to know about the invocation.
@@ -72,7 +80,7 @@ pub fn prepare(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Ste
         ifname: env.ifname,
         prev_result: config.prev_result,
     };
-    Ok(Step::Ask { socket: config.socket, request, context })
+    Ok(Step::Ask(Box::new(Ask { socket: config.socket, request, context })))
 }
 
 /// The error for an agent that could not be asked (connect, send or receive failed).
@@ -255,7 +263,7 @@ mod tests {
 
     fn ask(vars: &[(&'static str, String)], stdin: &str) -> (String, Request, Context) {
         match step(vars, stdin).unwrap() {
-            Step::Ask { socket, request, context } => (socket, request, context),
+            Step::Ask(ask) => (ask.socket, ask.request, ask.context),
             other => panic!("{other:?}"),
         }
     }
