@@ -24,7 +24,7 @@ fn stdout_json(out: &Output) -> serde_json::Value {
     })
 }
 
-fn add_env<'a>(netns: &'a str) -> Vec<(&'a str, &'a str)> {
+fn add_env(netns: &str) -> Vec<(&str, &str)> {
     vec![
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "0123456789abcdef"),
