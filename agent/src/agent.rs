@@ -15,6 +15,7 @@ use overlay_model::Catalog;
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
+use crate::cni::Cni;
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
@@ -44,6 +45,8 @@ pub struct Config {
     /// How the agent authenticates to the controllers; its certificate also carries
     /// `--encrypted` networks (not with `--insecure`).
     pub security: Security,
+    /// The unix socket `overlay-cni` asks (CNI, issue 12).
+    pub socket: PathBuf,
 }
 
 /// PEM files of the cluster CA and this host's certificate and key.
@@ -124,6 +127,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     );
     let heartbeat_task =
         tokio::spawn(run_heartbeat(me, controllers.clone(), store.clone()).in_current_span());
+    // Containers (CNI, issue 12): the plugin's socket. Without it the data plane still
+    // runs; container runtimes are told the socket is unreachable.
+    let cni = Cni::new(&cfg.name, &cfg.data_dir, rx.clone(), controllers.clone())
+        .with_context(|| format!("container records in {}", cfg.data_dir.display()))?;
+    let cni_task = match crate::cni::server::bind(&cfg.socket) {
+        Ok(listener) => Some(tokio::spawn(
+            crate::cni::server::run(listener, cfg.socket.clone(), cni.clone()).in_current_span(),
+        )),
+        Err(e) => {
+            warn!(socket = %cfg.socket.display(), "not serving overlay-cni: {e}");
+            None
+        }
+    };
 
     let mut dns = DnsServers::new(crate::dns::upstream(cfg.resolv_conf.as_deref()));
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
@@ -139,13 +155,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             Ok(()) = renewed.changed() => {
                 dataplane.set_settings(daemon_settings(&cfg, mtu, &tls));
             }
+            // A container was attached or detached: realise it now.
+            _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
+        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision, &cni)
+            .await;
     }
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
     heartbeat_task.abort();
+    if let Some(task) = cni_task {
+        task.abort();
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     if let Some(task) = renew_task {
         task.abort();
     }
@@ -207,6 +230,7 @@ async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pass(
     host: &Nl,
     store: &Store,
@@ -215,8 +239,10 @@ async fn pass(
     dns: &mut DnsServers,
     dataplane: &mut DataplaneClient,
     last_revision: &mut Option<u64>,
+    cni: &Cni,
 ) {
-    let desired = desired_for_host(catalog, local);
+    let mut desired = desired_for_host(catalog, local);
+    cni.adjust(&mut desired, store);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
         info!(
@@ -244,4 +270,5 @@ async fn pass(
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
     dns.start_missing(&ours);
+    cni.pass_done(&ours);
 }

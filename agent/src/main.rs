@@ -18,6 +18,7 @@ const DEFAULT_CONFIG: &str = "/etc/overlay/agent.toml";
 const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
 const DEFAULT_UDP_PORT: u16 = 7470;
 const DEFAULT_QUIC_PORT: u16 = 7471;
+const DEFAULT_SOCKET: &str = overlay_agent::cni::server::DEFAULT_SOCKET;
 
 /// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
 /// desired state.
@@ -74,6 +75,10 @@ struct Args {
     /// run --insecure). No encrypted networks.
     #[arg(long)]
     insecure: bool,
+    /// The unix socket the overlay-cni plugin asks to attach containers (root only;
+    /// default /run/overlay/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Internal: run as the data-plane daemon listening on this socket (the agent
     /// starts it itself; see `overlay_agent::dataplane`).
     #[arg(long, hide = true, requires = "dataplane_settings")]
@@ -108,6 +113,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     join_token: Option<String>,
     insecure: Option<bool>,
+    socket: Option<PathBuf>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -185,6 +191,10 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if !(1..=16).contains(&udp_queues) {
         return Err(format!("--udp-queues {udp_queues} is out of range (1–16)"));
     }
+    let socket = args.socket.or(file.socket).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if !socket.is_absolute() {
+        return Err(format!("--socket {}: must be an absolute path", socket.display()));
+    }
     let security = security(
         insecure,
         args.tls_ca.or(file.tls_ca),
@@ -203,6 +213,7 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         quic_port,
         udp_queues,
         security,
+        socket,
     })
 }
 
@@ -379,7 +390,14 @@ mod tests {
         assert!(e.contains("7471"), "{e}");
         let e = with(&["--udp-queues", "99"]).unwrap_err();
         assert!(e.contains("99"), "{e}");
+        let e = with(&["--socket", "agent.sock"]).unwrap_err();
+        assert!(e.contains("--socket agent.sock"), "{e}");
+        assert_eq!(
+            with(&["--socket", "/tmp/a.sock"]).unwrap().socket,
+            PathBuf::from("/tmp/a.sock")
+        );
         let c = with(&[]).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/overlay/agent.sock"));
         assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
     }
 

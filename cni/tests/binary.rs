@@ -78,7 +78,8 @@ fn add_with_the_agent_unreachable_names_the_socket() {
     assert_eq!(e["msg"], format!("overlay agent unreachable at {}", socket.display()));
     assert!(e["details"].as_str().unwrap_or_default().contains("refused"), "{e}");
     // The default socket when the configuration names none.
-    let out = run(&add_env("/run/netns/none"), r#"{"cniVersion":"1.0.0","name":"ovt-no-such-net"}"#);
+    let out =
+        run(&add_env("/run/netns/none"), r#"{"cniVersion":"1.0.0","name":"ovt-no-such-net"}"#);
     let e = stdout_json(&out);
     if !std::path::Path::new("/run/overlay/agent.sock").exists() {
         assert_eq!(e["msg"], "overlay agent unreachable at /run/overlay/agent.sock");
