@@ -313,6 +313,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(out, &Removed::Route { network, destination })
         }
 
+        // Refused for a network the cluster does not have; always JSON (it is a file).
+        Command::CniConfig { network, socket } => {
+            validate_name(&network)?;
+            let socket = socket.unwrap_or_else(|| overlay_cni::spec::DEFAULT_SOCKET.to_string());
+            if !socket.starts_with('/') {
+                return Err(Failure::Usage(format!("--socket {socket}: must be an absolute path")));
+            }
+            rpc!(ctl, Read, inspect_network, pb::NameRequest { name: network.clone() });
+            let list = overlay_cni::conflist::conflist(&network, &socket);
+            let text =
+                serde_json::to_string_pretty(&list).map_err(|e| Failure::Output(e.to_string()))?;
+            writeln!(std::io::stdout(), "{text}").map_err(|e| Failure::Output(e.to_string()))
+        }
         Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
     }
 }

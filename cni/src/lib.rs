@@ -7,6 +7,7 @@
 //!   `CNI_ARGS`, versions, the result and the error objects.
 //! * [`protocol`] (pure): the plugin↔agent messages (one JSON line each way).
 //! * [`naming`] (pure): the endpoint name a container gets (the agent decides with it).
+//! * [`conflist`] (pure): the conflist `overlayctl cni-config` prints.
 //! * [`plugin`] (pure): one invocation from environment and stdin to a request, and from
 //!   the agent's reply to what is printed.
 //!
@@ -14,6 +15,7 @@
 //! request, prints the result or the CNI error JSON. This crate must never touch the
 //! kernel or talk to the controllers itself: that is the agent's job.
 
+pub mod conflist;
 pub mod naming;
 pub mod plugin;
 pub mod protocol;
