@@ -24,9 +24,9 @@ use crate::lab::{bin_dir, run, Lab};
 pub const IMAGE: &str = "localhost/ovt-busybox:latest";
 
 /// Busybox applets the image links (its `/bin/busybox` is the static one).
-const APPLETS: [&str; 16] = [
+const APPLETS: [&str; 17] = [
     "sh", "ping", "wget", "httpd", "hostname", "cat", "sleep", "nslookup", "ip", "ls", "echo",
-    "mkdir", "true", "ifconfig", "route", "grep",
+    "mkdir", "true", "ifconfig", "route", "grep", "timeout",
 ];
 
 fn which(cmd: &str) -> Option<PathBuf> {

@@ -64,12 +64,15 @@ fn ping(p: &Podman, from: &str, to: &str) -> Result<()> {
 }
 
 fn fetch(p: &Podman, from: &str, to: &str) -> Result<String> {
-    let out = p.exec(from, &["wget", "-q", "-T", "2", "-O", "-", &format!("http://{to}/")]);
+    // Busybox 1.35's `wget -T` crashes: bound it with `timeout` instead.
+    let url = format!("http://{to}/");
+    let out = p.exec(from, &["timeout", "5", "wget", "-q", "-O", "-", &url]);
     ensure!(
         out.status.success(),
-        "h{}: {from} cannot fetch http://{to}/: {}",
+        "h{}: {from} cannot fetch {url} ({:?}): {}",
         p.host,
-        String::from_utf8_lossy(&out.stderr)
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -181,8 +184,9 @@ fn scenario(lab: &mut Lab) -> Result<()> {
     let sw = lab.switch_ns();
     let url = format!("http://{}:8080/", Lab::host_ip(1));
     eventually(t, "the published port from the switch", || {
-        let out =
-            run(&["ip", "netns", "exec", &sw, "busybox", "wget", "-q", "-T", "2", "-O", "-", &url]);
+        let out = run(&[
+            "ip", "netns", "exec", &sw, "timeout", "5", "busybox", "wget", "-q", "-O", "-", &url,
+        ]);
         let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
         ensure!(
             body == publ,
