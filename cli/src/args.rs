@@ -107,8 +107,11 @@ pub enum Command {
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]
 pub enum ClusterCmd {
-    /// Members: id, address, role, term, commit index, reachable
+    /// Members: id, address, role, term, commit index, reachable, matched index, voter
     Status,
+    /// Change the raft membership, one member at a time (admin only)
+    #[command(subcommand)]
+    Member(MemberCmd),
     /// The token agents join with (printed as the last word); needs a controller that
     /// holds the CA key
     JoinToken {
@@ -116,6 +119,20 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum MemberCmd {
+    /// Add member ID listening on IP:PORT (start it with `overlay-controller --join`); it
+    /// becomes a voter once it has caught up
+    Add {
+        id: u64,
+        #[arg(value_name = "IP:PORT")]
+        address: String,
+    },
+    /// Remove member ID, e.g. a dead one before adding its replacement
+    #[command(visible_alias = "remove")]
+    Rm { id: u64 },
 }
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]
@@ -320,6 +337,19 @@ mod tests {
     #[test]
     fn cluster_and_host() {
         assert_eq!(command(&["cluster", "status"]), Command::Cluster(ClusterCmd::Status));
+        assert_eq!(
+            command(&["cluster", "member", "add", "4", "10.0.0.4:7400"]),
+            Command::Cluster(ClusterCmd::Member(MemberCmd::Add {
+                id: 4,
+                address: "10.0.0.4:7400".into()
+            }))
+        );
+        assert_eq!(
+            command(&["cluster", "member", "rm", "3"]),
+            Command::Cluster(ClusterCmd::Member(MemberCmd::Rm { id: 3 }))
+        );
+        assert_eq!(fails(&["cluster", "member", "rm", "three"]), ErrorKind::ValueValidation);
+        assert_eq!(fails(&["cluster", "member", "add", "4"]), ErrorKind::MissingRequiredArgument);
         assert_eq!(command(&["host", "ls"]), Command::Host(HostCmd::Ls));
         assert_eq!(command(&["host", "list"]), Command::Host(HostCmd::Ls));
         assert_eq!(

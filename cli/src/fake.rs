@@ -118,6 +118,8 @@ pub fn sample_cluster() -> pb::ClusterStatusResponse {
         digest: "9f2c".into(),
         snapshot_index: 0,
         leader: 1,
+        matched: if reachable { 42 } else { 0 },
+        voter: true,
     };
     pb::ClusterStatusResponse {
         leader: 1,
@@ -266,6 +268,24 @@ impl Overlay for Fake {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         self.answer(sample_cluster).await
     }
+
+    async fn add_member(
+        &self,
+        r: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let r = r.into_inner();
+        self.answer(|| pb::MemberChangeResponse { id: r.id, address: r.address, members: vec![] })
+            .await
+    }
+
+    async fn remove_member(
+        &self,
+        r: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        let id = r.into_inner().id;
+        self.answer(|| pb::MemberChangeResponse { id, ..Default::default() }).await
+    }
+
     async fn join_token(
         &self,
         _: Request<pb::JoinTokenRequest>,

@@ -25,11 +25,11 @@ use overlay_pki::Identity;
 use overlay_proto::pb;
 
 use crate::args::{
-    Addressing, Cli, ClusterCmd, Command, EndpointCmd, Format, HostCmd, NetworkCmd, NetworkCreate,
-    RouteCmd, CONTROLLER_ENV,
+    Addressing, Cli, ClusterCmd, Command, EndpointCmd, Format, HostCmd, MemberCmd, NetworkCmd,
+    NetworkCreate, RouteCmd, CONTROLLER_ENV,
 };
 use crate::client::{Call, Controllers, Policy};
-use crate::output::{Removed, Render};
+use crate::output::{MemberChanged, Removed, Render};
 
 /// Everything that can make a command fail.
 #[derive(Debug)]
@@ -44,6 +44,8 @@ enum Failure {
     Usage(String),
     /// A `cert` command, or loading the TLS files, failed.
     Cert(overlay_pki::PkiError),
+    /// A value the model crate does not cover (member ids and addresses) is invalid.
+    BadValue(String),
 }
 
 impl fmt::Display for Failure {
@@ -54,6 +56,7 @@ impl fmt::Display for Failure {
             Failure::Output(e) => write!(f, "cannot write output: {e}"),
             Failure::Usage(e) => f.write_str(e),
             Failure::Cert(e) => write!(f, "{e}"),
+            Failure::BadValue(e) => f.write_str(e),
         }
     }
 }
@@ -195,6 +198,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let status = rpc!(ctl, Read, cluster_status, pb::ClusterStatusRequest {});
             emit(out, &status)
         }
+        Command::Cluster(ClusterCmd::Member(MemberCmd::Add { id, address })) => {
+            let id = member_id(id)?;
+            let address = member_address(&address)?;
+            let response = rpc!(ctl, Write, add_member, pb::AddMemberRequest { id, address });
+            emit(out, &MemberChanged::Added(response))
+        }
+        Command::Cluster(ClusterCmd::Member(MemberCmd::Rm { id })) => {
+            let id = member_id(id)?;
+            let response = rpc!(ctl, Write, remove_member, pb::RemoveMemberRequest { id });
+            emit(out, &MemberChanged::Removed(response))
+        }
         // Read, not Write: a member without the CA key answers unavailable and the next
         // one is asked; a rotation repeated that way only makes one more new token.
         Command::Cluster(ClusterCmd::JoinToken { rotate }) => {
@@ -328,6 +342,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
     }
+}
+
+/// Member ids start at 1 (0 is raft's "nobody").
+fn member_id(id: u64) -> Result<u64, Failure> {
+    if id == 0 {
+        return Err(Failure::BadValue("invalid member id 0: member ids start at 1".into()));
+    }
+    Ok(id)
+}
+
+/// A member's `IP:PORT`, as the controller stores it.
+fn member_address(address: &str) -> Result<String, Failure> {
+    address.trim().parse::<std::net::SocketAddr>().map(|a| a.to_string()).map_err(|_| {
+        Failure::BadValue(format!("invalid member address {address:?}: expected IP:PORT"))
+    })
 }
 
 /// Pre-checks `network create` and builds its request. Values travel as typed, so the

@@ -94,6 +94,10 @@ pub struct MemberJson {
     pub revision: u64,
     pub digest: String,
     pub snapshot_index: u64,
+    /// Highest log index the leader knows to match its own (0 when no leader answered).
+    pub matched: u64,
+    /// False for a learner: a member being added that has not caught up yet.
+    pub voter: bool,
 }
 
 impl From<&pb::Network> for NetworkJson {
@@ -180,6 +184,8 @@ impl From<&pb::Member> for MemberJson {
             revision: m.revision,
             digest: m.digest.clone(),
             snapshot_index: m.snapshot_index,
+            matched: m.matched,
+            voter: m.voter,
         }
     }
 }
@@ -376,13 +382,93 @@ impl Render for pb::ClusterStatusResponse {
                     m.applied_index.to_string(),
                     m.revision.to_string(),
                     m.reachable.to_string(),
+                    m.matched.to_string(),
+                    m.voter.to_string(),
                 ]
             })
             .collect::<Vec<_>>();
         table(
-            &["ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "REVISION", "REACHABLE"],
+            &[
+                "ID",
+                "ADDRESS",
+                "ROLE",
+                "TERM",
+                "COMMIT",
+                "APPLIED",
+                "REVISION",
+                "REACHABLE",
+                "MATCHED",
+                "VOTER",
+            ],
             &rows,
         )
+    }
+}
+
+/// The answer to `cluster member add` / `rm`: the member and the configuration after.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberChanged {
+    Added(pb::MemberChangeResponse),
+    Removed(pb::MemberChangeResponse),
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberChangedJson {
+    /// `added` or `removed`.
+    pub change: &'static str,
+    pub id: u64,
+    pub address: String,
+    pub members: Vec<ConfiguredMemberJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfiguredMemberJson {
+    pub id: u64,
+    pub address: String,
+    pub voter: bool,
+}
+
+impl Render for MemberChanged {
+    type Json = MemberChangedJson;
+    fn json(&self) -> Self::Json {
+        let (change, r) = match self {
+            MemberChanged::Added(r) => ("added", r),
+            MemberChanged::Removed(r) => ("removed", r),
+        };
+        MemberChangedJson {
+            change,
+            id: r.id,
+            address: r.address.clone(),
+            members: r
+                .members
+                .iter()
+                .map(|m| ConfiguredMemberJson {
+                    id: m.id,
+                    address: m.address.clone(),
+                    voter: m.voter,
+                })
+                .collect(),
+        }
+    }
+    fn table(&self, _now_ms: i64) -> String {
+        match self {
+            MemberChanged::Added(r) => {
+                let voter = r.members.iter().any(|m| m.id == r.id && m.voter);
+                if voter {
+                    format!("added member {} ({})\n", r.id, r.address)
+                } else {
+                    format!(
+                        "added member {} ({}) as a learner: it becomes a voter once it has caught \
+                         up (`overlayctl cluster status` shows it)\n",
+                        r.id, r.address
+                    )
+                }
+            }
+            MemberChanged::Removed(r) if r.address.is_empty() => {
+                format!("removed member {}\n", r.id)
+            }
+            MemberChanged::Removed(r) => format!("removed member {} ({})\n", r.id, r.address),
+        }
     }
 }
 
@@ -651,7 +737,8 @@ mod tests {
             json!({
                 "id": id, "address": format!("10.0.0.{id}:7400"), "role": role, "term": 3,
                 "commit_index": 42, "reachable": reachable, "applied_index": 42, "revision": 17,
-                "digest": "9f2c", "snapshot_index": 0,
+                "digest": "9f2c", "snapshot_index": 0, "matched": if reachable { 42 } else { 0 },
+                "voter": true,
             })
         };
         assert_eq!(
@@ -665,6 +752,36 @@ mod tests {
         let leaderless =
             pb::ClusterStatusResponse { leader: 0, members: vec![], cluster_id: String::new() };
         assert_eq!(value(&leaderless), json!({"leader": null, "members": [], "cluster_id": null}));
+    }
+
+    #[test]
+    fn member_changes_json_and_table() {
+        let member = |id: u64, voter: bool| pb::Member {
+            id,
+            address: format!("10.0.0.{id}:7400"),
+            voter,
+            ..Default::default()
+        };
+        let added = MemberChanged::Added(pb::MemberChangeResponse {
+            id: 4,
+            address: "10.0.0.4:7400".into(),
+            members: vec![member(1, true), member(4, false)],
+        });
+        assert_eq!(
+            value(&added),
+            json!({"change": "added", "id": 4, "address": "10.0.0.4:7400", "members": [
+                {"id": 1, "address": "10.0.0.1:7400", "voter": true},
+                {"id": 4, "address": "10.0.0.4:7400", "voter": false},
+            ]})
+        );
+        assert!(added.table(0).starts_with("added member 4 (10.0.0.4:7400) as a learner"));
+        let removed = MemberChanged::Removed(pb::MemberChangeResponse {
+            id: 3,
+            address: "10.0.0.3:7400".into(),
+            members: vec![member(1, true)],
+        });
+        assert_eq!(value(&removed)["change"], "removed");
+        assert_eq!(removed.table(0), "removed member 3 (10.0.0.3:7400)\n");
     }
 
     #[test]
@@ -760,10 +877,10 @@ frontend   10.0.2.0/24   gw    10.0.1.254
         assert_eq!(
             sample_cluster().table(0),
             "\
-ID   ADDRESS         ROLE          TERM   COMMIT   APPLIED   REVISION   REACHABLE
-1    10.0.0.1:7400   leader        3      42       42        17         true
-2    10.0.0.2:7400   follower      3      42       42        17         true
-3    10.0.0.3:7400   unreachable   3      42       42        17         false
+ID   ADDRESS         ROLE          TERM   COMMIT   APPLIED   REVISION   REACHABLE   MATCHED   VOTER
+1    10.0.0.1:7400   leader        3      42       42        17         true        42        true
+2    10.0.0.2:7400   follower      3      42       42        17         true        42        true
+3    10.0.0.3:7400   unreachable   3      42       42        17         false       0         true
 "
         );
         assert_eq!(([] as [pb::Route; 0]).table(0), "NETWORK   DESTINATION   VIA   VIA-IP\n");

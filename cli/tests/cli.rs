@@ -86,6 +86,36 @@ async fn bad_input_fails_before_any_call() {
 }
 
 #[tokio::test]
+async fn bad_member_values_fail_before_any_call() {
+    let (url, calls) = fake::spawn(Behaviour::Answer).await;
+    let out = overlayctl(&["--controller", &url, "cluster", "member", "add", "4", "nowhere"]).await;
+    assert_eq!(
+        assert_error(&out, 1),
+        r#"error: invalid member address "nowhere": expected IP:PORT"#
+    );
+    let out = overlayctl(&["--controller", &url, "cluster", "member", "rm", "0"]).await;
+    assert_eq!(assert_error(&out, 1), "error: invalid member id 0: member ids start at 1");
+    assert_error(&overlayctl(&["cluster", "member", "rm", "x"]).await, 2);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let out = overlayctl(&[
+        "--controller",
+        &url,
+        "-o",
+        "json",
+        "cluster",
+        "member",
+        "add",
+        "4",
+        "10.0.0.4:7400",
+    ])
+    .await;
+    let v: Value = serde_json::from_str(&assert_ok(&out)).expect("json");
+    assert_eq!(v["change"], "added");
+    assert_eq!(v["id"], 4);
+    assert_eq!(v["address"], "10.0.0.4:7400");
+}
+
+#[tokio::test]
 async fn no_controller_is_one_line() {
     let dead = refused_url().await;
     let out = overlayctl(&["--controller", &dead, "network", "ls"]).await;

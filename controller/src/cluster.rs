@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
+use crate::raft::membership::{MemberChange, MembershipError};
 use crate::watch::WatchHub;
 
 /// How long a write may wait for its entry to commit before the client is told the
@@ -62,6 +63,43 @@ pub struct NodeStatus {
     /// A member started on an empty data dir while the cluster already had data does not
     /// vote or campaign until it has caught up from the leader.
     pub recovering: bool,
+    /// Every voter and learner of the configuration as of `applied`.
+    pub members: BTreeMap<u64, MemberInfo>,
+    /// On the leader only: how far each member's log matches the leader's.
+    pub progress: BTreeMap<u64, PeerProgress>,
+}
+
+impl NodeStatus {
+    /// The status before the driver has published its first one.
+    pub fn initial(id: u64, recovering: bool) -> NodeStatus {
+        NodeStatus {
+            id,
+            role: Role::Follower,
+            term: 0,
+            leader: 0,
+            commit: 0,
+            applied: 0,
+            snapshot_index: 0,
+            recovering,
+            members: BTreeMap::new(),
+            progress: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub address: String,
+    /// False for a learner (a member being added, still catching up).
+    pub voter: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Highest log index known to match the leader's.
+    pub matched: u64,
+    /// Heard from within an election timeout.
+    pub live: bool,
 }
 
 /// State shared between the driver (writer) and the API (readers).
@@ -97,8 +135,54 @@ pub enum ProposeError {
 /// Messages to the driver task.
 pub enum DriverMsg {
     Raft(Box<raft::prelude::Message>),
-    Propose { command: Command, reply: oneshot::Sender<ProposeReply> },
-    ReadIndex { reply: oneshot::Sender<()> },
+    Propose {
+        command: Command,
+        reply: oneshot::Sender<ProposeReply>,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<()>,
+    },
+    /// On the leader: check and propose one membership change; answered once applied.
+    /// `candidate_answers`: the member to be added answered the leader's probe.
+    ChangeMembership {
+        change: MemberChange,
+        candidate_answers: bool,
+        reply: oneshot::Sender<ChangeReply>,
+    },
+    /// A snapshot of the applied state for member `id`, which joins or lost its data.
+    JoinSnapshot {
+        id: u64,
+        reply: oneshot::Sender<Result<JoinSnapshot, MembershipError>>,
+    },
+}
+
+pub type ChangeReply = Result<(), ChangeError>;
+
+/// Why a membership change did not happen (yet).
+#[derive(Debug, Error)]
+pub enum ChangeError {
+    #[error("this member is not the leader")]
+    NotLeader { leader: u64 },
+    /// Refused by the rules in `raft::membership`; the state is unchanged.
+    #[error("{0}")]
+    Refused(MembershipError),
+    /// Refused by the leader, carried back as status code and message.
+    #[error("{1}")]
+    RefusedRemote(tonic::Code, String),
+    /// Nothing was changed, and asking again shortly will work (a change is being
+    /// applied, leadership is moving).
+    #[error("{0}")]
+    Retry(String),
+    /// The change may or may not happen.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a joining member starts from: a snapshot of the applied state (index 0 when the
+/// cluster has applied nothing yet) and the commit index it must catch up to.
+pub struct JoinSnapshot {
+    pub snapshot: raft::prelude::Snapshot,
+    pub commit: u64,
 }
 
 #[derive(Debug, Error)]
@@ -111,6 +195,9 @@ pub enum ClusterError {
     Unavailable(String),
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// A membership change refused with the reason; nothing changed.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<ClusterError> for tonic::Status {
@@ -132,29 +219,72 @@ impl From<ClusterError> for tonic::Status {
             ClusterError::RejectedRemote(code, m) => tonic::Status::new(code, m),
             ClusterError::Unavailable(m) => tonic::Status::unavailable(m),
             ClusterError::OutcomeUnknown(m) => tonic::Status::deadline_exceeded(m),
+            ClusterError::Refused(m) => tonic::Status::failed_precondition(m),
         }
     }
 }
 
-/// Lazily connected gRPC channels to the other members.
+/// Lazily connected gRPC channels to the other members, by member id. The member list
+/// changes at runtime (membership changes, snapshots): the driver's transport keeps it
+/// in step with the applied configuration through [`Peers::set`].
 #[derive(Clone)]
 pub struct Peers {
-    pub addresses: Arc<BTreeMap<u64, String>>,
-    channels: Arc<BTreeMap<u64, Channel>>,
+    inner: Arc<RwLock<BTreeMap<u64, PeerChannel>>>,
+    /// How channels to members are made (TLS), also for members added later.
+    dialer: Dialer,
+}
+
+struct PeerChannel {
+    address: String,
+    channel: Channel,
 }
 
 impl Peers {
     /// `dialer` carries this member's TLS settings (its controller certificate).
-    pub fn new(addresses: BTreeMap<u64, String>, dialer: &Dialer) -> anyhow::Result<Peers> {
-        let mut channels = BTreeMap::new();
-        for (id, addr) in &addresses {
-            channels.insert(*id, Peers::connect(dialer, addr)?);
+    pub fn new(addresses: &BTreeMap<u64, String>, dialer: &Dialer) -> anyhow::Result<Peers> {
+        let mut map = BTreeMap::new();
+        for (&id, address) in addresses {
+            map.insert(
+                id,
+                PeerChannel { address: address.clone(), channel: Peers::connect(dialer, address)? },
+            );
         }
-        Ok(Peers { addresses: Arc::new(addresses), channels: Arc::new(channels) })
+        Ok(Peers { inner: Arc::new(RwLock::new(map)), dialer: dialer.clone() })
     }
 
-    /// The one place a channel to a member is made.
-    fn connect(dialer: &Dialer, address: &str) -> anyhow::Result<Channel> {
+    /// A Peer-service client on `channel`, sized for snapshots.
+    pub fn client_on(channel: Channel) -> PeerClient<Channel> {
+        PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Makes the member list `addresses`, keeping the channels of unchanged members.
+    pub fn set(&self, addresses: &BTreeMap<u64, String>) {
+        let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|id, peer| addresses.get(id) == Some(&peer.address));
+        for (&id, address) in addresses {
+            if map.contains_key(&id) {
+                continue;
+            }
+            match Peers::connect(&self.dialer, address) {
+                Ok(channel) => {
+                    map.insert(id, PeerChannel { address: address.clone(), channel });
+                }
+                // Addresses are checked before they are proposed; this is a bug or a
+                // version skew, and the member stays unreachable from here.
+                Err(e) => tracing::error!(id, address, error = %e, "unusable member address"),
+            }
+        }
+    }
+
+    pub fn addresses(&self) -> BTreeMap<u64, String> {
+        let map = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(&id, p)| (id, p.address.clone())).collect()
+    }
+
+    /// The one place a channel to a member (`IP:PORT`) is made.
+    pub fn connect(dialer: &Dialer, address: &str) -> anyhow::Result<Channel> {
         let endpoint = dialer
             .endpoint(&format!("{}://{address}", dialer.scheme()))?
             .connect_timeout(Duration::from_secs(1))
@@ -165,11 +295,8 @@ impl Peers {
     }
 
     pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
-        self.channels.get(&id).map(|c| {
-            PeerClient::new(c.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        })
+        let map = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&id).map(|p| Peers::client_on(p.channel.clone()))
     }
 }
 
@@ -302,9 +429,164 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Asks this member's driver to make a membership change (it must lead). A member to
+    /// be added is probed first: whether it answers counts towards quorum.
+    pub async fn change_local(&self, change: MemberChange) -> ChangeReply {
+        if self.status().role != Role::Leader {
+            return Err(ChangeError::NotLeader { leader: self.status().leader });
+        }
+        let candidate_answers = match &change {
+            MemberChange::AddLearner { id, address } => self.probe(*id, address).await?,
+            _ => false,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.driver
+            .send(DriverMsg::ChangeMembership { change, candidate_answers, reply })
+            .await
+            .map_err(|_| ChangeError::Unavailable("controller is shutting down".into()))?;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(ChangeError::Unavailable("controller is shutting down".into())),
+            Err(_) => Err(ChangeError::Unavailable(
+                "timed out waiting for the membership change to commit; its outcome is unknown: \
+                 check `overlayctl cluster status`"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Makes one membership change wherever the leader is, and waits until it applied.
+    /// Retries (within [`PROPOSE_TIMEOUT`]) while no leader is known, leadership moves,
+    /// or the previous change is still being applied; never re-sends a change whose
+    /// outcome is unknown.
+    pub async fn change_membership(&self, change: MemberChange) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let leader = self.status().leader;
+            let attempt = if leader == self.id || leader == 0 {
+                self.change_local(change.clone()).await
+            } else {
+                self.forward_change(leader, &change).await
+            };
+            let retry = match attempt {
+                Ok(()) => return Ok(()),
+                Err(ChangeError::Refused(e)) => return Err(ClusterError::Refused(e.to_string())),
+                Err(ChangeError::RefusedRemote(code, m)) => {
+                    return Err(ClusterError::RejectedRemote(code, m))
+                }
+                Err(ChangeError::Unavailable(m)) => return Err(ClusterError::OutcomeUnknown(m)),
+                Err(ChangeError::NotLeader { .. }) => {
+                    "no controller leader is available (is a majority of members up?)".to_string()
+                }
+                Err(ChangeError::Retry(m)) => m,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Unavailable(format!(
+                    "cannot {change} now: {retry}; nothing was changed"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether member `id` answers at `address` (a controller started with `--join`
+    /// serves once it has its snapshot). Another member answering there is an error.
+    async fn probe(&self, id: u64, address: &str) -> Result<bool, ChangeError> {
+        let Ok(channel) = Peers::connect(&self.peers.dialer, address) else { return Ok(false) };
+        let mut client = Peers::client_on(channel);
+        let mut request = tonic::Request::new(pb::Empty {});
+        request.set_timeout(Duration::from_secs(1));
+        let answer =
+            tokio::time::timeout(Duration::from_millis(1500), client.member_status(request)).await;
+        match answer {
+            Ok(Ok(resp)) => match resp.into_inner().member.map(|m| m.id) {
+                Some(answered) if answered != id => {
+                    Err(ChangeError::Refused(MembershipError::AddressAnswersAs {
+                        address: address.to_string(),
+                        answered,
+                        id,
+                    }))
+                }
+                answered => Ok(answered.is_some()),
+            },
+            _ => Ok(false),
+        }
+    }
+
+    async fn forward_change(&self, leader: u64, change: &MemberChange) -> ChangeReply {
+        let Some(mut client) = self.peers.client(leader) else {
+            return Err(ChangeError::NotLeader { leader: 0 });
+        };
+        let (id, address, remove) = match change {
+            MemberChange::AddLearner { id, address } => (*id, address.clone(), false),
+            MemberChange::Remove { id } => (*id, String::new(), true),
+            // The leader promotes learners on its own; nobody forwards that.
+            MemberChange::Promote { .. } => {
+                return Err(ChangeError::Unavailable("promotions are not forwarded".into()))
+            }
+        };
+        let mut request = tonic::Request::new(pb::MembershipChange { id, address, remove });
+        request.set_timeout(PROPOSE_TIMEOUT);
+        match client.change_membership(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if is_not_sent(&status) => Err(ChangeError::NotLeader { leader: 0 }),
+            Err(status) => Err(change_error_from_status(&status)),
+        }
+    }
+
+    /// A snapshot of this member's applied state, for a member that joins.
+    pub async fn join_snapshot(&self, id: u64) -> Result<JoinSnapshot, ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.driver
+            .send(DriverMsg::JoinSnapshot { id, reply })
+            .await
+            .map_err(|_| ClusterError::Unavailable("controller is shutting down".into()))?;
+        match tokio::time::timeout(READ_TIMEOUT, rx).await {
+            Ok(Ok(Ok(snapshot))) => Ok(snapshot),
+            Ok(Ok(Err(e))) => Err(ClusterError::Refused(e.to_string())),
+            _ => Err(ClusterError::Unavailable("controller is shutting down".into())),
+        }
+    }
+}
+
+/// How the Peer service answers a forwarded membership change that failed.
+pub fn change_error_status(e: ChangeError) -> tonic::Status {
+    match e {
+        // Retryable on the caller's side: nothing changed.
+        ChangeError::NotLeader { .. } | ChangeError::Retry(_) => {
+            tonic::Status::aborted(e.to_string())
+        }
+        ChangeError::Refused(e) => tonic::Status::failed_precondition(e.to_string()),
+        ChangeError::RefusedRemote(code, m) => tonic::Status::new(code, m),
+        ChangeError::Unavailable(m) => tonic::Status::unavailable(m),
+    }
+}
+
+fn change_error_from_status(status: &tonic::Status) -> ChangeError {
+    let message = status.message().to_string();
+    match status.code() {
+        tonic::Code::Aborted => ChangeError::Retry(message),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            ChangeError::Unavailable(format!(
+                "the leader did not answer ({message}); the change's outcome is unknown: check \
+                 `overlayctl cluster status`"
+            ))
+        }
+        code => ChangeError::RefusedRemote(code, message),
+    }
+}
+
 /// A status that proves the request never reached the peer's handler: the connection
-/// could not be made (refused, no route, TLS refused) or the peer said it is not leader.
+/// could not be made (refused, no route, TLS refused), the peer said it is not leader,
+/// or hyper never handed the request to a connection that closed under it.
 pub fn is_not_sent(status: &tonic::Status) -> bool {
+    // hyper reports "canceled" only for a request it never handed to the connection
+    // (the connection closed first: the peer just died); one that was written and then
+    // lost its connection fails differently. A client timeout is "Timeout expired".
+    if status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled" {
+        return true;
+    }
     if status.code() != tonic::Code::Unavailable {
         return false;
     }

@@ -28,8 +28,13 @@ pub struct Flags {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Every member, itself included: `1=IP:PORT,2=IP:PORT,3=IP:PORT`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     pub peers: Option<String>,
+    /// Join an existing cluster through any of its members, `URL[,URL...]`
+    /// (`https://IP:PORT`), instead of `--peers`: the new member starts from a snapshot
+    /// and takes part once `overlayctl cluster member add` has added it.
+    #[arg(long, value_name = "URL[,URL...]")]
+    pub join: Option<String>,
     /// TOML config file (default /etc/overlay/controller.toml when present).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,6 +78,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub peers: Option<String>,
+    pub join: Option<String>,
     pub host_down_after_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
     pub log: Option<String>,
@@ -106,7 +112,11 @@ pub struct Config {
     pub id: u64,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The members this one was configured with (itself included): the initial
+    /// membership of a new cluster, and addresses for snapshots that carry none.
     pub peers: BTreeMap<u64, String>,
+    /// Addresses (`IP:PORT`) of members to join through; empty unless `--join`.
+    pub join: Vec<String>,
     pub host_down_after: Duration,
     pub snapshot_every: u64,
     pub log: Option<String>,
@@ -136,6 +146,28 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
+/// `--join URL[,URL...]` into `IP:PORT` addresses. A URL is `http://IP:PORT` (or
+/// `https://`, or just `IP:PORT`); the port defaults to 7400.
+pub fn parse_join(s: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for url in s.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        let addr: SocketAddr = rest
+            .parse()
+            .or_else(|_| format!("{rest}:7400").parse())
+            .with_context(|| format!("invalid --join URL {url:?}: expected https://IP:PORT"))?;
+        out.push(addr.to_string());
+    }
+    if out.is_empty() {
+        bail!("--join {s:?} names no member");
+    }
+    Ok(out)
+}
+
 impl Config {
     pub fn load(flags: Flags) -> anyhow::Result<Config> {
         let file = match &flags.config {
@@ -155,7 +187,15 @@ impl Config {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("/var/lib/overlay/controller"));
+        let join = match flags.join.or(file.join) {
+            Some(j) => parse_join(&j)?,
+            None => Vec::new(),
+        };
         let peers = match flags.peers.or(file.peers) {
+            Some(_) if !join.is_empty() => bail!(
+                "--peers and --join exclude each other: a new \
+                member joins with --join only"
+            ),
             Some(p) => parse_peers(&p)?,
             None => BTreeMap::from([(id, listen.to_string())]),
         };
@@ -184,6 +224,7 @@ impl Config {
             listen,
             data_dir,
             peers,
+            join,
             host_down_after,
             snapshot_every,
             log: flags.log.or(file.log),
@@ -243,6 +284,15 @@ mod tests {
         let e = parse_peers("1=nowhere").expect_err("bad addr").to_string();
         assert!(e.contains("nowhere"), "{e}");
         assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+    }
+
+    #[test]
+    fn join_urls_parse_and_errors_name_the_bad_url() {
+        let j = parse_join("http://10.0.0.1:7400, 10.0.0.2:7401,https://10.0.0.3").expect("valid");
+        assert_eq!(j, vec!["10.0.0.1:7400", "10.0.0.2:7401", "10.0.0.3:7400"]);
+        let e = parse_join("http://10.0.0.1:7400,http://nowhere").expect_err("bad").to_string();
+        assert!(e.contains("http://nowhere"), "{e}");
+        assert!(parse_join(" , ").is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use overlay_model::State;
+use overlay_grpc::Dialer;
 use overlay_proto::pb;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tracing::{error, info, warn};
@@ -77,49 +77,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config)?;
     let tls = security::load(&config.security, config.listen)?;
-    let voters: Vec<u64> = config.peers.keys().copied().collect();
-    let storage = DiskStorage::open(&config.data_dir.join("raft"), &voters)
-        .with_context(|| format!("opening the raft log in {}", config.data_dir.display()))?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Joining may wait for the cluster; a stop request must still be honoured.
+    let (storage, recovering_until) = tokio::select! {
+        r = open_storage(&config, &tls.dialer) => r?,
+        _ = sigterm.recv() => { info!("SIGTERM before start-up finished"); return Ok(()) }
+        _ = tokio::signal::ctrl_c() => { info!("interrupted before start-up finished"); return Ok(()) }
+    };
     if let Some(note) = storage.recovery_note() {
         warn!("raft log recovery: {note}");
     }
-    let state = match storage.snapshot_data() {
-        Some((meta, data)) => {
-            let state = State::from_bytes(data).map_err(|e| {
-                anyhow::anyhow!("snapshot at index {} is unreadable: {e}", meta.index)
-            })?;
-            info!(
-                index = meta.index,
-                revision = state.catalog.revision,
-                "restored state from snapshot"
-            );
-            state
-        }
-        None => State::new(),
-    };
-    let peers = Peers::new(config.peers.clone(), &tls.dialer)?;
-    let recovering_until = if storage.is_fresh() && config.peers.len() > 1 {
-        existing_cluster_commit(&config, &peers).await
-    } else {
-        None
-    };
+    let (state, membership) = raft::restore(&storage, &config.peers)?;
+    if storage.snapshot_metadata().index > 0 {
+        info!(
+            index = storage.snapshot_metadata().index,
+            revision = state.catalog.revision,
+            "restored state from snapshot"
+        );
+    }
     if let Some(commit) = recovering_until {
         warn!(
             commit,
             "empty data dir but the cluster has data: not voting until caught up from the leader"
         );
     }
+    // The driver keeps the peer list in step with the configuration from here on.
+    let peers = Peers::new(&membership.addresses, &tls.dialer)?;
 
-    let (status_tx, _) = tokio_watch::channel(NodeStatus {
-        id: config.id,
-        role: Role::Follower,
-        term: 0,
-        leader: 0,
-        commit: 0,
-        applied: 0,
-        snapshot_index: 0,
-        recovering: recovering_until.is_some(),
-    });
+    let (status_tx, _) =
+        tokio_watch::channel(NodeStatus::initial(config.id, recovering_until.is_some()));
     let revision = state.catalog.revision;
     let shared = Arc::new(Shared {
         state: RwLock::new(state),
@@ -128,17 +114,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
     let (driver_tx, driver_rx) = mpsc::channel(65_536);
     let cluster = Cluster::new(config.id, peers.clone(), shared.clone(), driver_tx);
-    let transport = Transport::start(config.id, &peers);
+    let transport = Transport::new(config.id, peers.clone());
     let driver = Driver::new(
-        DriverConfig { id: config.id, snapshot_every: config.snapshot_every, keep_entries: 1_000 },
+        DriverConfig {
+            id: config.id,
+            snapshot_every: config.snapshot_every,
+            keep_entries: 1_000,
+            fixed_election_ticks: None,
+        },
         storage,
-        driver_rx,
-        transport,
+        Box::new(transport),
         shared,
+        membership,
         recovering_until,
     )?;
     let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
-    let mut driver_task = tokio::spawn(driver.run(shutdown_rx.clone()));
+    let mut driver_task = tokio::spawn(driver.run(driver_rx, shutdown_rx.clone()));
 
     let liveness = Arc::new(liveness::Liveness::default());
     tokio::spawn(liveness::monitor(cluster.clone(), liveness.clone(), config.host_down_after));
@@ -172,10 +163,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let _ = server_shutdown.changed().await;
         });
     let mut server_task = tokio::spawn(server);
-    info!(id = config.id, listen = %config.listen, members = config.peers.len(), data_dir = %config.data_dir.display(), "controller started");
+    info!(id = config.id, listen = %config.listen, members = peers.addresses().len(), data_dir = %config.data_dir.display(), "controller started");
     notify::notify("READY=1");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
         _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { info!("interrupted: shutting down"); Ok(()) }
@@ -268,13 +258,130 @@ fn lock_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// For a member starting on an empty data dir: the highest commit index any reachable
-/// peer reports, if the cluster already holds data. Such a member may have voted in a
-/// term before losing its disk, so it must not vote until it has caught up.
-async fn existing_cluster_commit(config: &Config, peers: &Peers) -> Option<u64> {
+/// Opens this member's raft storage, and says until which commit index it must not vote.
+///
+/// * A data dir with a log: recovered as it is (`--join` is then not needed).
+/// * `--join`: a snapshot from any member that answers, retried until one does.
+/// * `--peers` on an empty data dir: a new cluster, unless the others already hold data
+///   (this member lost its disk, or starts late); then it starts from their snapshot
+///   and, having maybe voted before, does not vote until it has caught up.
+async fn open_storage(
+    config: &Config,
+    dialer: &Dialer,
+) -> anyhow::Result<(DiskStorage, Option<u64>)> {
+    let dir = config.data_dir.join("raft");
+    let open_err = || format!("opening the raft log in {}", config.data_dir.display());
+    let voters: Vec<u64> = config.peers.keys().copied().collect();
+    if DiskStorage::has_state(&dir).with_context(open_err)? {
+        if !config.join.is_empty() {
+            info!("the data dir holds this member's log: --join is not needed and is ignored");
+        }
+        return Ok((DiskStorage::open(&dir, &voters).with_context(open_err)?, None));
+    }
+    if !config.join.is_empty() {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if let Some(joined) = fetch_join_snapshot(dialer, config.id, &config.join).await? {
+                return joined_storage(config, &dir, joined);
+            }
+            warn!(join = ?config.join, "no member answered with a snapshot to join from yet; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    let others: Vec<String> =
+        config.peers.iter().filter(|(&id, _)| id != config.id).map(|(_, a)| a.clone()).collect();
+    if !others.is_empty() {
+        if let Some(joined) = fetch_join_snapshot(dialer, config.id, &others).await? {
+            return joined_storage(config, &dir, joined);
+        }
+    }
+    let storage = DiskStorage::open(&dir, &voters).with_context(open_err)?;
+    // Peers without the JoinSnapshot call (an older version) still say how far they are.
+    let recovering_until =
+        if others.is_empty() { None } else { existing_cluster_commit(dialer, &others).await };
+    Ok((storage, recovering_until))
+}
+
+fn joined_storage(
+    config: &Config,
+    dir: &std::path::Path,
+    (snapshot, commit): (::raft::prelude::Snapshot, u64),
+) -> anyhow::Result<(DiskStorage, Option<u64>)> {
+    let meta = snapshot.get_metadata().clone();
+    let storage = DiskStorage::open_joined(dir, snapshot)
+        .with_context(|| format!("initialising the raft log in {}", config.data_dir.display()))?;
+    // A voter starting over may have voted in the current term before losing its disk.
+    let voter = meta.get_conf_state().voters.contains(&config.id);
+    info!(
+        index = meta.index,
+        voters = ?meta.get_conf_state().voters,
+        learners = ?meta.get_conf_state().learners,
+        "starting from a snapshot of the cluster"
+    );
+    if !voter {
+        info!(
+            id = config.id,
+            "not a member yet: waiting for `overlayctl cluster member add {} ADDRESS`", config.id
+        );
+    }
+    Ok((storage, voter.then_some(commit)))
+}
+
+/// The first snapshot (index > 0) a member at one of `addresses` gives, with its commit
+/// index. `None` when no member answered with data; an error when one refused us.
+async fn fetch_join_snapshot(
+    dialer: &Dialer,
+    id: u64,
+    addresses: &[String],
+) -> anyhow::Result<Option<(::raft::prelude::Snapshot, u64)>> {
+    use protobuf::Message as _;
+    for address in addresses {
+        let channel = match Peers::connect(dialer, address) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(address, error = %e, "unusable member address");
+                continue;
+            }
+        };
+        let mut client = Peers::client_on(channel);
+        let mut request = tonic::Request::new(pb::JoinSnapshotRequest { id });
+        request.set_timeout(Duration::from_secs(60));
+        match client.join_snapshot(request).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                let snapshot = ::raft::prelude::Snapshot::parse_from_bytes(&resp.snapshot)
+                    .with_context(|| format!("member {address} sent an unreadable snapshot"))?;
+                if snapshot.get_metadata().index > 0 {
+                    info!(
+                        address,
+                        index = snapshot.get_metadata().index,
+                        "got a snapshot to start from"
+                    );
+                    return Ok(Some((snapshot, resp.commit_index)));
+                }
+            }
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                anyhow::bail!(
+                    "member {address} refused to let member {id} join: {}",
+                    status.message()
+                )
+            }
+            Err(status) => {
+                info!(address, error = status.message(), "no snapshot from this member");
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The highest commit index any reachable member at `addresses` reports, if the cluster
+/// already holds data.
+async fn existing_cluster_commit(dialer: &Dialer, addresses: &[String]) -> Option<u64> {
     let mut highest = 0;
-    for &id in config.peers.keys().filter(|&&id| id != config.id) {
-        let Some(mut client) = peers.client(id) else { continue };
+    for address in addresses {
+        let Ok(channel) = Peers::connect(dialer, address) else { continue };
+        let mut client = Peers::client_on(channel);
         let mut request = tonic::Request::new(pb::Empty {});
         request.set_timeout(Duration::from_secs(1));
         if let Ok(Ok(resp)) =

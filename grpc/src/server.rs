@@ -101,6 +101,20 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Closes a connection whose handshake failed so that the alert rustls wrote reaches
+/// the client: closing a socket with unread input (with TLS 1.3 the client may already
+/// have sent its first request) would reset the connection and lose the alert, and the
+/// client would see "connection reset" instead of why it was refused.
+async fn close_gently(mut tcp: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut tcp, &mut sink).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// The connections accepted on `listener`: TLS with `tls`, plaintext without. The accept
 /// loop ends when the returned stream is dropped.
 pub fn incoming(
@@ -146,7 +160,9 @@ async fn accept_loop(
         let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible())
+                .await
+            {
                 Ok(Ok(stream)) => {
                     let certs = stream.get_ref().1.peer_certificates();
                     let caller = match overlay_pki::tls::peer_info(certs) {
@@ -159,7 +175,10 @@ async fn accept_loop(
                 }
                 // Plaintext clients, foreign certificates and scanners end here; the
                 // client sees the failure itself, so this is not worth more than debug.
-                Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
+                Ok(Err((e, tcp))) => {
+                    debug!(%remote, error = %e, "TLS handshake failed");
+                    close_gently(tcp).await;
+                }
                 Err(_) => debug!(%remote, "TLS handshake timed out"),
             }
         });

@@ -187,6 +187,18 @@ pub fn spawn_in(
     cmd.spawn().with_context(|| format!("spawning {} in {ns}", program.display()))
 }
 
+/// `overlayctl --controller URLS FLAGS ARGS` run inside namespace `ns` (usable from
+/// threads that do not hold the [`Lab`]; `FLAGS` are usually [`Lab::admin_args`]).
+pub fn ctl_in(ns: &str, urls: &str, flags: &[String], args: &[&str]) -> Output {
+    let ns = format!("--net=/var/run/netns/{ns}");
+    let ctl = bin("overlayctl");
+    let mut all: Vec<&str> =
+        vec!["nsenter", &ns, "--", ctl.to_str().unwrap_or("overlayctl"), "--controller", urls];
+    all.extend(flags.iter().map(String::as_str));
+    all.extend_from_slice(args);
+    run(&all)
+}
+
 /// One end-to-end case: runs against a shared lab, later cases may use what earlier
 /// ones made.
 pub type Case = fn(&mut Lab) -> Result<()>;
@@ -197,6 +209,11 @@ pub type Case = fn(&mut Lab) -> Result<()>;
 /// without root.
 pub fn run_cases(cases: &[(&str, Case)]) {
     run_cases_with(LabOptions::hosts(3), cases)
+}
+
+/// [`run_cases`] on a lab of `hosts` hosts (controllers still on the first three).
+pub fn run_cases_on(hosts: usize, cases: &[(&str, Case)]) {
+    run_cases_with(LabOptions::hosts(hosts), cases)
 }
 
 /// [`run_cases`] on a lab built with `opts`.
@@ -437,7 +454,8 @@ impl Lab {
         let ctl = bin("overlayctl");
         let ctl = ctl.to_str().context("binary path is not UTF-8")?;
         run_ok(&[ctl, "cert", "ca", "--out", pki])?;
-        for i in 1..=3 {
+        // Every host may run a controller (members added later run on hosts 4, 5, …).
+        for i in 1..=self.hosts {
             let (name, ip) = (format!("c{i}"), Lab::host_ip(i));
             run_ok(&[
                 ctl,
@@ -474,8 +492,19 @@ impl Lab {
             "--peers".into(),
             peers,
         ];
+        args.extend(self.controller_security_args(i));
+        let log = self.dir.join(format!("controller{i}.log"));
+        let child =
+            spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
+        self.controllers[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// The TLS flags (and the lab's extra flags) of the controller on host `i`.
+    fn controller_security_args(&self, i: usize) -> Vec<String> {
         let pki = self.pki_dir();
         let (cert, key) = cert_files(&pki, &format!("c{i}"));
+        let mut args = Vec::new();
         for (flag, path) in [
             ("--tls-ca", pki.join("ca.pem")),
             ("--tls-cert", cert),
@@ -485,15 +514,65 @@ impl Lab {
             args.extend([flag.to_string(), path.display().to_string()]);
         }
         args.extend(self.controller_args.iter().cloned());
+        args
+    }
+
+    /// `https://IP:PORT` of the controller on host `i`.
+    pub fn controller_url(i: usize) -> String {
+        format!("https://{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// `IP:PORT` the controller on host `i` listens on (its member address).
+    pub fn controller_address(i: usize) -> String {
+        format!("{}:{CONTROLLER_PORT}", Lab::host_ip(i))
+    }
+
+    /// Starts a controller on host `i` as a new member `id` with `--join` through the
+    /// controllers on hosts `via`, on an empty data dir. It starts from their snapshot
+    /// and takes part once `overlayctl cluster member add` has added it.
+    pub fn start_controller_join(&mut self, i: usize, id: u64, via: &[usize]) -> Result<()> {
+        let data = self.dir.join(format!("controller{i}"));
+        let join = via.iter().map(|&j| Lab::controller_url(j)).collect::<Vec<_>>().join(",");
+        // The same flags as `start_controller`, with --join instead of --peers.
+        let mut args = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            Lab::controller_address(i),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--join".into(),
+            join,
+        ];
+        args.extend(self.controller_security_args(i));
         let log = self.dir.join(format!("controller{i}.log"));
         let child =
             spawn_in(&self.host_ns(i), &bin("overlay-controller"), &args, &log, self.detached)?;
+        if self.controllers.len() < i {
+            self.controllers.resize_with(i, || None);
+        }
         self.controllers[i - 1] = Some(child);
         Ok(())
     }
 
+    /// Cuts host `i` off the underlay: its `ul0` goes down (processes keep running).
+    pub fn partition_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "down"]).map(drop)
+    }
+
+    /// Undoes [`partition_host`](Self::partition_host).
+    pub fn heal_host(&self, i: usize) -> Result<()> {
+        run_ok(&["ip", "-n", &self.host_ns(i), "link", "set", "ul0", "up"]).map(drop)
+    }
+
+    /// `overlayctl --controller URLS ARGS` as admin, inside host `from`'s namespace.
+    pub fn ctl_via(&self, from: usize, urls: &str, args: &[&str]) -> Output {
+        ctl_in(&self.host_ns(from), urls, &self.admin_args(), args)
+    }
+
     pub fn kill_controller(&mut self, i: usize) {
-        if let Some(mut c) = self.controllers[i - 1].take() {
+        let Some(slot) = self.controllers.get_mut(i - 1) else { return };
+        if let Some(mut c) = slot.take() {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -225,7 +225,7 @@ fn foreign_ca(lab: &mut Lab) -> Result<()> {
         Ok(Err(status)) => overlay_grpc::client::tls_failure(&status).unwrap_or_default(),
         Err(e) => e.chain().find_map(overlay_grpc::client::tls_failure).unwrap_or_default(),
     };
-    ensure!(why.contains("refused this client's certificate"), "{why}");
+    ensure!(why.contains("refused this client's certificate"), "{why:?}");
     // Trusting the foreign CA: the controllers' certificates are not trusted.
     let args = [
         "--controller",

@@ -2,6 +2,7 @@
 //! handle; reads wait on a ReadIndex barrier (unless the caller asks for LOCAL) and are
 //! answered from this member's applied state.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use overlay_grpc::Caller;
 use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
+use crate::raft::membership::{MemberChange, MembershipError};
 use crate::security::{Signer, WatchLimits, WatchSlot};
 use crate::watch::{HubEvent, Start};
 
@@ -487,23 +489,34 @@ impl pb::overlay_server::Overlay for OverlayApi {
         req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         allow(&req, Act::Read)?;
-        let peers = self.cluster.peers.clone();
-        let mut members = Vec::new();
-        let asks = peers.addresses.iter().map(|(&id, addr)| {
+        let status = self.cluster.status();
+        let mut configured: BTreeMap<u64, (String, bool)> =
+            status.members.iter().map(|(&id, m)| (id, (m.address.clone(), m.voter))).collect();
+        if configured.is_empty() {
+            // Before the driver published its first status.
+            configured =
+                self.cluster.peers.addresses().into_iter().map(|(id, a)| (id, (a, true))).collect();
+        }
+        let asks = configured.iter().map(|(&id, (address, voter))| {
             let cluster = self.cluster.clone();
-            let addr = addr.clone();
+            let unreachable = pb::Member {
+                id,
+                address: address.clone(),
+                role: "unreachable".into(),
+                reachable: false,
+                voter: *voter,
+                ..Default::default()
+            };
             async move {
                 if id == cluster.id {
-                    return super::peer::member_status(&cluster);
+                    return (
+                        super::peer::member_status(&cluster),
+                        super::peer::member_progress(&cluster),
+                    );
                 }
-                let unreachable = pb::Member {
-                    id,
-                    address: addr.clone(),
-                    role: "unreachable".into(),
-                    reachable: false,
-                    ..Default::default()
+                let Some(mut client) = cluster.peers.client(id) else {
+                    return (unreachable, vec![]);
                 };
-                let Some(mut client) = cluster.peers.client(id) else { return unreachable };
                 let mut request = Request::new(pb::Empty {});
                 request.set_timeout(Duration::from_secs(1));
                 match tokio::time::timeout(
@@ -512,15 +525,33 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 )
                 .await
                 {
-                    Ok(Ok(resp)) => resp.into_inner().member.unwrap_or(unreachable),
-                    _ => unreachable,
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        (resp.member.unwrap_or(unreachable), resp.progress)
+                    }
+                    _ => (unreachable, vec![]),
                 }
             }
         });
-        for m in futures::future::join_all(asks).await {
-            members.push(m);
-        }
-        let leader = self.cluster.status().leader;
+        let answers = futures::future::join_all(asks).await;
+        let leader = status.leader;
+        // The leader's raft progress says how far each member's log matches.
+        let matched: BTreeMap<u64, u64> = answers
+            .iter()
+            .find(|(m, _)| m.id == leader && m.role == Role::Leader.as_str())
+            .map(|(_, progress)| progress.iter().map(|p| (p.id, p.matched)).collect())
+            .unwrap_or_default();
+        let members = answers
+            .into_iter()
+            .map(|(mut m, _)| {
+                if let Some((address, voter)) = configured.get(&m.id) {
+                    m.address = address.clone();
+                    m.voter = *voter;
+                }
+                m.matched = matched.get(&m.id).copied().unwrap_or(0);
+                m
+            })
+            .collect();
         let cluster_id = self.cluster_id();
         Ok(Response::new(pb::ClusterStatusResponse { leader, members, cluster_id }))
     }
@@ -608,6 +639,81 @@ impl pb::overlay_server::Overlay for OverlayApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(host = %cert.name, "renewed an agent certificate");
         Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
+        }
+        let address: std::net::SocketAddr = r.address.trim().parse().map_err(|_| {
+            Status::invalid_argument(MembershipError::InvalidAddress(r.address.clone()).to_string())
+        })?;
+        let address = address.to_string();
+        self.cluster
+            .change_membership(MemberChange::AddLearner { id: r.id, address: address.clone() })
+            .await
+            .map_err(Status::from)?;
+        info!(id = r.id, %address, "member added (as a learner until it has caught up)");
+        let members = self.members_after(|m| m.contains_key(&r.id)).await;
+        Ok(Response::new(pb::MemberChangeResponse { id: r.id, address, members }))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MemberChangeResponse>, Status> {
+        allow(&req, Act::Write)?;
+        let id = req.into_inner().id;
+        if id == 0 {
+            return Err(Status::invalid_argument(MembershipError::InvalidId.to_string()));
+        }
+        let address = self.cluster.status().members.get(&id).map(|m| m.address.clone());
+        self.cluster.change_membership(MemberChange::Remove { id }).await.map_err(Status::from)?;
+        info!(id, "member removed");
+        // A removed member may never hear that its removal committed: do not wait for it.
+        let members = if id == self.cluster.id {
+            self.members_after(|_| true).await
+        } else {
+            self.members_after(|m| !m.contains_key(&id)).await
+        };
+        Ok(Response::new(pb::MemberChangeResponse {
+            id,
+            address: address.unwrap_or_default(),
+            members,
+        }))
+    }
+}
+
+impl OverlayApi {
+    /// The configuration once this member has applied a change (`done` says when), or
+    /// as it is after a short wait: a follower applies it a round trip after the leader.
+    async fn members_after(
+        &self,
+        done: impl Fn(&BTreeMap<u64, crate::cluster::MemberInfo>) -> bool,
+    ) -> Vec<pb::Member> {
+        let mut status = self.cluster.shared.status.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done(&self.cluster.status().members) {
+            if tokio::time::timeout_at(deadline, status.changed()).await.is_err() {
+                break;
+            }
+        }
+        self.cluster
+            .status()
+            .members
+            .into_iter()
+            .map(|(id, m)| pb::Member {
+                id,
+                address: m.address,
+                voter: m.voter,
+                ..Default::default()
+            })
+            .collect()
     }
 }
 

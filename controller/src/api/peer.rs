@@ -1,5 +1,6 @@
-//! The member-to-member `Peer` service: raft messages in, proposals forwarded from
-//! followers, heartbeats passed on to the leader, and this member's status.
+//! The member-to-member `Peer` service: raft messages in, proposals and membership
+//! changes forwarded from followers, heartbeats passed on to the leader, this member's
+//! status, and snapshots for members that join.
 //!
 //! Only `controller` certificates get in ([`only_controllers`] runs before any message
 //! is read), and what they send is checked like a client's: raft messages must be
@@ -12,11 +13,12 @@ use overlay_model::Command;
 use overlay_proto::pb;
 use protobuf::Message as _;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::auth::{self, Act};
-use crate::cluster::{encode_propose_reply, Cluster, DriverMsg};
+use crate::cluster::{change_error_status, encode_propose_reply, Cluster, DriverMsg};
 use crate::liveness::Liveness;
+use crate::raft::membership::MemberChange;
 
 /// The Peer service's interceptor: controllers only.
 #[allow(clippy::result_large_err)] // tonic's interceptor signature
@@ -30,12 +32,16 @@ fn refuse_raft(cluster: &Cluster, m: &raft::prelude::Message) -> Option<String> 
     if m.to != cluster.id {
         return Some(format!("addressed to member {}, not this one ({})", m.to, cluster.id));
     }
-    if !cluster.peers.addresses.contains_key(&m.from) || m.from == cluster.id {
+    // Not "from a member this one knows": a member that is behind (or joining) has not
+    // applied the additions that made its current leader a member, and must still take
+    // its messages. The sender is an authenticated controller; messages from members
+    // removed from the configuration are dropped by the raft driver.
+    if m.from == 0 || m.from == cluster.id {
         return Some(format!("from member {}, which is not a peer", m.from));
     }
     if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
         let data = m.get_snapshot().get_data();
-        if let Err(e) = overlay_model::State::from_bytes(data) {
+        if let Err(e) = crate::raft::snapshot::decode(data) {
             return Some(format!("its snapshot is unusable: {e}"));
         }
     }
@@ -54,9 +60,10 @@ pub fn member_status(cluster: &Cluster) -> pb::Member {
         let state = cluster.read_state();
         (state.catalog.revision, format!("{:016x}", state.digest()))
     };
+    let info = s.members.get(&s.id);
     pb::Member {
         id: s.id,
-        address: cluster.peers.addresses.get(&s.id).cloned().unwrap_or_default(),
+        address: info.map(|m| m.address.clone()).unwrap_or_default(),
         role: s.role.as_str().into(),
         term: s.term,
         commit_index: s.commit,
@@ -66,7 +73,18 @@ pub fn member_status(cluster: &Cluster) -> pb::Member {
         digest,
         snapshot_index: s.snapshot_index,
         leader: s.leader,
+        matched: s.progress.get(&s.id).map(|p| p.matched).unwrap_or(0),
+        voter: info.is_some_and(|m| m.voter),
     }
+}
+
+/// The leader's raft progress of every member (empty unless this member leads).
+pub fn member_progress(cluster: &Cluster) -> Vec<pb::MemberProgress> {
+    let s = cluster.status();
+    s.progress
+        .iter()
+        .map(|(&id, p)| pb::MemberProgress { id, matched: p.matched, live: p.live })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -132,6 +150,42 @@ impl pb::peer_server::Peer for PeerApi {
         &self,
         _req: Request<pb::Empty>,
     ) -> Result<Response<pb::MemberStatusResponse>, Status> {
-        Ok(Response::new(pb::MemberStatusResponse { member: Some(member_status(&self.cluster)) }))
+        Ok(Response::new(pb::MemberStatusResponse {
+            member: Some(member_status(&self.cluster)),
+            progress: member_progress(&self.cluster),
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::MembershipChange>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let change = if r.remove {
+            MemberChange::Remove { id: r.id }
+        } else {
+            MemberChange::AddLearner { id: r.id, address: r.address }
+        };
+        self.cluster.change_local(change).await.map_err(change_error_status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn join_snapshot(
+        &self,
+        req: Request<pb::JoinSnapshotRequest>,
+    ) -> Result<Response<pb::JoinSnapshotResponse>, Status> {
+        let id = req.get_ref().id;
+        let joined = self.cluster.join_snapshot(id).await.map_err(Status::from)?;
+        let snapshot = joined
+            .snapshot
+            .write_to_bytes()
+            .map_err(|e| Status::internal(format!("cannot encode the snapshot: {e}")))?;
+        info!(
+            id,
+            index = joined.snapshot.get_metadata().index,
+            bytes = snapshot.len(),
+            "sent a snapshot to a joining member"
+        );
+        Ok(Response::new(pb::JoinSnapshotResponse { snapshot, commit_index: joined.commit }))
     }
 }

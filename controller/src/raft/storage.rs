@@ -35,9 +35,6 @@
 //! `RawNode` with `Config::applied` equal to the snapshot index (see
 //! [`DiskStorage::snapshot_metadata`]).
 
-// The driver that calls the write side is being written separately.
-#![allow(dead_code)]
-
 mod format;
 #[cfg(test)]
 mod tests;
@@ -177,17 +174,53 @@ impl DiskStorage {
         }
     }
 
+    /// True when `dir` holds a member's state that [`open`](Self::open) recovers (its log
+    /// exists: initialisation writes the log last).
+    pub fn has_state(dir: &Path) -> Result<bool> {
+        exists(&dir.join(LOG_FILE))
+    }
+
+    /// Initialises `dir`, which must hold no state, from `snapshot` taken by another
+    /// member (index > 0): the log starts after it and everything up to it counts as
+    /// committed. This is how a member started with `--join`, or one that lost its data
+    /// dir, starts. Durable on return.
+    pub fn open_joined(dir: &Path, snapshot: Snapshot) -> Result<DiskStorage> {
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        if Self::has_state(dir)? {
+            return Err(inconsistent(dir, "it already holds a raft log; a member joins only once"));
+        }
+        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        if index == 0 {
+            return Err(inconsistent(dir, "the snapshot to join with is empty (index 0)"));
+        }
+        let hard_state = HardState { term, commit: index, ..Default::default() };
+        Self::init_with(dir, snapshot, hard_state)
+    }
+
     fn init(dir: &Path, voters: &[u64]) -> Result<DiskStorage> {
         let mut conf_state = ConfState::default();
         conf_state.set_voters(voters.to_vec());
         let mut snapshot = Snapshot::default();
         snapshot.mut_metadata().set_conf_state(conf_state);
+        Self::init_with(dir, snapshot, HardState::default())
+    }
+
+    /// Writes `snapshot`, then a log that starts right after it (the log's rename is what
+    /// makes the directory count as initialised).
+    fn init_with(dir: &Path, snapshot: Snapshot, hard_state: HardState) -> Result<DiskStorage> {
+        let (base_index, base_term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let log_path = dir.join(LOG_FILE);
         write_snapshot_file(&snapshot_path, dir, &snapshot)?;
         let mut scratch = Vec::new();
-        let hard_state = HardState::default();
-        let file = write_log_file(&log_path, dir, (0, 0), &[], &hard_state, &mut scratch)?;
+        let file = write_log_file(
+            &log_path,
+            dir,
+            (base_index, base_term),
+            &[],
+            &hard_state,
+            &mut scratch,
+        )?;
         Ok(DiskStorage {
             dir: dir.to_path_buf(),
             log_path,
@@ -196,8 +229,8 @@ impl DiskStorage {
             dirty: false,
             poisoned: false,
             snapshot,
-            base_index: 0,
-            base_term: 0,
+            base_index,
+            base_term,
             entries: Vec::new(),
             hard_state,
             fresh: true,
@@ -295,7 +328,8 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// True when this open found no prior state and initialised the directory.
+    /// True when this open found no prior state and initialised the directory (empty, or
+    /// from a joined snapshot).
     pub fn is_fresh(&self) -> bool {
         self.fresh
     }
@@ -306,11 +340,7 @@ impl DiskStorage {
         self.recovery_note.as_deref()
     }
 
-    /// The directory this storage lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
+    #[cfg(test)]
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
     }

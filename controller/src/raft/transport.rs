@@ -1,5 +1,7 @@
-//! Outgoing raft traffic: one task per peer holding a long-lived client stream over the
-//! Peer gRPC service on that member's `--listen` address.
+//! Outgoing raft traffic. The driver hands its messages to an [`Outbox`]; the real one,
+//! [`Transport`], runs one task per peer holding a long-lived client stream over the
+//! Peer gRPC service on that member's `--listen` address. Tests put a simulated network
+//! behind the same trait ([`super::sim`]).
 //!
 //! Sending never blocks the driver: each peer has a bounded queue, and a message that
 //! does not fit, or that is queued while the peer is unreachable, is dropped. Raft
@@ -19,30 +21,52 @@ use crate::cluster::Peers;
 
 const QUEUE: usize = 8192;
 
+/// Where the driver's outgoing raft messages go.
+pub trait Outbox: Send {
+    /// Sends (or drops) `messages`; must not block.
+    fn send(&mut self, messages: Vec<Message>);
+    /// The applied configuration's members and their addresses changed (this member
+    /// may be among them).
+    fn set_members(&mut self, addresses: &BTreeMap<u64, String>);
+}
+
+/// The gRPC transport.
 pub struct Transport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    self_id: u64,
+    peers: Peers,
+    /// Queue of each peer's sender task, and the address it sends to.
+    queues: HashMap<u64, (String, mpsc::Sender<Message>)>,
 }
 
 impl Transport {
-    /// Starts a sender task for every member other than `self_id`.
-    pub fn start(self_id: u64, peers: &Peers) -> Transport {
-        let mut queues = HashMap::new();
-        let addresses: &BTreeMap<u64, String> = &peers.addresses;
-        for &id in addresses.keys().filter(|&&id| id != self_id) {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            queues.insert(id, tx);
-            tokio::spawn(peer_sender(self_id, id, peers.clone(), rx));
-        }
-        Transport { queues }
+    /// Sends to the members in `peers` (as the driver sets them), other than `self_id`.
+    pub fn new(self_id: u64, peers: Peers) -> Transport {
+        Transport { self_id, peers, queues: HashMap::new() }
     }
+}
 
-    pub fn send(&self, messages: Vec<Message>) {
+impl Outbox for Transport {
+    fn send(&mut self, messages: Vec<Message>) {
         for m in messages {
-            if let Some(queue) = self.queues.get(&m.to) {
+            if let Some((_, queue)) = self.queues.get(&m.to) {
                 if queue.try_send(m).is_err() {
                     debug!("peer queue full; raft will retransmit");
                 }
             }
+        }
+    }
+
+    fn set_members(&mut self, addresses: &BTreeMap<u64, String>) {
+        self.peers.set(addresses);
+        // Dropping a queue ends its sender task.
+        self.queues.retain(|id, (address, _)| addresses.get(id) == Some(address));
+        for (&id, address) in addresses {
+            if id == self.self_id || self.queues.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(QUEUE);
+            self.queues.insert(id, (address.clone(), tx));
+            tokio::spawn(peer_sender(self.self_id, id, self.peers.clone(), rx));
         }
     }
 }
@@ -51,6 +75,7 @@ async fn peer_sender(self_id: u64, peer: u64, peers: Peers, mut queue: mpsc::Rec
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = true;
     loop {
+        // None once the member left the configuration.
         let Some(mut client) = peers.client(peer) else { return };
         let (tx, rx) = mpsc::channel::<pb::RaftMessage>(1024);
         let call = tokio::spawn(async move { client.raft(ReceiverStream::new(rx)).await });

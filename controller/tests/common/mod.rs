@@ -38,6 +38,8 @@ pub struct Member {
     child: Option<Child>,
     /// Flags this member runs with beyond the ones every member gets.
     extra: Vec<String>,
+    /// Started with `--join` these URLs instead of the cluster's `--peers`.
+    join: Option<String>,
     starts: u32,
 }
 
@@ -137,6 +139,7 @@ impl Cluster {
                     log: dir.path().join(format!("m{id}.log")),
                     child: None,
                     extra: extra.iter().map(|s| s.to_string()).collect(),
+                    join: None,
                     starts: 0,
                 }
             })
@@ -181,7 +184,9 @@ impl Cluster {
             .arg(m.addr.to_string())
             .arg("--data-dir")
             .arg(&m.data_dir);
-        if let Some(peers) = peers {
+        if let Some(join) = &m.join {
+            cmd.arg("--join").arg(join);
+        } else if let Some(peers) = peers {
             cmd.arg("--peers").arg(peers);
         }
         cmd.args(&security)
@@ -222,6 +227,31 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// A new member `id` on a free loopback port that joins through every current member
+    /// (`--join`); not started yet (see [`Cluster::restart`]). Returns its address.
+    pub fn new_joiner(&mut self, id: u64, extra: &[&str]) -> SocketAddr {
+        assert!(self.members.iter().all(|m| m.id != id), "member {id} exists");
+        let join = self.urls().join(",");
+        let addr = free_addrs(1)[0];
+        self.members.push(Member {
+            id,
+            addr,
+            data_dir: self.dir.path().join(format!("m{id}")),
+            log: self.dir.path().join(format!("m{id}.log")),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            join: Some(join),
+            starts: 0,
+        });
+        addr
+    }
+
+    /// Forgets a stopped member (after it was removed from the raft configuration).
+    pub fn forget(&mut self, id: u64) {
+        self.kill(id);
+        self.members.retain(|m| m.id != id);
     }
 
     pub fn restart(&mut self, id: u64) {
