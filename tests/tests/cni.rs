@@ -198,6 +198,11 @@ fn scenario(lab: &mut Lab) -> Result<()> {
 
     // podman rm removes the endpoint (DEL waits for it); the same name on another host is
     // reachable at once.
+    let mac_of = |lab: &Lab, name: &str| -> Result<String> {
+        let v = lab.ctl_json(&["endpoint", "inspect", name])?;
+        Ok(v["attachments"][0]["mac"].as_str().unwrap_or("").to_string())
+    };
+    let old_mac = mac_of(lab, &web1)?;
     p1.ok(&["rm", "--force", "--time", "0", &web1])?;
     let eps = endpoint_names(lab)?;
     ensure!(!eps.iter().any(|(n, _)| *n == web1), "{web1} still listed after podman rm: {eps:?}");
@@ -206,16 +211,32 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "{web1}'s mount is left"
     );
     p3.web(&web1, &["web"], &[])?;
-    eventually(Duration::from_secs(3), "web2 -> web1 moved to h3", || ping(p2, &web2, &web1))?;
+    // At once when MACs follow addresses (the same IP again, the same MAC: no peer holds
+    // a stale ARP entry). With counter-assigned MACs a peer that talked to the old one
+    // must first let its ARP entry go stale (up to about a minute): said, and waited for.
+    let bound = if mac_of(lab, &web1)? == old_mac {
+        Duration::from_secs(3)
+    } else {
+        eprintln!(
+            "note: {web1} came back with another MAC; waiting for web2's ARP entry to expire"
+        );
+        Duration::from_secs(70)
+    };
+    eventually(bound, "web2 -> web1 moved to h3", || ping(p2, &web2, &web1))?;
     let body = fetch(p2, &web2, &web1)?;
     ensure!(body == web1, "moved web1 answered {body:?}");
 
     // Restarting an agent does not disturb its containers, and DEL works afterwards.
+    // (By address while it is stopped: the embedded DNS is the agent's own until it
+    // serves through restarts, which is another issue's work.)
+    let web1_ip = lab.ctl_json(&["endpoint", "inspect", &web1])?["attachments"][0]["ip"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     lab.stop_agent(2);
-    ping(p2, &web2, &web1).context("while h2's agent is stopped")?;
+    ping(p2, &web2, &web1_ip).context("while h2's agent is stopped")?;
     lab.start_agent(2)?;
-    std::thread::sleep(Duration::from_secs(2));
-    ping(p2, &web2, &web1).context("after h2's agent restarted")?;
+    eventually(t, "web2 -> web1 after h2's agent restarted", || ping(p2, &web2, &web1))?;
     p2.ok(&["rm", "--force", "--time", "0", &web2])?;
     let eps = endpoint_names(lab)?;
     ensure!(!eps.iter().any(|(n, _)| *n == web2), "{web2} still listed: {eps:?}");
