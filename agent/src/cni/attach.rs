@@ -88,6 +88,7 @@ async fn add(cni: &Arc<Cni>, req: &Request) -> Result<Attached, Failure> {
     drop(catalog);
     match plan {
         AddPlan::Already { endpoint } => {
+            remount(cni, req, &endpoint)?;
             drop(ops);
             wait_realized(cni, &endpoint, req, REALIZE_TIMEOUT)
                 .await
@@ -199,6 +200,46 @@ async fn create(cni: &Arc<Cni>, req: &Request, endpoint: &str) -> Result<(), Fai
         undo_mount(cni);
         return Err(f);
     }
+    cni.poke.notify_one();
+    Ok(())
+}
+
+/// An ADD repeated for an attached container whose namespace is another one now (the
+/// host rebooted, or the runtime made a new namespace for the same container): the
+/// endpoint moves into the container's current namespace.
+fn remount(cni: &Cni, req: &Request, endpoint: &str) -> Result<(), Failure> {
+    let Some(mut rec) = record(cni, &req.container_id) else { return Ok(()) };
+    let runtime = std::fs::metadata(&req.netns).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let mounted = netns::inode(endpoint);
+    if runtime.as_ref().ok() == Some(&rec.inode) && mounted == Some(rec.inode) {
+        return Ok(());
+    }
+    if mounted.is_some() && mounted != Some(rec.inode) {
+        return Err(Failure::new(
+            FailureKind::NameClash,
+            format!("a network namespace named {endpoint} already exists on this host"),
+        ));
+    }
+    let bad_netns = |e: std::io::Error| {
+        Failure::new(
+            FailureKind::InvalidRequest,
+            format!("cannot use CNI_NETNS {}: {e}", req.netns),
+        )
+    };
+    // The record names the new namespace before it is mounted, so a pass in between
+    // never takes the new mount for a stranger (it holds the endpoint back until then).
+    rec.inode = runtime.map_err(bad_netns)?;
+    rec.netns = req.netns.clone();
+    set_record(cni, &req.container_id, Some(rec.clone()))?;
+    if mounted.is_some() {
+        netns::delete(endpoint).map_err(|e| internal("unmounting the old namespace", e))?;
+    }
+    let inode = netns::adopt(endpoint, Path::new(&req.netns)).map_err(bad_netns)?;
+    if inode != rec.inode {
+        let _ = netns::delete(endpoint);
+        return Err(internal("mounting the container's namespace", "CNI_NETNS changed meanwhile"));
+    }
+    info!(endpoint = %endpoint, "container's endpoint moved into its new namespace");
     cni.poke.notify_one();
     Ok(())
 }
