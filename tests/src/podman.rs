@@ -191,9 +191,22 @@ impl Podman {
     }
 }
 
+/// Where libcni (inside podman) caches each attachment's result, named
+/// `NETWORK-CONTAINERID-IFNAME`; a DEL that failed leaves its file behind.
+const CNI_CACHE: &str = "/var/lib/cni/results";
+
 impl Drop for Podman {
     fn drop(&mut self) {
+        let ids = self.ok(&["ps", "--all", "--quiet", "--no-trunc"]).unwrap_or_default();
         let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
+        if let Ok(dir) = fs::read_dir(CNI_CACHE) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if ids.split_whitespace().any(|id| name.contains(&format!("-{id}-"))) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         let _ = self.run(&["rmi", "--all", "--force"]);
         for m in self.mounts() {
             let _ = run(&["umount", "-l", &m]);
