@@ -105,6 +105,11 @@ impl Cni {
     pub fn adjust(&self, desired: &mut HostDesired, store: &Store) {
         let names: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
         let view = registry::loop_view(self.registry().records(), &names, netns::inode);
+        for id in &view.forget {
+            if let Err(e) = self.registry().set(id, None) {
+                warn!(container = %id, "cannot forget a detached container: {e}");
+            }
+        }
         for name in &view.hold_back {
             desired.endpoints.remove(name);
         }

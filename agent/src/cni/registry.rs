@@ -110,6 +110,10 @@ pub struct LoopView {
     /// Mounted container namespaces to record as the agent's own, so the loop realises
     /// the endpoint there (and unmounts it, never destroys it, when it is removed).
     pub adopt: BTreeSet<String>,
+    /// Containers (by ID) whose detaching is over here: the endpoint left this host's
+    /// desired state and its mount is gone (a DEL that could not reach a controller,
+    /// finished by `overlayctl endpoint rm`). Their records go, freeing the name.
+    pub forget: BTreeSet<String>,
 }
 
 /// Decides [`LoopView`] from the records, the endpoints this host should have, and the
@@ -122,6 +126,9 @@ pub fn loop_view<'a>(
     let mut view = LoopView::default();
     for r in records {
         let ours = mounted(&r.endpoint) == Some(r.inode);
+        if r.phase == Phase::Detaching && !ours && !desired.contains(&r.endpoint) {
+            view.forget.insert(r.container_id.clone());
+        }
         if r.phase == Phase::Attached && ours {
             if desired.contains(&r.endpoint) {
                 view.adopt.insert(r.endpoint.clone());
@@ -176,6 +183,12 @@ mod tests {
         assert_eq!(view.adopt, names(&["ready"]));
         assert_eq!(view.hold_back, names(&["attaching", "detaching", "gone", "replaced"]));
         // An endpoint removed upstream is neither: the loop unmounts it as garbage.
+        assert!(view.forget.is_empty());
+        // Detaching is over once the endpoint left the desired state and is unmounted.
+        let done =
+            [record("g", "done", 16, Phase::Detaching), record("h", "still", 17, Phase::Detaching)];
+        let view = loop_view(done.iter(), &names(&["still"]), |_| None);
+        assert_eq!(view.forget, names(&["g"]));
     }
 
     #[test]
