@@ -173,6 +173,10 @@ async fn create(cni: &Arc<Cni>, req: &Request, endpoint: &str) -> Result<(), Fai
         }
         let _ = set_record(cni, &req.container_id, None);
     };
+    if let Err(f) = foreign_interfaces(endpoint, &[]).await {
+        undo_mount(cni);
+        return Err(f);
+    }
     if let Err(f) = set_record(cni, &req.container_id, Some(rec.clone())) {
         undo_mount(cni);
         return Err(f);
@@ -244,11 +248,43 @@ fn remount(cni: &Cni, req: &Request, endpoint: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Devices the kernel puts into every new namespace while a tunnel module is loaded.
+const FALLBACK_DEVICES: [&str; 8] =
+    ["sit0", "tunl0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip_vti0", "ip6_vti0"];
+
+/// Refuses a container whose namespace holds interfaces that are not the agent's
+/// (`ours`, besides `lo`): the agent treats every interface in an endpoint's namespace as
+/// its own, so it would take over or remove another plugin's (including one named
+/// `CNI_IFNAME`, which the specification says must be an error).
+async fn foreign_interfaces(endpoint: &str, ours: &[String]) -> Result<(), Failure> {
+    let links = match Nl::in_netns(endpoint) {
+        Ok(nl) => {
+            nl.links().await.map_err(|e| internal("listing the container's interfaces", e))?
+        }
+        Err(e) => return Err(internal("entering the container's namespace", e)),
+    };
+    let foreign: Vec<String> = links
+        .into_iter()
+        .map(|l| l.name)
+        .filter(|n| n != "lo" && !FALLBACK_DEVICES.contains(&n.as_str()) && !ours.contains(n))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::new(
+        FailureKind::Refused,
+        format!("the container already has interface(s) {} that overlay did not make", foreign.join(", ")),
+    )
+    .with_details("overlay-cni attaches containers whose networks are all overlay networks: the agent owns every interface in their namespace"))
+}
+
 /// A further network of an attached container.
 async fn connect(cni: &Arc<Cni>, req: &Request, endpoint: &str) -> Result<(), Failure> {
     let Some(mut rec) = record(cni, &req.container_id) else {
         return Err(internal("connecting", "the container's record vanished"));
     };
+    let ours: Vec<String> = rec.interfaces.keys().cloned().collect();
+    foreign_interfaces(endpoint, &ours).await?;
     let before = rec.clone();
     rec.interfaces.insert(req.ifname.clone(), req.network.clone());
     set_record(cni, &req.container_id, Some(rec))?;
