@@ -145,5 +145,13 @@ for conf in controller.toml agent.toml; do
 done
 put "$here/99-overlay.conf" /etc/sysctl.d/99-overlay.conf 0644
 put "$root/README.md" "$prefix/share/doc/overlay/README.md" 0644
+# The agent's host firewall (isolation, egress, control-plane and data-plane guards) is
+# applied with nft(8); without it the agent attaches no endpoint and shows its host
+# degraded. Checked here and said, not installed (that is the package manager's job).
+if command -v nft >/dev/null 2>&1; then
+  echo "==> nft found for the agent's host firewall: $(nft --version 2>/dev/null | head -n1)"
+else
+  echo "warning: nft (package nftables) is missing on this machine: overlay-agent needs it for its host firewall, and without it attaches no endpoint (its host shows degraded). Install it: apt-get install nftables (Debian, Ubuntu) or dnf install nftables (Fedora, RHEL)." >&2
+fi
 echo "==> done. Next: edit /etc/overlay/*.toml, then sysctl --system; systemctl daemon-reload;"
 echo "    systemctl enable --now overlay-controller (controller hosts) overlay-agent (every host)"

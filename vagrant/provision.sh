@@ -105,7 +105,8 @@ done
 
 echo "==> provisioning $name ($ip)${root:+ under $root}"
 if [ -z "$root" ] && ! command -v nft >/dev/null; then
-  # The agent programs isolation and egress with nft(8).
+  # The agent's host firewall (isolation, egress, control- and data-plane guards) is
+  # nft(8); without it the agent attaches no endpoint and shows the host degraded.
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2
 fi

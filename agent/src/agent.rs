@@ -1,10 +1,14 @@
 //! The agent's main loop: watch the controller in the background, and reconcile the
 //! kernel to the latest catalog on every change and every few seconds (level-triggered:
 //! drift is repaired even when nothing changed upstream).
+//!
+//! Fail closed: when a pass cannot apply the host firewall, it attaches nothing (see
+//! [`crate::reconcile`]) and the heartbeats carry the reason, so `overlayctl host ls`
+//! shows this host `degraded`; the next pass that can apply it clears that.
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +17,14 @@ use anyhow::{Context, Result};
 use overlay_model::types::DEFAULT_UNDERLAY_MTU;
 use overlay_model::Catalog;
 use tokio::sync::watch;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::cni::Cni;
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
 use crate::dns::DnsServers;
+use crate::firewall::Guard;
 use crate::identity::{establish, renew_forever, Controllers, Security};
 use crate::nl::Nl;
 use crate::reconcile::reconcile;
@@ -47,6 +52,35 @@ pub struct Config {
     pub security: Security,
     /// The unix socket `overlay-cni` asks (CNI, issue 12).
     pub socket: PathBuf,
+    /// Controller and metrics ports endpoints must not reach on any host (the ports of
+    /// the `--controller` URLs are added to these).
+    pub control_ports: BTreeSet<u16>,
+}
+
+/// `IP:PORT` of a controller URL (`http://IP:PORT`, `https://IP:PORT/…`); `None` for a
+/// URL without an IPv4 address and port.
+pub fn controller_addr(url: &str) -> Option<SocketAddrV4> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next()?.parse().ok()
+}
+
+/// What the configuration adds to the host firewall: the controllers' addresses and
+/// ports, the control ports, and this host's data-plane ports.
+pub fn guard(cfg: &Config) -> Guard {
+    let controllers: Vec<SocketAddrV4> =
+        cfg.controllers.iter().filter_map(|u| controller_addr(u)).collect();
+    let mut control_ports = cfg.control_ports.clone();
+    control_ports.extend(controllers.iter().map(SocketAddrV4::port));
+    Guard {
+        control_addrs: controllers.iter().map(|a| *a.ip()).collect(),
+        control_ports,
+        data_ports: [crate::desired::VXLAN_PORT, cfg.udp_port, cfg.quic_port].into(),
+    }
+}
+
+/// What heartbeats report while the firewall cannot be applied.
+fn firewall_problem(error: &str) -> String {
+    format!("host firewall cannot be applied ({error}); no endpoint is attached until it can")
 }
 
 /// PEM files of the cluster CA and this host's certificate and key.
@@ -57,14 +91,14 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// MTU of the device that holds `ip` (the underlay interface).
-pub async fn underlay_mtu(host: &Nl, ip: Ipv4Addr) -> Result<u32> {
-    let index = host
+/// MTU of the device that holds `ip` (the underlay interface), and the prefix length
+/// of `ip` there (the underlay network, which no overlay subnet may overlap).
+pub async fn underlay_link(host: &Nl, ip: Ipv4Addr) -> Result<(u32, u8)> {
+    let (index, net) = host
         .addrs()
         .await?
         .into_iter()
         .find(|(_, a)| a.ip() == ip)
-        .map(|(i, _)| i)
         .with_context(|| format!("no interface has the underlay address {ip}"))?;
     let link = host
         .links()
@@ -72,7 +106,7 @@ pub async fn underlay_mtu(host: &Nl, ip: Ipv4Addr) -> Result<u32> {
         .into_iter()
         .find(|l| l.index == index)
         .context("underlay link vanished")?;
-    Ok(link.mtu)
+    Ok((link.mtu, net.prefix()))
 }
 
 /// Runs until `shutdown` completes. The data plane is left as it is on return.
@@ -80,14 +114,35 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let store = Store::open(&cfg.data_dir)
         .with_context(|| format!("data dir {}", cfg.data_dir.display()))?;
     let host = Nl::current().context("opening netlink")?;
-    let mtu = match underlay_mtu(&host, cfg.underlay_ip).await {
-        Ok(m) => m,
+    let (mtu, prefix) = match underlay_link(&host, cfg.underlay_ip).await {
+        Ok(l) => l,
         Err(e) => {
-            warn!("cannot detect the underlay MTU ({e:#}); assuming {DEFAULT_UNDERLAY_MTU}");
-            DEFAULT_UNDERLAY_MTU
+            warn!("cannot detect the underlay MTU and prefix ({e:#}); assuming MTU {DEFAULT_UNDERLAY_MTU}");
+            (DEFAULT_UNDERLAY_MTU, 0)
         }
     };
-    let me = Identity { name: cfg.name.clone(), underlay_ip: cfg.underlay_ip, underlay_mtu: mtu };
+    let me = Identity {
+        name: cfg.name.clone(),
+        underlay_ip: cfg.underlay_ip,
+        underlay_prefix: prefix,
+        underlay_mtu: mtu,
+    };
+    let guard = guard(&cfg);
+    for url in cfg.controllers.iter().filter(|u| controller_addr(u).is_none()) {
+        warn!(controller = %url, "controller URL has no IPv4 address and port: endpoints are kept from it only by the control ports");
+    }
+    // Checked once, said clearly; each pass then reports only changes.
+    let initial_problem = match crate::firewall::check() {
+        Ok(version) => {
+            info!("host firewall: {version}");
+            None
+        }
+        Err(e) => {
+            error!("host firewall: {e}. Install nftables (apt install nftables): until nft works this host attaches no endpoint and is shown degraded");
+            Some(firewall_problem(&e))
+        }
+    };
+    let (problem_tx, problem_rx) = watch::channel(initial_problem);
     // A wrong join token or a bad certificate ends the agent here, with the reason.
     let (dialer, tls) =
         establish(&cfg.security, &cfg.name, cfg.underlay_ip, &cfg.controllers, &cfg.data_dir)
@@ -125,8 +180,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let watch_task = tokio::spawn(
         run_watch(me.clone(), controllers.clone(), store.clone(), replica, tx).in_current_span(),
     );
-    let heartbeat_task =
-        tokio::spawn(run_heartbeat(me, controllers.clone(), store.clone()).in_current_span());
+    let heartbeat_task = tokio::spawn(
+        run_heartbeat(me, controllers.clone(), store.clone(), problem_rx).in_current_span(),
+    );
     // Containers (CNI, issue 12): the plugin's socket. Without it the data plane still
     // runs; container runtimes are told the socket is unreachable.
     let cni = Cni::new(&cfg.name, &cfg.data_dir, rx.clone(), controllers.clone())
@@ -159,8 +215,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        pass(&host, &store, &local, &catalog, &mut dns, &mut dataplane, &mut last_revision, &cni)
-            .await;
+        let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard, cni: &cni };
+        let firewall = pass(&ctx, &catalog, &mut dns, &mut dataplane, &mut last_revision).await;
+        if let Some(result) = firewall {
+            let problem = result.err().map(|e| firewall_problem(&e));
+            // Said when it starts and when it ends, not every pass (its wording may
+            // change from pass to pass: that only goes to the heartbeat and debug).
+            problem_tx.send_if_modified(|p| {
+                if *p == problem {
+                    return false;
+                }
+                match (&*p, &problem) {
+                    (None, Some(why)) => error!("{why}"),
+                    (Some(_), None) => info!("host firewall applied; attaching endpoints"),
+                    (_, why) => debug!("{why:?}"),
+                }
+                *p = problem;
+                true
+            });
+        }
     }
     info!("shutting down; the data plane stays in place");
     watch_task.abort();
@@ -230,19 +303,29 @@ async fn sync_dataplane(dataplane: &mut DataplaneClient, desired: &HostDesired, 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every pass works with.
+struct PassCtx<'a> {
+    host: &'a Nl,
+    store: &'a Store,
+    local: &'a LocalHost,
+    guard: &'a Guard,
+    /// Containers (CNI, issue 12): held back until ready, and told of each pass.
+    cni: &'a Cni,
+}
+
+/// One pass; returns whether the host firewall is in place (`None`: the pass did not
+/// get that far).
 async fn pass(
-    host: &Nl,
-    store: &Store,
-    local: &LocalHost,
+    ctx: &PassCtx<'_>,
     catalog: &Catalog,
     dns: &mut DnsServers,
     dataplane: &mut DataplaneClient,
     last_revision: &mut Option<u64>,
-    cni: &Cni,
-) {
-    let mut desired = desired_for_host(catalog, local);
-    cni.adjust(&mut desired, store);
+) -> Option<Result<(), String>> {
+    let (host, store) = (ctx.host, ctx.store);
+    let mut desired = desired_for_host(catalog, ctx.local);
+    desired.firewall.guard = ctx.guard.clone();
+    ctx.cni.adjust(&mut desired, store);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
         info!(
@@ -251,24 +334,84 @@ async fn pass(
             endpoints = desired.endpoints.len(),
             "reconciling to new desired state"
         );
+        for why in &desired.rejected {
+            warn!(revision = catalog.revision, "desired state: {why}");
+        }
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
     dns.stop_unwanted(&wanted);
     sync_dataplane(dataplane, &desired, catalog).await;
-    match reconcile(host, store, &desired).await {
-        Ok(p) if !p.actions.is_empty() => {
-            info!(
-                actions = p.actions.len(),
-                errors = p.errors.len(),
-                "reconcile pass applied changes"
-            )
+    let firewall = match reconcile(host, store, &desired).await {
+        Ok(p) => {
+            if p.applied > 0 {
+                info!(
+                    actions = p.applied,
+                    errors = p.errors.len(),
+                    held_back = p.held_back.len(),
+                    "reconcile pass applied changes"
+                )
+            }
+            Some(p.firewall)
         }
-        Ok(_) => {}
-        Err(e) => warn!("reconcile pass failed: {e:#}"),
-    }
+        Err(e) => {
+            warn!("reconcile pass failed: {e:#}");
+            None
+        }
+    };
     dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
     dns.start_missing(&ours);
-    cni.pass_done(&ours);
+    ctx.cni.pass_done(&ours);
+    firewall
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(controllers: &[&str]) -> Config {
+        Config {
+            name: "h1".into(),
+            underlay_ip: "192.0.2.1".parse().unwrap(),
+            controllers: controllers.iter().map(|s| s.to_string()).collect(),
+            data_dir: PathBuf::from("/nonexistent"),
+            reconcile_interval: Duration::from_secs(2),
+            resolv_conf: None,
+            udp_port: 7470,
+            quic_port: 7471,
+            udp_queues: 1,
+            security: Security::Insecure,
+            control_ports: [7400, 9100].into(),
+            socket: PathBuf::from("/nonexistent/agent.sock"),
+        }
+    }
+
+    #[test]
+    fn controller_urls_give_addresses_and_ports() {
+        assert_eq!(controller_addr("http://192.0.2.9:7400"), "192.0.2.9:7400".parse().ok());
+        assert_eq!(controller_addr("https://192.0.2.9:7500/"), "192.0.2.9:7500".parse().ok());
+        assert_eq!(controller_addr("192.0.2.9:7400"), "192.0.2.9:7400".parse().ok());
+        assert_eq!(controller_addr("https://ctl.example:7400"), None);
+        assert_eq!(controller_addr("http://192.0.2.9"), None);
+    }
+
+    #[test]
+    fn the_guard_covers_controllers_control_and_data_ports() {
+        let g = guard(&config(&["http://192.0.2.9:7400", "https://192.0.2.10:7500", "http://x:1"]));
+        let addrs: Vec<String> = g.control_addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["192.0.2.9", "192.0.2.10"]);
+        assert_eq!(g.control_ports, [7400, 7500, 9100].into());
+        assert_eq!(g.data_ports, [4789, 7470, 7471].into());
+    }
+
+    #[test]
+    fn the_problem_says_what_and_what_follows() {
+        let p = firewall_problem("cannot run nft: No such file or directory (os error 2)");
+        assert_eq!(
+            p,
+            "host firewall cannot be applied (cannot run nft: No such file or directory (os error 2)); no endpoint is attached until it can"
+        );
+    }
 }

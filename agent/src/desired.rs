@@ -28,7 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use overlay_model::{Catalog, Encap, Mac};
+use overlay_model::names::validate_name;
+use overlay_model::{validate, Attachment, Catalog, Encap, Mac, ModelError, Network, Route};
 
 /// Prefix of the per-network bridges (`ovb-<VNI>`).
 pub const BRIDGE_PREFIX: &str = "ovb-";
@@ -134,13 +135,24 @@ pub struct EndpointDesired {
     pub ip_forward: bool,
 }
 
-/// The firewall's input: which bridges exist and what they may do.
+/// The firewall's input: which bridges exist and what they may do, who the hosts are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallDesired {
     /// (bridge, subnet) of non-internal networks: masqueraded when leaving the host.
     pub external: Vec<(String, Ipv4Network)>,
     /// Bridges of internal networks: nothing is forwarded in or out of them.
     pub internal: Vec<String>,
+    /// The bridges' own MACs: a frame on a bridge addressed to one is routed (or for
+    /// the host); every other frame is bridged.
+    pub gateway_macs: BTreeSet<Mac>,
+    /// (bridge, gateway address): the one host address an endpoint may ping.
+    pub gateways: BTreeSet<(String, Ipv4Addr)>,
+    /// Underlay addresses of every registered host, this one included: the only
+    /// sources of data-plane packets.
+    pub hosts: BTreeSet<Ipv4Addr>,
+    /// Ports and addresses from the agent's configuration (set by the caller of
+    /// [`desired_for_host`], which only sees the catalog).
+    pub guard: crate::firewall::Guard,
 }
 
 /// Everything this host should have.
@@ -156,6 +168,9 @@ pub struct HostDesired {
     pub unsupported: Vec<String>,
     /// Local IP of the vxlan devices.
     pub underlay_ip: Option<Ipv4Addr>,
+    /// What the catalog holds that failed validation here and was left out, one line
+    /// each, naming the object and why; everything else proceeds.
+    pub rejected: Vec<String>,
 }
 
 /// `ovb-<VNI>`: at most 12 characters (VNIs are 24 bits), stable for a network's life.
@@ -201,20 +216,97 @@ pub fn bridge_mac(vni: u32) -> Mac {
     Mac([0x06, 0x6f, 0x76, b[1], b[2], b[3]])
 }
 
-/// The desired state of `local` given the whole catalog.
+/// A network this host may realise: everything that becomes a device name, address,
+/// MTU or VNI is checked again (the catalog comes over the network), and its subnet
+/// must not overlap this host's underlay (a bridge address there would take over the
+/// route to the other hosts).
+fn check_network(net: &Network, me: &str, underlays: &[Ipv4Network]) -> Result<(), ModelError> {
+    validate_name(&net.name)?;
+    validate::check_subnet(net.subnet)?;
+    validate::check_host_address(net.gateway, net.subnet)?;
+    validate::check_vni(net.vni)?;
+    validate::check_mtu(net.mtu)?;
+    if let Some(u) = underlays.iter().find(|u| validate::overlaps(net.subnet, **u)) {
+        return Err(ModelError::SubnetOverlapsUnderlay {
+            subnet: net.subnet,
+            host: me.to_string(),
+            underlay: *u,
+        });
+    }
+    Ok(())
+}
+
+/// An attachment's interface name, address (a usable one of `net`) and MAC.
+fn check_attachment(att: &Attachment, net: &Network) -> Result<(), ModelError> {
+    validate::check_interface(&att.interface)?;
+    if validate::check_host_address(att.ip, net.subnet).is_err() {
+        return Err(ModelError::IpOutsideSubnet {
+            ip: att.ip,
+            network: net.name.clone(),
+            subnet: net.subnet,
+        });
+    }
+    validate::check_unicast_mac(att.mac)
+}
+
+/// A route's destination (host bits zero) and next hop (inside the network's subnet).
+fn check_route(route: &Route, via: Ipv4Addr, subnet: Ipv4Network) -> Result<(), ModelError> {
+    let dest = route.destination;
+    if dest.ip() != dest.network() {
+        return Err(ModelError::InvalidCidr(dest.to_string()));
+    }
+    validate::check_host_address(via, subnet)
+}
+
+/// The desired state of `local` given the whole catalog. Objects that fail validation
+/// are left out and listed in [`HostDesired::rejected`].
 pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
     let mut out = HostDesired { underlay_ip: Some(local.underlay_ip), ..HostDesired::default() };
+    let mut rejected = Vec::new();
+
+    // Hosts whose underlay address can be sent to; others get no entries.
+    let mut host_ips: BTreeMap<&str, Ipv4Addr> = BTreeMap::new();
+    for h in catalog.hosts.values() {
+        match validate_name(&h.name).and(validate::check_underlay_ip(h.underlay_ip)) {
+            Ok(()) => {
+                host_ips.insert(&h.name, h.underlay_ip);
+            }
+            Err(e) => rejected.push(format!("host {:?} skipped: {e}", h.name)),
+        }
+    }
+    out.firewall.hosts = host_ips.values().copied().collect();
+    out.firewall.hosts.insert(local.underlay_ip);
     let host_ip = |host: &str| -> Option<Ipv4Addr> {
-        let ip = catalog.hosts.get(host)?.underlay_ip;
+        let ip = *host_ips.get(host)?;
         (ip != local.underlay_ip && host != local.name).then_some(ip)
     };
+    // This host's underlay network as registered (widest first), and its own address.
+    let mut underlays: Vec<Ipv4Network> = catalog
+        .hosts
+        .get(&local.name)
+        .filter(|h| h.underlay_ip == local.underlay_ip)
+        .map(|h| h.underlay_network())
+        .into_iter()
+        .collect();
+    underlays.push(Ipv4Network::from(local.underlay_ip));
 
-    let local_eps: Vec<_> = catalog.endpoints.values().filter(|e| e.host == local.name).collect();
+    // Local endpoints: their names become namespace names and paths.
+    let mut local_eps = Vec::new();
+    for e in catalog.endpoints.values().filter(|e| e.host == local.name) {
+        match validate_name(&e.name) {
+            Ok(()) => local_eps.push(e),
+            Err(err) => rejected.push(format!("endpoint {:?} skipped: {err}", e.name)),
+        }
+    }
     let carried: BTreeSet<&str> =
         local_eps.iter().flat_map(|e| e.attachments.iter().map(|a| a.network.as_str())).collect();
 
     for name in &carried {
         let Some(net) = catalog.networks.get(*name) else { continue };
+        if let Err(e) = check_network(net, &local.name, &underlays) {
+            rejected.push(format!("network {:?} skipped: {e}", net.name));
+            continue;
+        }
         let (uplink, uplink_kind) = match net.encap {
             Encap::Vxlan => (vxlan_name(net.vni), Uplink::Vxlan),
             Encap::Udp if net.encrypted && !local.can_encrypt => {
@@ -230,6 +322,11 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
                 continue;
             }
             let Some(dst) = host_ip(&ep.host) else { continue };
+            if let Err(e) = check_attachment(att, net) {
+                rejected
+                    .push(format!("endpoint {:?} in network {}: skipped: {e}", ep.name, net.name));
+                continue;
+            }
             fdb.insert(Fdb { mac: att.mac, dst });
             fdb.insert(Fdb { mac: ZERO_MAC, dst });
             neigh.insert(att.ip, att.mac);
@@ -255,16 +352,31 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
             out.firewall.external.push((nd.bridge.clone(), nd.subnet));
             out.host_forwarding = true;
         }
+        out.firewall.gateway_macs.insert(nd.bridge_mac);
+        out.firewall.gateways.insert((nd.bridge.clone(), nd.gateway.ip()));
         out.networks.insert(net.name.clone(), nd);
     }
 
     let vias: BTreeSet<&str> = catalog.routes.values().map(|r| r.via.as_str()).collect();
     for ep in local_eps {
-        let mut interfaces = Vec::new();
+        let mut interfaces: Vec<IfaceDesired> = Vec::new();
         let mut routes = BTreeSet::new();
         let mut has_default = false;
         for att in &ep.attachments {
             let Some(nd) = out.networks.get(&att.network) else { continue };
+            let Some(net) = catalog.networks.get(&att.network) else { continue };
+            let duplicate = interfaces.iter().any(|i| i.name == att.interface);
+            let checked = check_attachment(att, net).and_then(|()| match duplicate {
+                true => Err(ModelError::InvalidInterface(att.interface.clone())),
+                false => Ok(()),
+            });
+            if let Err(e) = checked {
+                rejected.push(format!(
+                    "endpoint {:?}: attachment to network {} skipped: {e}",
+                    ep.name, att.network
+                ));
+                continue;
+            }
             let addr = Ipv4Network::new(att.ip, nd.subnet.prefix()).unwrap_or(nd.subnet);
             interfaces.push(IfaceDesired {
                 name: att.interface.clone(),
@@ -285,7 +397,15 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
                     continue;
                 }
                 if let Some(via) = catalog.route_via_ip(route) {
-                    routes.insert(RouteSpec { dest: route.destination, via });
+                    match check_route(route, via, nd.subnet) {
+                        Ok(()) => {
+                            routes.insert(RouteSpec { dest: route.destination, via });
+                        }
+                        Err(e) => rejected.push(format!(
+                            "route {} in network {} skipped: {e}",
+                            route.destination, route.network
+                        )),
+                    }
                 }
             }
         }
@@ -299,6 +419,10 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
             },
         );
     }
+    // A route is seen once per local endpoint in its network: report it once.
+    let mut seen = BTreeSet::new();
+    rejected.retain(|r| seen.insert(r.clone()));
+    out.rejected = rejected;
     out
 }
 
@@ -352,6 +476,7 @@ pub(crate) mod tests {
             underlay_mtu: 1500,
             status: HostStatus::Ready,
             status_changed_ms: 0,
+            underlay_prefix: 24,
         }
     }
 
@@ -499,6 +624,88 @@ pub(crate) mod tests {
         let with_cert = LocalHost { can_encrypt: true, ..local("h1", "192.0.2.1") };
         let d = desired_for_host(&c, &with_cert);
         assert_eq!(d.networks["front"].uplink_kind, Uplink::Tap { encrypted: true });
+    }
+
+    #[test]
+    fn the_firewall_knows_every_host_and_gateway() {
+        let d = desired_for_host(&catalog(), &local("h2", "192.0.2.2"));
+        let hosts: Vec<String> = d.firewall.hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        assert_eq!(d.firewall.gateway_macs, [bridge_mac(4096), bridge_mac(4097)].into());
+        let gateways: Vec<(String, String)> =
+            d.firewall.gateways.iter().map(|(b, ip)| (b.clone(), ip.to_string())).collect();
+        assert_eq!(
+            gateways,
+            [("ovb-4096".into(), "10.1.0.1".into()), ("ovb-4097".into(), "10.2.0.1".into())]
+        );
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    }
+
+    #[test]
+    fn bad_objects_from_the_wire_are_skipped_and_the_rest_proceeds() {
+        let mut c = catalog();
+        // A namespace name that is a path, a network on loopback, one on this host's
+        // underlay, a remote host with a multicast underlay address.
+        c.endpoints
+            .insert("../../etc".into(), ep("../../etc", "h2", &[("front", "10.1.0.30", 30)]));
+        let mut lo = net("lo-net", "127.0.0.0/24", 4100, false);
+        lo.gateway = "127.0.0.1".parse().unwrap();
+        c.networks.insert(lo.name.clone(), lo);
+        c.networks.insert("under".into(), net("under", "192.0.2.0/25", 4101, false));
+        let mut bad_mtu = net("jumbo", "10.5.0.0/24", 4102, false);
+        bad_mtu.mtu = 65535;
+        c.networks.insert(bad_mtu.name.clone(), bad_mtu);
+        c.endpoints.insert(
+            "multi".into(),
+            ep(
+                "multi",
+                "h2",
+                &[
+                    ("front", "10.1.0.31", 31),
+                    ("lo-net", "127.0.0.5", 32),
+                    ("under", "192.0.2.50", 33),
+                    ("jumbo", "10.5.0.2", 34),
+                ],
+            ),
+        );
+        let mut rogue = host("rogue", "224.0.0.1");
+        rogue.underlay_prefix = 0;
+        c.hosts.insert("rogue".into(), rogue);
+        c.endpoints.insert("far".into(), ep("far", "rogue", &[("front", "10.1.0.40", 40)]));
+        // A remote endpoint with a multicast MAC, a local attachment named lo.
+        let mut bad_mac = ep("badmac", "h1", &[("front", "10.1.0.41", 41)]);
+        bad_mac.attachments[0].mac = Mac([0x01, 0, 0x5e, 0, 0, 1]);
+        c.endpoints.insert("badmac".into(), bad_mac);
+        let mut lo_if = ep("loif", "h2", &[("front", "10.1.0.42", 42)]);
+        lo_if.attachments[0].interface = "lo".into();
+        c.endpoints.insert("loif".into(), lo_if);
+
+        let d = desired_for_host(&c, &local("h2", "192.0.2.2"));
+        let rejected = d.rejected.join("\n");
+        for want in [
+            "endpoint \"../../etc\" skipped: invalid name",
+            "host \"rogue\" skipped: invalid IP address \"224.0.0.1\"",
+            "network \"lo-net\" skipped: subnet 127.0.0.0/24 overlaps the loopback range",
+            "network \"under\" skipped: subnet 192.0.2.0/25 overlaps the underlay network 192.0.2.0/24 of host h2",
+            "network \"jumbo\" skipped: invalid MTU 65535",
+            "endpoint \"badmac\" in network front: skipped: invalid MAC address \"01:00:5e:00:00:01\"",
+            "endpoint \"loif\": attachment to network front skipped: invalid interface name \"lo\"",
+        ] {
+            assert!(rejected.contains(want), "missing {want:?} in:\n{rejected}");
+        }
+        assert_eq!(d.rejected.len(), 7, "{rejected}");
+        // The rest proceeds: front and back as before, multi only in front.
+        assert_eq!(d.networks.keys().collect::<Vec<_>>(), ["back", "front"]);
+        assert!(!d.endpoints.contains_key("../../etc"));
+        let multi: Vec<&str> =
+            d.endpoints["multi"].interfaces.iter().map(|i| i.network.as_str()).collect();
+        assert_eq!(multi, ["front"]);
+        assert!(d.endpoints["loif"].interfaces.is_empty());
+        let fdb = &d.networks["front"].fdb;
+        assert!(fdb.iter().all(|f| f.dst != "224.0.0.1".parse::<Ipv4Addr>().unwrap()));
+        assert!(fdb.iter().all(|f| f.mac != Mac([0x01, 0, 0x5e, 0, 0, 1])));
+        assert!(!d.firewall.hosts.contains(&"224.0.0.1".parse().unwrap()));
+        assert_eq!(d.networks["front"].neigh.len(), 2, "api's and gw's only");
     }
 
     #[test]

@@ -1,27 +1,59 @@
 //! The agent's nftables table `inet overlay`: rendered as text from the desired state
 //! (pure), installed whole with one `nft -f -` batch, observed through `nft -j`.
 //!
-//! Rules:
+//! What it enforces (see SPEC.md, Security):
 //! * isolation: nothing is routed by the host from one overlay bridge to another (only a
 //!   gateway endpoint, inside its own namespace, routes between networks);
-//! * internal networks: nothing is forwarded into or out of their bridge (traffic
-//!   bridged inside it is untouched, even when br_netfilter shows it to this hook);
+//! * internal networks: nothing is forwarded into or out of their bridge;
 //! * egress: a non-internal network's subnet leaving the host through anything but an
-//!   overlay bridge is masqueraded behind the host's address.
+//!   overlay bridge is masqueraded behind the host's address;
+//! * the control plane: endpoints reach no controller or metrics port ([`Guard`]) on any
+//!   host's underlay address or controller address, whatever the route (forward), and
+//!   the host itself accepts nothing from an endpoint but a ping of its own network's
+//!   gateway address and replies to the host's own traffic (input; the embedded DNS
+//!   lives inside each endpoint's namespace, so endpoints need nothing else from the
+//!   host);
+//! * the data plane: VXLAN, UDP-plane and QUIC packets are accepted only from the
+//!   underlay addresses of the cluster's hosts (set `hosts`), and endpoints cannot send
+//!   to those ports of any host (an endpoint's packet leaves masqueraded behind its
+//!   host's address, which the other hosts trust).
+//!
+//! Speed: frames bridged inside one network never need netfilter. Where `br_netfilter`
+//! is loaded (Docker loads it) the kernel shows them to the inet hooks anyway — the
+//! per-bridge `nf_call_iptables` option can only add bridges to the namespace-wide
+//! `net.bridge.bridge-nf-call-iptables`, never take one away — so the table keeps
+//! them out of conntrack (`notrack` for every frame on an overlay bridge that is not
+//! addressed to a gateway MAC, i.e. not routed) and lets them through the forward chain
+//! with its first rule. The encapsulated packets themselves (data-plane ports) are not
+//! tracked either. Everything routed keeps conntrack (masquerade and replies need it).
 //!
 //! The table carries the digest of its ruleset as its comment; the plan reinstalls it
 //! when the digest or the rule count differs (a rule deleted by hand comes back).
 //! This module never touches any other table.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use crate::desired::{FirewallDesired, BRIDGE_PREFIX};
+use crate::desired::{FirewallDesired, BRIDGE_PREFIX, VXLAN_PORT};
 use crate::observed::FirewallObs;
 
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "overlay";
+
+/// What the agent's configuration adds to the firewall (the catalog gives the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// Addresses of the controllers (from the `--controller` URLs); every registered
+    /// host's underlay address is added to them.
+    pub control_addrs: BTreeSet<Ipv4Addr>,
+    /// Controller and metrics ports no endpoint may reach on those addresses.
+    pub control_ports: BTreeSet<u16>,
+    /// This host's data-plane UDP ports (VXLAN is always one of them).
+    pub data_ports: BTreeSet<u16>,
+}
 
 /// A rendered ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,42 +83,145 @@ fn digest(text: &str) -> String {
     format!("overlay-agent {h:016x}")
 }
 
+/// `set NAME { type TYPE; elements = { … } }` (no `elements` line when empty: nft
+/// refuses an empty list).
+fn set(body: &mut String, name: &str, kind: &str, elements: &[String]) {
+    let _ = writeln!(body, "\tset {name} {{\n\t\ttype {kind}");
+    if !elements.is_empty() {
+        let _ = writeln!(body, "\t\telements = {{ {} }}", elements.join(", "));
+    }
+    body.push_str("\t}\n");
+}
+
+/// Appends one rule to `body` and counts it.
+struct Chain<'a> {
+    body: &'a mut String,
+    rules: &'a mut usize,
+}
+
+impl Chain<'_> {
+    fn open<'a>(body: &'a mut String, rules: &'a mut usize, name: &str, spec: &str) -> Chain<'a> {
+        let _ = writeln!(body, "\tchain {name} {{\n\t\t{spec}; policy accept;");
+        Chain { body, rules }
+    }
+    fn rule(&mut self, rule: impl AsRef<str>) {
+        let _ = writeln!(self.body, "\t\t{}", rule.as_ref());
+        *self.rules += 1;
+    }
+    fn close(self) {
+        self.body.push_str("\t}\n");
+    }
+}
+
 /// Renders the ruleset for `fw` (pure).
 pub fn render(fw: &FirewallDesired) -> Ruleset {
     let mut body = String::new();
     let mut rules = 0;
-    body.push_str(
-        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n",
+    let b = BRIDGE_PREFIX;
+    let quoted = |s: &str| format!("\"{s}\"");
+
+    let hosts: Vec<String> = fw.hosts.iter().map(ToString::to_string).collect();
+    let control: BTreeSet<Ipv4Addr> = fw.hosts.union(&fw.guard.control_addrs).copied().collect();
+    let control: Vec<String> = control.iter().map(ToString::to_string).collect();
+    let control_ports: Vec<String> = fw.guard.control_ports.iter().map(u16::to_string).collect();
+    let mut data_ports = fw.guard.data_ports.clone();
+    data_ports.insert(VXLAN_PORT);
+    let data_ports: Vec<String> = data_ports.iter().map(u16::to_string).collect();
+    let macs: Vec<String> = fw.gateway_macs.iter().map(ToString::to_string).collect();
+    let bridges: BTreeSet<&str> = fw
+        .external
+        .iter()
+        .map(|(b, _)| b.as_str())
+        .chain(fw.internal.iter().map(String::as_str))
+        .collect();
+    let bridged: Vec<String> =
+        bridges.iter().map(|b| format!("{} . {}", quoted(b), quoted(b))).collect();
+    let gateways: Vec<String> =
+        fw.gateways.iter().map(|(b, ip)| format!("{} . {ip}", quoted(b))).collect();
+
+    set(&mut body, "hosts", "ipv4_addr", &hosts);
+    set(&mut body, "control_addrs", "ipv4_addr", &control);
+    set(&mut body, "control_ports", "inet_service", &control_ports);
+    set(&mut body, "data_ports", "inet_service", &data_ports);
+    set(&mut body, "gateway_macs", "ether_addr", &macs);
+    set(&mut body, "bridged", "ifname . ifname", &bridged);
+    set(&mut body, "gateways", "ifname . ipv4_addr", &gateways);
+
+    // Before conntrack (priority raw): what needs no connection state.
+    let mut c = Chain::open(
+        &mut body,
+        &mut rules,
+        "prerouting",
+        "type filter hook prerouting priority raw",
     );
-    // With br_netfilter loaded, frames bridged *within* one bridge also pass this hook
-    // with iifname = oifname = that bridge: every rule must leave those alone.
-    for bridge in fw.external.iter().map(|(b, _)| b).chain(&fw.internal) {
-        let _ = writeln!(
-            body,
-            "\t\tiifname \"{bridge}\" oifname \"{BRIDGE_PREFIX}*\" oifname != \"{bridge}\" drop"
-        );
-        rules += 1;
+    c.rule("udp dport @data_ports notrack");
+    c.rule(format!("iifname \"{b}*\" ether daddr != @gateway_macs notrack"));
+    c.close();
+    let mut c =
+        Chain::open(&mut body, &mut rules, "output", "type filter hook output priority raw");
+    c.rule("udp dport @data_ports notrack");
+    c.close();
+
+    let mut c =
+        Chain::open(&mut body, &mut rules, "input", "type filter hook input priority filter");
+    c.rule(format!("iifname \"{b}*\" ct state established,related accept"));
+    c.rule("iifname . ip daddr @gateways icmp type echo-request accept");
+    c.rule(format!("iifname \"{b}*\" counter drop"));
+    c.rule("udp dport @data_ports ip saddr != @hosts counter drop");
+    // The underlay is IPv4: nothing legitimate reaches these ports over IPv6.
+    c.rule("meta nfproto ipv6 udp dport @data_ports counter drop");
+    c.close();
+
+    let mut c =
+        Chain::open(&mut body, &mut rules, "forward", "type filter hook forward priority filter");
+    // With br_netfilter, frames bridged *within* one bridge pass this hook with
+    // iifname = oifname = that bridge: they are let through first (every rule below
+    // concerns traffic that leaves a bridge for somewhere else).
+    c.rule("iifname . oifname @bridged accept");
+    c.rule(format!(
+        "iifname \"{b}*\" ip daddr @control_addrs meta l4proto {{ tcp, udp }} th dport @control_ports counter drop"
+    ));
+    c.rule(format!("iifname \"{b}*\" ip daddr @hosts udp dport @data_ports counter drop"));
+    for bridge in &bridges {
+        c.rule(format!("iifname \"{bridge}\" oifname \"{b}*\" oifname != \"{bridge}\" drop"));
     }
     for bridge in &fw.internal {
-        let _ = writeln!(body, "\t\tiifname \"{bridge}\" oifname != \"{bridge}\" drop");
-        let _ = writeln!(body, "\t\toifname \"{bridge}\" iifname != \"{bridge}\" drop");
-        rules += 2;
+        c.rule(format!("iifname \"{bridge}\" oifname != \"{bridge}\" drop"));
+        c.rule(format!("oifname \"{bridge}\" iifname != \"{bridge}\" drop"));
     }
-    body.push_str("\t}\n");
-    body.push_str(
-        "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
+    c.close();
+
+    let mut c = Chain::open(
+        &mut body,
+        &mut rules,
+        "postrouting",
+        "type nat hook postrouting priority srcnat",
     );
     for (_bridge, subnet) in &fw.external {
-        let _ = writeln!(body, "\t\tip saddr {subnet} oifname != \"{BRIDGE_PREFIX}*\" masquerade");
-        rules += 1;
+        c.rule(format!("ip saddr {subnet} oifname != \"{b}*\" masquerade"));
     }
-    body.push_str("\t}\n");
+    c.close();
     Ruleset { digest: digest(&body), body, rules }
 }
 
 /// True when the installed table is exactly `want`.
 pub fn is_current(observed: Option<&FirewallObs>, want: &Ruleset) -> bool {
     observed.is_some_and(|o| o.digest == want.digest && o.rules == want.rules)
+}
+
+/// Whether `nft` can be run at all, and its version line; checked once at start so a
+/// missing nftables is said clearly, once, rather than on every pass.
+pub fn check() -> Result<String, String> {
+    let out = Command::new("nft")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!("nft --version failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// Installs `ruleset` in one batch.
@@ -107,15 +242,16 @@ fn run_nft(batch: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run nft: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(batch.as_bytes()).map_err(|e| format!("writing to nft: {e}"))?;
-    }
+    // An nft that fails early stops reading: its own error says more than our EPIPE.
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(batch.as_bytes()),
+        None => Ok(()),
+    };
     let out = child.wait_with_output().map_err(|e| format!("waiting for nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    if !out.status.success() {
+        return Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
+    written.map_err(|e| format!("writing to nft: {e}"))
 }
 
 fn nft_list(json: bool) -> Option<Vec<u8>> {
@@ -160,25 +296,117 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn renders_isolation_internal_and_masquerade() {
-        let fw = FirewallDesired {
+    fn sample() -> FirewallDesired {
+        FirewallDesired {
             external: vec![("ovb-4096".into(), "10.1.0.0/24".parse().unwrap())],
             internal: vec!["ovb-4097".into()],
-        };
-        let r = render(&fw);
-        assert_eq!(r.rules, 5);
+            gateway_macs: [crate::desired::bridge_mac(4096), crate::desired::bridge_mac(4097)]
+                .into(),
+            gateways: [
+                ("ovb-4096".to_string(), "10.1.0.1".parse().unwrap()),
+                ("ovb-4097".to_string(), "10.2.0.1".parse().unwrap()),
+            ]
+            .into(),
+            hosts: ["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()].into(),
+            guard: Guard {
+                control_addrs: ["192.0.2.9".parse().unwrap()].into(),
+                control_ports: [7400, 9100].into(),
+                data_ports: [4789, 7470, 7471].into(),
+            },
+        }
+    }
+
+    #[test]
+    fn renders_the_exact_ruleset() {
+        let r = render(&sample());
+        let want = r#"	set hosts {
+		type ipv4_addr
+		elements = { 192.0.2.1, 192.0.2.2 }
+	}
+	set control_addrs {
+		type ipv4_addr
+		elements = { 192.0.2.1, 192.0.2.2, 192.0.2.9 }
+	}
+	set control_ports {
+		type inet_service
+		elements = { 7400, 9100 }
+	}
+	set data_ports {
+		type inet_service
+		elements = { 4789, 7470, 7471 }
+	}
+	set gateway_macs {
+		type ether_addr
+		elements = { 06:6f:76:00:10:00, 06:6f:76:00:10:01 }
+	}
+	set bridged {
+		type ifname . ifname
+		elements = { "ovb-4096" . "ovb-4096", "ovb-4097" . "ovb-4097" }
+	}
+	set gateways {
+		type ifname . ipv4_addr
+		elements = { "ovb-4096" . 10.1.0.1, "ovb-4097" . 10.2.0.1 }
+	}
+	chain prerouting {
+		type filter hook prerouting priority raw; policy accept;
+		udp dport @data_ports notrack
+		iifname "ovb-*" ether daddr != @gateway_macs notrack
+	}
+	chain output {
+		type filter hook output priority raw; policy accept;
+		udp dport @data_ports notrack
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "ovb-*" ct state established,related accept
+		iifname . ip daddr @gateways icmp type echo-request accept
+		iifname "ovb-*" counter drop
+		udp dport @data_ports ip saddr != @hosts counter drop
+		meta nfproto ipv6 udp dport @data_ports counter drop
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname . oifname @bridged accept
+		iifname "ovb-*" ip daddr @control_addrs meta l4proto { tcp, udp } th dport @control_ports counter drop
+		iifname "ovb-*" ip daddr @hosts udp dport @data_ports counter drop
+		iifname "ovb-4096" oifname "ovb-*" oifname != "ovb-4096" drop
+		iifname "ovb-4097" oifname "ovb-*" oifname != "ovb-4097" drop
+		iifname "ovb-4097" oifname != "ovb-4097" drop
+		oifname "ovb-4097" iifname != "ovb-4097" drop
+	}
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr 10.1.0.0/24 oifname != "ovb-*" masquerade
+	}
+"#;
+        assert_eq!(r.body, want);
+        assert_eq!(r.rules, 16);
+        assert!(r.batch().starts_with(
+            "table inet overlay\ndelete table inet overlay\ntable inet overlay {\n\tcomment \"overlay-agent "
+        ));
+        assert!(r.batch().ends_with(&format!("{want}}}\n")));
+    }
+
+    #[test]
+    fn an_empty_host_still_guards_its_data_plane() {
+        // No networks, no hosts known yet, a guard without data ports: VXLAN is still
+        // closed to everyone (the empty `hosts` set matches nobody).
+        let r = render(&FirewallDesired::default());
         assert!(r
             .body
-            .contains("iifname \"ovb-4096\" oifname \"ovb-*\" oifname != \"ovb-4096\" drop"));
-        assert!(r
-            .body
-            .contains("iifname \"ovb-4097\" oifname \"ovb-*\" oifname != \"ovb-4097\" drop"));
-        assert!(r.body.contains("iifname \"ovb-4097\" oifname != \"ovb-4097\" drop"));
-        assert!(r.body.contains("oifname \"ovb-4097\" iifname != \"ovb-4097\" drop"));
-        assert!(r.body.contains("ip saddr 10.1.0.0/24 oifname != \"ovb-*\" masquerade"));
-        assert!(r.batch().starts_with("table inet overlay\ndelete table inet overlay\n"));
-        assert_ne!(render(&FirewallDesired::default()).digest, r.digest);
+            .contains("\tset data_ports {\n\t\ttype inet_service\n\t\telements = { 4789 }\n\t}\n"));
+        assert!(r.body.contains("\tset hosts {\n\t\ttype ipv4_addr\n\t}\n"));
+        assert!(r.body.contains("udp dport @data_ports ip saddr != @hosts counter drop"));
+        assert_eq!(r.rules, 11);
+        // Any change of hosts, ports or networks changes the digest (and so reinstalls).
+        let base = render(&sample());
+        let mut more = sample();
+        more.hosts.insert("192.0.2.3".parse().unwrap());
+        assert_ne!(render(&more).digest, base.digest);
+        let mut ports = sample();
+        ports.guard.control_ports.insert(9200);
+        assert_ne!(render(&ports).digest, base.digest);
+        assert_eq!(render(&sample()), base);
     }
 
     #[test]

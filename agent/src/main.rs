@@ -19,6 +19,9 @@ const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
 const DEFAULT_UDP_PORT: u16 = 7470;
 const DEFAULT_QUIC_PORT: u16 = 7471;
 const DEFAULT_SOCKET: &str = overlay_agent::cni::server::DEFAULT_SOCKET;
+/// Ports endpoints must never reach on a host: the controller's API and raft port, and
+/// the metrics port (the `--metrics-listen` default).
+const DEFAULT_CONTROL_PORTS: [u16; 2] = [7400, 9100];
 
 /// The overlay host agent: reconciles this host's VXLAN data plane to the controller's
 /// desired state.
@@ -56,6 +59,11 @@ struct Args {
     /// TAP queues (reader threads) per UDP network; default min(CPUs, 4).
     #[arg(long)]
     udp_queues: Option<usize>,
+    /// Controller and metrics ports that endpoints must not reach on any host,
+    /// comma-separated (the ports of the --controller URLs are always added); default
+    /// 7400,9100.
+    #[arg(long, value_delimiter = ',')]
+    control_ports: Option<Vec<u16>>,
     /// The cluster CA certificate (PEM): the controllers and every host must present a
     /// certificate it signed.
     #[arg(long)]
@@ -108,6 +116,7 @@ struct FileConfig {
     udp_port: Option<u16>,
     quic_port: Option<u16>,
     udp_queues: Option<usize>,
+    control_ports: Option<Vec<u16>>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -195,6 +204,15 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
     if !socket.is_absolute() {
         return Err(format!("--socket {}: must be an absolute path", socket.display()));
     }
+    let control_ports: std::collections::BTreeSet<u16> = args
+        .control_ports
+        .or(file.control_ports)
+        .unwrap_or_else(|| DEFAULT_CONTROL_PORTS.to_vec())
+        .into_iter()
+        .collect();
+    if control_ports.contains(&0) {
+        return Err("--control-ports: 0 is not a usable port".into());
+    }
     let security = security(
         insecure,
         args.tls_ca.or(file.tls_ca),
@@ -214,6 +232,7 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         udp_queues,
         security,
         socket,
+        control_ports,
     })
 }
 
@@ -349,6 +368,13 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.reconcile_interval, Duration::from_secs(2));
 
+        std::fs::write(
+            &file,
+            "name = \"h1\"\nunderlay_ip = \"192.0.2.1\"\ncontroller = \"http://192.0.2.9:7400\"\ninsecure = true\ncontrol_ports = [7400, 9200]\n",
+        )
+        .unwrap();
+        assert_eq!(config(args(&["--config", f])).unwrap().control_ports, [7400, 9200].into());
+
         std::fs::write(&file, "name = \"h1\"\nbogus = 1\n").unwrap();
         let e = config(args(&["--config", f])).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
@@ -399,6 +425,11 @@ mod tests {
         let c = with(&[]).unwrap();
         assert_eq!(c.socket, PathBuf::from("/run/overlay/agent.sock"));
         assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
+        assert_eq!(c.control_ports, [7400, 9100].into());
+        let c = with(&["--control-ports", "7400,9200,9100"]).unwrap();
+        assert_eq!(c.control_ports, [7400, 9100, 9200].into());
+        let e = with(&["--control-ports", "7400,0"]).unwrap_err();
+        assert!(e.contains("--control-ports"), "{e}");
     }
 
     #[test]

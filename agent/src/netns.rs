@@ -94,8 +94,20 @@ fn prepare_dir() -> io::Result<()> {
     }
 }
 
+/// A namespace name becomes a path under `/var/run/netns` and `/etc/netns`: only DNS
+/// labels (what the model allows for endpoint names) are ever created, written or
+/// deleted, whatever reaches this module.
+fn checked(name: &str) -> io::Result<()> {
+    if overlay_model::names::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid namespace name {name:?}")))
+    }
+}
+
 /// Creates namespace `name` (error if it exists).
 pub fn create(name: &str) -> io::Result<()> {
+    checked(name)?;
     prepare_dir()?;
     let target = path(name);
     File::options().write(true).create_new(true).open(&target)?;
@@ -127,6 +139,7 @@ pub fn create(name: &str) -> io::Result<()> {
 /// Deletes namespace `name` and its `/etc/netns/NAME` (no error if already gone). The
 /// kernel frees the namespace, and the veth ends inside it, once nothing holds it.
 pub fn delete(name: &str) -> io::Result<()> {
+    checked(name)?;
     let target = path(name);
     if target.exists() {
         let c = cstr(&target)?;
@@ -151,6 +164,7 @@ pub fn delete(name: &str) -> io::Result<()> {
 
 /// Writes `/etc/netns/NAME/resolv.conf`.
 pub fn write_resolv_conf(name: &str, content: &str) -> io::Result<()> {
+    checked(name)?;
     let dir = Path::new(ETC_NETNS_DIR).join(name);
     fs::create_dir_all(&dir)?;
     crate::store::write_atomic(&dir.join("resolv.conf"), content.as_bytes())
@@ -186,6 +200,7 @@ const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 /// namespace lives on as long as the runtime holds it.
 pub fn adopt(name: &str, source: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
+    checked(name)?;
     let ns = File::open(source)?;
     // SAFETY: ioctl on an fd `ns` keeps open; NS_GET_NSTYPE takes no argument.
     let kind = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_NSTYPE as _) };
@@ -211,4 +226,28 @@ pub fn adopt(name: &str, source: &Path) -> io::Result<u64> {
         return Err(e);
     }
     Ok(inode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_are_paths_never_reach_the_file_system() {
+        for bad in ["../etc", "a/b", "", ".", "Upper", "x\0y"] {
+            assert_eq!(
+                create(bad).map_err(|e| e.kind()),
+                Err(io::ErrorKind::InvalidInput),
+                "{bad}"
+            );
+            assert_eq!(
+                delete(bad).map_err(|e| e.kind()),
+                Err(io::ErrorKind::InvalidInput),
+                "{bad}"
+            );
+            let written = write_resolv_conf(bad, "x").map_err(|e| e.kind());
+            assert_eq!(written, Err(io::ErrorKind::InvalidInput), "{bad}");
+        }
+        assert!(checked("ovt123a-s1").is_ok());
+    }
 }

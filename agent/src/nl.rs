@@ -19,7 +19,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+    InfoBridge, InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType,
+    LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -256,7 +257,20 @@ impl Nl {
     }
 
     pub async fn create_bridge(&self, name: &str, mtu: u32, mac: Mac) -> Result<()> {
-        let msg = LinkBridge::new(name).mtu(mtu).address(mac.0.to_vec()).up().build();
+        // Our bridges never ask br_netfilter for their frames. (The kernel ORs these
+        // with the namespace-wide net.bridge.bridge-nf-call-* sysctls, so where those are
+        // on the firewall's notrack rules keep bridged frames cheap; see `firewall`.)
+        let no_netfilter = InfoData::Bridge(vec![
+            InfoBridge::NfCallIpTables(0),
+            InfoBridge::NfCallIp6Tables(0),
+            InfoBridge::NfCallArpTables(0),
+        ]);
+        let msg = LinkBridge::new(name)
+            .mtu(mtu)
+            .address(mac.0.to_vec())
+            .set_info_data(no_netfilter)
+            .up()
+            .build();
         let r = self.handle.link().add(msg).execute().await;
         ok_if(r, &[libc::EEXIST]).with_context(|| format!("creating bridge {name}"))
     }

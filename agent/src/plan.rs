@@ -6,9 +6,10 @@
 //! is deleted and recreated only when what is wrong cannot be changed in place (a vxlan
 //! with the wrong VNI or local address, a device of the wrong kind).
 //!
-//! Actions come in phases so that each one's prerequisites exist: removals that make
-//! room, creations, attributes, forwarding state, the firewall, and finally garbage
-//! (devices and namespaces nobody wants any more).
+//! Actions come in phases so that each one's prerequisites exist: the firewall (first,
+//! so nothing is ever created unprotected), removals that make room, creations,
+//! attributes, forwarding state, and finally garbage (devices and namespaces nobody
+//! wants any more).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -190,12 +191,14 @@ struct Out {
 }
 
 impl Out {
+    /// The firewall first: nothing may be created before its rules are in place (see
+    /// `reconcile`, which holds the rest back when it fails).
     fn finish(self) -> Vec<Action> {
-        let mut v = self.make_room;
+        let mut v = self.firewall;
+        v.extend(self.make_room);
         v.extend(self.create);
         v.extend(self.attrs);
         v.extend(self.state);
-        v.extend(self.firewall);
         v.extend(self.garbage);
         v
     }
@@ -611,6 +614,7 @@ mod tests {
         let iface = &d.endpoints["web"].interfaces[0];
         let fw = firewall::render(&d.firewall);
         let expected = vec![
+            Action::ApplyFirewall { ruleset: fw },
             Action::CreateBridge {
                 name: "ovb-4096".into(),
                 mtu: 1450,
@@ -660,7 +664,6 @@ mod tests {
                 },
             },
             Action::SetForwarding { ns: Ns::Host, on: true },
-            Action::ApplyFirewall { ruleset: fw },
         ];
         assert_eq!(actions, expected);
     }

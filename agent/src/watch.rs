@@ -7,7 +7,9 @@
 //! * [`run_watch`]: connects to the controller URLs in turn, resumes from the last
 //!   applied revision, persists every consistent catalog to `desired.json` and
 //!   publishes it; on any error it moves on to the next URL with backoff.
-//! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second, re-registering on
+//! * [`run_heartbeat`]: `RegisterHost` then `Heartbeat` every second (and at once when
+//!   the agent's problem changes: a host that cannot apply its firewall is shown
+//!   `degraded` with it), re-registering on
 //!   `NotFound`, moving to the next URL on failure.
 //!
 //! Nothing here touches the kernel; the data plane never waits for a controller.
@@ -37,6 +39,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Identity {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    /// Prefix length of the underlay network (0: unknown).
+    pub underlay_prefix: u8,
     pub underlay_mtu: u32,
 }
 
@@ -179,13 +183,21 @@ fn adopt_cluster_id(store: &Store, theirs: &str) -> Result<(), String> {
 }
 
 /// Registers, then heartbeats every second, forever (until the task is dropped).
-pub async fn run_heartbeat(me: Identity, controllers: Controllers, store: Store) {
+/// Each heartbeat carries the agent's current problem from `problem` (`None`: none), and
+/// one goes out at once when it changes.
+pub async fn run_heartbeat(
+    me: Identity,
+    controllers: Controllers,
+    store: Store,
+    mut problem: watch::Receiver<Option<String>>,
+) {
     let mut backoff = Backoff::new();
     let mut next = 0usize;
     loop {
         let url = &controllers.urls[next % controllers.urls.len()];
         next += 1;
-        if let Err(e) = heartbeat_once(&me, &controllers, url, &store, &mut backoff).await {
+        let r = heartbeat_once(&me, &controllers, url, &store, &mut backoff, &mut problem).await;
+        if let Err(e) = r {
             warn!(controller = %url, "heartbeat: {e}");
         }
         backoff.wait().await;
@@ -202,6 +214,7 @@ async fn register(
         underlay_ip: me.underlay_ip.to_string(),
         underlay_mtu: me.underlay_mtu,
         cluster_id: store.cluster_id().unwrap_or_default(),
+        underlay_prefix: u32::from(me.underlay_prefix),
     };
     tokio::time::timeout(RPC_TIMEOUT, client.register_host(req))
         .await
@@ -215,6 +228,7 @@ async fn heartbeat_once(
     url: &str,
     store: &Store,
     backoff: &mut Backoff,
+    problem: &mut watch::Receiver<Option<String>>,
 ) -> Result<(), String> {
     let mut client = controllers.connect(url).await?;
     register(&mut client, me, store).await.map_err(|s| format!("register: {}", s.message()))?;
@@ -222,10 +236,15 @@ async fn heartbeat_once(
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // A sender that went away leaves the last value; keep ticking.
+            r = problem.changed() => if r.is_err() { tick.tick().await; },
+        }
         let req = pb::HeartbeatRequest {
             host: me.name.clone(),
             cluster_id: store.cluster_id().unwrap_or_default(),
+            problem: problem.borrow_and_update().clone().unwrap_or_default(),
         };
         let r = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req))
             .await

@@ -87,6 +87,7 @@ fn catalog(pid: u32, with_b: bool) -> Catalog {
                 underlay_mtu: 1500,
                 status: HostStatus::Ready,
                 status_changed_ms: 0,
+                underlay_prefix: 24,
             },
         );
     }

@@ -93,6 +93,8 @@ pub fn sample_host(name: &str) -> pb::Host {
         endpoints: 1,
         last_seen_ms: 1_795_428_245_000,
         underlay_mtu: 1500,
+        underlay_prefix: 24,
+        reason: String::new(),
     }
 }
 

@@ -223,6 +223,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Host(HostCmd::Add { name, underlay_ip, mtu }) => {
             validate_name(&name)?;
             parse::ipv4(&underlay_ip)?;
+            // The underlay prefix stays unknown until the host's agent registers it.
             let request = pb::RegisterHostRequest {
                 name,
                 underlay_ip,

@@ -63,6 +63,10 @@ pub struct HostJson {
     /// RFC 3339 UTC; `None` (null) if the host never sent a heartbeat.
     pub last_seen: Option<String>,
     pub underlay_mtu: u32,
+    /// Prefix length of the host's underlay network; 0 until its agent reports it.
+    pub underlay_prefix: u32,
+    /// Why the host is `degraded` (what its agent reports); empty otherwise.
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,6 +160,8 @@ impl From<&pb::Host> for HostJson {
             endpoints: h.endpoints,
             last_seen: (h.last_seen_ms != 0).then(|| rfc3339(h.last_seen_ms)),
             underlay_mtu: h.underlay_mtu,
+            underlay_prefix: h.underlay_prefix,
+            reason: h.reason.clone(),
         }
     }
 }
@@ -318,10 +324,11 @@ impl Render for [pb::Host] {
                     cell(&h.status),
                     h.endpoints.to_string(),
                     ago(h.last_seen_ms, now_ms),
+                    cell(&h.reason),
                 ]
             })
             .collect::<Vec<_>>();
-        table(&["NAME", "UNDERLAY-IP", "STATUS", "ENDPOINTS", "LAST-SEEN"], &rows)
+        table(&["NAME", "UNDERLAY-IP", "STATUS", "ENDPOINTS", "LAST-SEEN", "REASON"], &rows)
     }
 }
 
@@ -717,8 +724,17 @@ mod tests {
             "endpoints": 1,
             "last_seen": "2026-11-23T10:04:05Z",
             "underlay_mtu": 1500,
+            "underlay_prefix": 24,
+            "reason": "",
         });
         assert_eq!(value(&sample_host("h1")), expected);
+        let degraded = pb::Host {
+            status: "degraded".into(),
+            reason: "host firewall: cannot run nft".into(),
+            ..sample_host("h1")
+        };
+        assert_eq!(value(&degraded)["status"], "degraded");
+        assert_eq!(value(&degraded)["reason"], "host firewall: cannot run nft");
         let never = pb::Host { last_seen_ms: 0, status: "down".into(), ..sample_host("h2") };
         assert_eq!(value(&never)["last_seen"], Value::Null);
         assert_eq!(value(&[sample_host("h1"), never][..]).as_array().map(Vec::len), Some(2));
@@ -859,12 +875,18 @@ lonely   h2     -          -           -          -                   -
         let now = 1_795_428_247_500;
         let never =
             pb::Host { last_seen_ms: 0, status: "down".into(), endpoints: 0, ..sample_host("h2") };
+        let degraded = pb::Host {
+            status: "degraded".into(),
+            reason: "host firewall: cannot run nft".into(),
+            ..sample_host("h3")
+        };
         assert_eq!(
-            [sample_host("h1"), never].table(now),
+            [sample_host("h1"), never, degraded].table(now),
             "\
-NAME   UNDERLAY-IP    STATUS   ENDPOINTS   LAST-SEEN
-h1     192.168.1.10   ready    1           2s ago
-h2     192.168.1.10   down     0           never
+NAME   UNDERLAY-IP    STATUS     ENDPOINTS   LAST-SEEN   REASON
+h1     192.168.1.10   ready      1           2s ago      -
+h2     192.168.1.10   down       0           never       -
+h3     192.168.1.10   degraded   1           2s ago      host firewall: cannot run nft
 "
         );
         assert_eq!(

@@ -5,6 +5,11 @@
 //! *transitions* (ready → down after `timeout` of silence, down → ready on the next
 //! heartbeat) are proposed through raft. A new leader has seen nobody yet, so it gives
 //! every host a grace period of one `timeout` from the moment it took over.
+//!
+//! Next to each last-seen time the leader keeps the problem the host's agent reported
+//! with that heartbeat (for example: its host firewall cannot be applied, so it attaches
+//! no endpoint). A live host with a problem is shown `degraded` with it as the reason;
+//! like last-seen, this is in memory only and comes back with the next heartbeat.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -41,30 +46,61 @@ pub fn transitions<'a>(
     out
 }
 
+/// What `host ls` shows for `host`: its replicated status, except that a ready host
+/// whose agent reports a problem is `degraded`, with the problem as the reason.
+pub fn shown_status(host: &Host, problem: Option<&str>) -> (String, String) {
+    match problem.filter(|p| !p.is_empty()) {
+        Some(p) if host.status == HostStatus::Ready => ("degraded".into(), p.to_string()),
+        _ => (host.status.to_string(), String::new()),
+    }
+}
+
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// Characters of a reported problem that are kept.
+const MAX_PROBLEM: usize = 500;
+
+/// One host's last heartbeat.
+struct Seen {
+    at: Instant,
+    wall: SystemTime,
+    /// The problem it reported; `None`: none.
+    problem: Option<String>,
+}
+
 #[derive(Default)]
 pub struct Liveness {
-    seen: Mutex<HashMap<String, (Instant, SystemTime)>>,
+    seen: Mutex<HashMap<String, Seen>>,
 }
 
 impl Liveness {
-    pub fn record(&self, host: &str) {
+    /// A heartbeat from `host`, with the problem it reports (empty or `None`: none).
+    pub fn record(&self, host: &str, problem: Option<&str>) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.insert(host.to_string(), (Instant::now(), SystemTime::now()));
+        // Bounded: it is kept per host and shown in every `host ls`.
+        let problem =
+            problem.filter(|p| !p.is_empty()).map(|p| p.chars().take(MAX_PROBLEM).collect());
+        let entry = Seen { at: Instant::now(), wall: SystemTime::now(), problem };
+        seen.insert(host.to_string(), entry);
     }
 
     /// Unix ms of each host's last heartbeat seen by this member.
     pub fn last_seen_ms(&self) -> HashMap<String, i64> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.iter().map(|(h, (_, wall))| (h.clone(), unix_ms(*wall))).collect()
+        seen.iter().map(|(h, s)| (h.clone(), unix_ms(s.wall))).collect()
+    }
+
+    /// The problem each host reported with its last heartbeat (hosts without one absent).
+    pub fn problems(&self) -> HashMap<String, String> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().filter_map(|(h, s)| Some((h.clone(), s.problem.clone()?))).collect()
     }
 
     fn instants(&self) -> HashMap<String, Instant> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.iter().map(|(h, (i, _))| (h.clone(), *i)).collect()
+        seen.iter().map(|(h, s)| (h.clone(), s.at)).collect()
     }
 
     fn forget_all(&self) {
@@ -130,6 +166,7 @@ mod tests {
             underlay_mtu: 1500,
             status,
             status_changed_ms: 0,
+            underlay_prefix: 24,
         }
     }
 
@@ -165,6 +202,26 @@ mod tests {
             transitions(&hosts, &seen, t0, now, timeout),
             vec![("b".to_string(), HostStatus::Ready)]
         );
+    }
+
+    #[test]
+    fn a_reported_problem_degrades_a_ready_host_only() {
+        let ready = host("a", HostStatus::Ready);
+        let down = host("b", HostStatus::Down);
+        let why = "host firewall: cannot run nft";
+        assert_eq!(shown_status(&ready, Some(why)), ("degraded".into(), why.into()));
+        assert_eq!(shown_status(&ready, None), ("ready".into(), String::new()));
+        assert_eq!(shown_status(&ready, Some("")), ("ready".into(), String::new()));
+        assert_eq!(shown_status(&down, Some(why)), ("down".into(), String::new()));
+
+        let l = Liveness::default();
+        l.record("a", Some(why));
+        l.record("b", None);
+        assert_eq!(l.problems(), HashMap::from([("a".to_string(), why.to_string())]));
+        // The next heartbeat without a problem clears it.
+        l.record("a", Some(""));
+        assert!(l.problems().is_empty());
+        assert_eq!(l.last_seen_ms().len(), 2);
     }
 
     #[test]

@@ -61,8 +61,11 @@ pub enum Command {
         network: String,
         destination: Ipv4Network,
     },
-    /// An agent (re)registering its host; marks it ready.
-    RegisterHost {
+    /// [`Command::RegisterHost`] as raft logs written before `underlay_prefix` existed
+    /// hold it (postcard identifies variants by position, so this one keeps its place
+    /// and the new form went to the end). Applied as a registration with an unknown
+    /// prefix; nothing proposes it any more.
+    RegisterHostV1 {
         name: String,
         underlay_ip: Ipv4Addr,
         underlay_mtu: u32,
@@ -87,6 +90,15 @@ pub enum Command {
     SetJoinToken {
         nonce: [u8; 16],
         hash: [u8; 32],
+    },
+    /// An agent (re)registering its host; marks it ready. `underlay_prefix` is the
+    /// prefix length of its underlay network (0: unknown).
+    RegisterHost {
+        name: String,
+        underlay_ip: Ipv4Addr,
+        underlay_prefix: u8,
+        underlay_mtu: u32,
+        now_ms: u64,
     },
 
     // --- Containers (CNI, issue 12). Appended after every older variant: postcard names
@@ -130,5 +142,34 @@ impl Command {
     /// forwarded proposal from another member).
     pub fn is_internal(&self) -> bool {
         matches!(self, Command::SetHostStatus { .. } | Command::InitCluster { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Raft logs store commands with postcard, which names a variant by its position:
+    /// existing variants must keep theirs.
+    #[test]
+    fn variant_positions_are_stable() {
+        let first_byte = |c: &Command| postcard::to_stdvec(c).ok().and_then(|b| b.first().copied());
+        let ip = Ipv4Addr::LOCALHOST;
+        let v1 = Command::RegisterHostV1 {
+            name: "h".into(),
+            underlay_ip: ip,
+            underlay_mtu: 0,
+            now_ms: 0,
+        };
+        assert_eq!(first_byte(&v1), Some(8));
+        assert_eq!(first_byte(&Command::RemoveHost { name: "h".into() }), Some(9));
+        let v2 = Command::RegisterHost {
+            name: "h".into(),
+            underlay_ip: ip,
+            underlay_prefix: 24,
+            underlay_mtu: 0,
+            now_ms: 0,
+        };
+        assert_eq!(first_byte(&v2), Some(13));
     }
 }

@@ -18,6 +18,10 @@ pub enum ModelError {
         "subnet {subnet} is too small: at least a /30 is needed for a gateway and an endpoint"
     )]
     SubnetTooSmall { subnet: Ipv4Network },
+    #[error("subnet {subnet} overlaps {what} ({range}): overlay networks need private unicast addresses, such as 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")]
+    ReservedSubnet { subnet: Ipv4Network, what: &'static str, range: Ipv4Network },
+    #[error("subnet {subnet} overlaps the underlay network {underlay} of host {host}")]
+    SubnetOverlapsUnderlay { subnet: Ipv4Network, host: String, underlay: Ipv4Network },
     #[error("subnet {subnet} overlaps network {other} ({other_subnet})")]
     SubnetOverlap { subnet: Ipv4Network, other: String, other_subnet: Ipv4Network },
     #[error("gateway {gateway} is not a usable address in subnet {subnet}")]

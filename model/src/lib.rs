@@ -2,6 +2,9 @@
 //!
 //! * [`names`], [`parse`]: validation of user input into typed values, with errors that
 //!   name the bad value. The CLI pre-checks with it, the controller enforces it.
+//! * [`validate`]: checks of single values (subnets, addresses, MTUs, VNIs, MACs,
+//!   interface names) that the controller enforces and the agent repeats on what it
+//!   receives.
 //! * [`types`]: networks, endpoints, attachments, routes, hosts.
 //! * [`ipam`]: the per-network address allocator.
 //! * [`state`]: the replicated state machine — `State::apply(command) -> Result<Applied>`
@@ -17,6 +20,7 @@ pub mod names;
 pub mod parse;
 pub mod state;
 pub mod types;
+pub mod validate;
 
 pub use command::{Command, NetworkSpec};
 pub use error::ModelError;

@@ -212,4 +212,22 @@ pub struct Host {
     pub status: HostStatus,
     /// Unix milliseconds of the last registration or status change (leader's clock).
     pub status_changed_ms: u64,
+    /// Prefix length of the underlay network `underlay_ip` sits in, as the agent
+    /// reported it; 0 when unknown (a host added by hand, or registered by an older
+    /// agent). No overlay subnet may overlap that network (see
+    /// [`Host::underlay_network`]). Absent in older `desired.json` files: 0.
+    #[serde(default)]
+    pub underlay_prefix: u8,
+}
+
+impl Host {
+    /// The underlay network of this host: `underlay_ip` with its reported prefix, or the
+    /// address alone (/32) when the prefix is unknown.
+    pub fn underlay_network(&self) -> Ipv4Network {
+        let prefix =
+            if (1..=32).contains(&self.underlay_prefix) { self.underlay_prefix } else { 32 };
+        Ipv4Network::new(self.underlay_ip, prefix)
+            .map(|n| Ipv4Network::new(n.network(), prefix).unwrap_or(n))
+            .unwrap_or_else(|_| Ipv4Network::from(self.underlay_ip))
+    }
 }

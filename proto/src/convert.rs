@@ -85,6 +85,8 @@ pub fn host(h: &Host, endpoints: u32, last_seen_ms: i64) -> pb::Host {
         endpoints,
         last_seen_ms,
         underlay_mtu: h.underlay_mtu,
+        underlay_prefix: u32::from(h.underlay_prefix),
+        reason: String::new(),
     }
 }
 
@@ -173,6 +175,9 @@ impl TryFrom<&pb::Host> for Host {
             underlay_mtu: h.underlay_mtu,
             status: h.status.parse()?,
             status_changed_ms: 0,
+            underlay_prefix: u8::try_from(h.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(
+                || ModelError::InvalidCidr(format!("{}/{}", h.underlay_ip, h.underlay_prefix)),
+            )?,
         })
     }
 }
@@ -255,6 +260,7 @@ mod tests {
             underlay_mtu: 1500,
             status: HostStatus::Ready,
             status_changed_ms: 0,
+            underlay_prefix: 24,
         };
         let route = Route {
             network: "backend".into(),
@@ -290,5 +296,17 @@ mod tests {
             Err(ChangeError::Invalid(ModelError::InvalidCidr("10.0.0.0/99".into())))
         );
         assert_eq!(Change::try_from(&pb::Change { kind: None }), Err(ChangeError::Empty));
+        let host = pb::Host {
+            name: "h1".into(),
+            underlay_ip: "192.0.2.1".into(),
+            status: "ready".into(),
+            underlay_prefix: 33,
+            ..Default::default()
+        };
+        let wire = pb::Change { kind: Some(pb::change::Kind::PutHost(host)) };
+        assert_eq!(
+            Change::try_from(&wire),
+            Err(ChangeError::Invalid(ModelError::InvalidCidr("192.0.2.1/33".into())))
+        );
     }
 }

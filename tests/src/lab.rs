@@ -168,10 +168,23 @@ pub fn spawn_in(
     log: &Path,
     detached: bool,
 ) -> Result<Child> {
+    spawn_in_env(ns, program, args, log, detached, &[])
+}
+
+/// [`spawn_in`] with extra environment variables (e.g. a `PATH` that hides a tool).
+pub fn spawn_in_env(
+    ns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    detached: bool,
+    env: &[(&str, &str)],
+) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(program).args(args);
+    cmd.envs(env.iter().copied());
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     if detached {
         cmd.process_group(0);
@@ -627,6 +640,36 @@ impl Lab {
         let child = spawn_in(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached)?;
         self.agents[i - 1] = Some(child);
         Ok(())
+    }
+
+    /// Starts agent `i` with extra environment variables (e.g. a `PATH` whose first
+    /// directory holds a failing `nft`).
+    pub fn start_agent_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let args = self.agent_args(i)?;
+        let log = self.dir.join(format!("agent{i}.log"));
+        let child =
+            spawn_in_env(&self.host_ns(i), &bin("overlay-agent"), &args, &log, self.detached, env)?;
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Packets counted so far by the rule of the agent's `inet overlay` table, chain
+    /// `chain`, in host `i`'s namespace whose JSON form contains every one of `needles`
+    /// (e.g. `["@hosts", "saddr"]`); `None` without such a rule or without nft.
+    pub fn nft_rule_packets(&self, i: usize, chain: &str, needles: &[&str]) -> Option<u64> {
+        let ns = self.host_ns(i);
+        let text = run_ok(&[
+            "ip", "netns", "exec", &ns, "nft", "-j", "list", "chain", "inet", "overlay", chain,
+        ])
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["nftables"].as_array()?.iter().filter_map(|item| item.get("rule")).find_map(|rule| {
+            let expr = rule["expr"].to_string();
+            if !needles.iter().all(|n| expr.contains(n)) {
+                return None;
+            }
+            rule["expr"].as_array()?.iter().find_map(|e| e["counter"]["packets"].as_u64())
+        })
     }
 
     /// SIGTERM (graceful: the agent leaves the data plane in place) and wait.

@@ -1,14 +1,17 @@
 //! The user-space data plane's guarantees against the underlay, in the namespace lab:
 //!
-//! * `--encap udp`: frames from an address that is not a host of the network are
-//!   dropped and counted (a control shows the very same datagram from a real host is
-//!   delivered);
+//! * `--encap udp`: frames from an address that is not a host of the cluster are
+//!   dropped and counted by the receiving host's firewall before the data plane sees
+//!   them (a control shows the very same datagram from a real host is delivered); from
+//!   a registered host that is not in the network, by the data plane itself;
 //! * `--encrypted`: a capture on the underlay switch shows no plaintext of a known
 //!   payload (a control shows the same capture of a plain UDP network does), and
 //!   frames injected by a host without a valid certificate — one from another CA, or a
 //!   real host's certificate used from another address — never reach an endpoint.
 //!
-//! The injecting "rogue" host is one more namespace on the lab's underlay switch.
+//! The injecting "rogue" host is one more namespace on the lab's underlay switch. It is
+//! registered as a host (`host add`, no agent) after the first check, so that the
+//! data plane's own defences are what the later checks meet, not the host firewall.
 //! Needs root; skipped without.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -57,35 +60,10 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
     v.try_into().map_err(|_| anyhow::anyhow!("bad mac {s}"))
 }
 
-fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An Ethernet frame carrying IPv4/UDP to `dst:SINK_PORT` with `payload` (UDP checksum
-/// 0, which IPv4 allows), as a rogue would put on the wire.
+/// An Ethernet frame carrying IPv4/UDP to `dst:SINK_PORT` with `payload`, as a rogue
+/// would put on the wire.
 fn crafted_frame(dst_mac: [u8; 6], dst_ip: Ipv4Addr, src_ip: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&[0x02, 0xde, 0xad, 0xbe, 0xef, 0x01]);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&src_ip.octets());
-    ip.extend_from_slice(&dst_ip.octets());
-    let csum = ipv4_checksum(&ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&4444u16.to_be_bytes());
-    f.extend_from_slice(&SINK_PORT.to_be_bytes());
-    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
-    f
+    overlay_tests::frames::udp_frame(dst_mac, dst_ip, src_ip, SINK_PORT, payload)
 }
 
 /// `header ++ frame`: the plain (unfragmented) datagram of network `vni`.
@@ -142,7 +120,16 @@ fn counter(lab: &Lab, pointer: &str) -> u64 {
     counters(lab).ok().and_then(|c| c.pointer(pointer).and_then(|v| v.as_u64())).unwrap_or(0)
 }
 
-fn plain_injection(lab: &Lab, plain: &Net, rogue: &str) -> Result<()> {
+/// Who stops the rogue's datagrams.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stopper {
+    /// h2's host firewall: the rogue is no host of the cluster.
+    Firewall,
+    /// h2's UDP data plane: the rogue is a registered host, but none of the network.
+    Dataplane,
+}
+
+fn plain_injection(lab: &Lab, plain: &Net, rogue: &str, stopper: Stopper) -> Result<()> {
     let (ip, mac) = plain.target;
     let s = sink(&plain.ends.1, ip)?;
     let h2: SocketAddr = format!("{}:{UDP_PORT}", Lab::host_ip(2)).parse()?;
@@ -157,7 +144,11 @@ fn plain_injection(lab: &Lab, plain: &Net, rogue: &str) -> Result<()> {
     let got = drain(&s, Duration::from_secs(1));
     ensure!(got.iter().any(|p| p == MARKER), "control: a real host's datagram was not delivered");
     // From the rogue: dropped and counted.
-    let before = counter(lab, &format!("/udp/{}/dropped_unknown_source", plain.vni));
+    let counted = || match stopper {
+        Stopper::Firewall => lab.nft_rule_packets(2, "input", &["@hosts", "saddr"]).unwrap_or(0),
+        Stopper::Dataplane => counter(lab, &format!("/udp/{}/dropped_unknown_source", plain.vni)),
+    };
+    let before = counted();
     in_netns(rogue, move || -> std::io::Result<()> {
         let u = UdpSocket::bind((ROGUE_IP, 0))?;
         for _ in 0..20 {
@@ -167,11 +158,22 @@ fn plain_injection(lab: &Lab, plain: &Net, rogue: &str) -> Result<()> {
     })??;
     let got = drain(&s, Duration::from_secs(1));
     ensure!(got.is_empty(), "a frame from an unknown host reached the endpoint: {got:?}");
-    let pointer = format!("/udp/{}/dropped_unknown_source", plain.vni);
-    wait_for(T, "h2 to count the rogue's datagrams", || {
-        (counter(lab, &pointer) >= before + 20).then_some(())
-    })?;
+    wait_for(T, "h2 to count the rogue's datagrams", || (counted() >= before + 20).then_some(()))?;
     Ok(())
+}
+
+/// Registers the rogue as a host (no agent) and waits until h2's firewall lets its
+/// packets through to the data plane.
+fn register_rogue(lab: &Lab) -> Result<()> {
+    lab.ctl_ok(&["host", "add", "rogue", "--underlay-ip", ROGUE_IP])?;
+    let ns = lab.host_ns(2);
+    wait_for(T, "h2's firewall to know the rogue", || {
+        let set = run_ok(&[
+            "ip", "netns", "exec", &ns, "nft", "-j", "list", "set", "inet", "overlay", "hosts",
+        ])
+        .ok()?;
+        set.contains(ROGUE_IP).then_some(())
+    })
 }
 
 /// tcpdump on the underlay switch for `port`, while `traffic` runs: the capture's bytes.
@@ -303,7 +305,10 @@ fn encap_security() {
         let plain = setup_net(&lab, "plain", "10.0.21.0/24", &[])?;
         let secret = setup_net(&lab, "secret", "10.0.22.0/24", &["--encrypted"])?;
         let rogue = add_rogue(&lab)?;
-        plain_injection(&lab, &plain, &rogue).context("plain injection")?;
+        plain_injection(&lab, &plain, &rogue, Stopper::Firewall).context("plain injection")?;
+        register_rogue(&lab).context("registering the rogue")?;
+        plain_injection(&lab, &plain, &rogue, Stopper::Dataplane)
+            .context("plain injection from a registered host")?;
         no_plaintext(&lab, &plain, &secret).context("no plaintext")?;
         encrypted_injection(&lab, &secret, &rogue).context("encrypted injection")?;
         Ok(())

@@ -2,7 +2,7 @@
 //! handle; reads wait on a ReadIndex barrier (unless the caller asks for LOCAL) and are
 //! answered from this member's applied state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,20 +119,25 @@ impl OverlayApi {
         })
     }
 
-    /// Last-seen times live in the leader's memory; ask it when we are not it.
-    async fn last_seen(&self) -> std::collections::HashMap<String, i64> {
+    /// Last-seen times and reported problems live in the leader's memory; ask it when
+    /// we are not it.
+    async fn last_seen(&self) -> (HashMap<String, i64>, HashMap<String, String>) {
+        let local = || (self.liveness.last_seen_ms(), self.liveness.problems());
         let status = self.cluster.status();
         if status.role == Role::Leader || status.leader == 0 {
-            return self.liveness.last_seen_ms();
+            return local();
         }
         let Some(mut client) = self.cluster.peers.client(status.leader) else {
-            return self.liveness.last_seen_ms();
+            return local();
         };
         let mut request = Request::new(pb::Empty {});
         request.set_timeout(Duration::from_secs(1));
         match client.last_seen(request).await {
-            Ok(resp) => resp.into_inner().last_seen_ms.into_iter().collect(),
-            Err(_) => self.liveness.last_seen_ms(),
+            Ok(resp) => {
+                let r = resp.into_inner();
+                (r.last_seen_ms.into_iter().collect(), r.problems.into_iter().collect())
+            }
+            Err(_) => local(),
         }
     }
 }
@@ -392,7 +397,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
     ) -> Result<Response<pb::HostList>, Status> {
         allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
-        let last_seen = self.last_seen().await;
+        let (last_seen, problems) = self.last_seen().await;
         let state = self.cluster.read_state();
         let c = &state.catalog;
         let counts = c.endpoint_counts_by_host();
@@ -401,7 +406,10 @@ impl pb::overlay_server::Overlay for OverlayApi {
             .values()
             .map(|h| {
                 let count = counts.get(h.name.as_str()).copied().unwrap_or(0) as u32;
-                convert::host(h, count, last_seen.get(&h.name).copied().unwrap_or(0))
+                let mut out = convert::host(h, count, last_seen.get(&h.name).copied().unwrap_or(0));
+                (out.status, out.reason) =
+                    crate::liveness::shown_status(h, problems.get(&h.name).map(String::as_str));
+                out
             })
             .collect();
         Ok(Response::new(pb::HostList { hosts, revision: c.revision }))
@@ -417,16 +425,25 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
         auth::check(&caller, Act::RegisterHost { host: &r.name, underlay_ip: underlay_ip.into() })?;
         self.same_cluster(&r.cluster_id)?;
+        let underlay_prefix =
+            u8::try_from(r.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(|| {
+                bad(overlay_model::ModelError::InvalidCidr(format!(
+                    "{underlay_ip}/{}",
+                    r.underlay_prefix
+                )))
+            })?;
         let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
         self.write(Command::RegisterHost {
             name: r.name.clone(),
             underlay_ip,
+            underlay_prefix,
             underlay_mtu: r.underlay_mtu,
             now_ms,
         })
         .await?;
-        // Registration counts as a sign of life for the liveness monitor.
-        heartbeat(&self.cluster, &self.liveness, &r.name).await;
+        // Registration counts as a sign of life for the liveness monitor (the problem,
+        // if any, comes with the next heartbeat).
+        heartbeat(&self.cluster, &self.liveness, &r.name, None).await;
         let state = self.cluster.read_state();
         let host = state
             .catalog
@@ -451,10 +468,9 @@ impl pb::overlay_server::Overlay for OverlayApi {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let caller = Caller::of(&req);
-        let r = req.into_inner();
-        let host = r.host;
+        let pb::HeartbeatRequest { host, cluster_id, problem } = req.into_inner();
         auth::check(&caller, Act::Heartbeat { host: &host })?;
-        self.same_cluster(&r.cluster_id)?;
+        self.same_cluster(&cluster_id)?;
         let status = {
             let state = self.cluster.read_state();
             match state.catalog.hosts.get(&host) {
@@ -462,7 +478,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 None => return Err(bad(overlay_model::ModelError::HostNotFound(host))),
             }
         };
-        heartbeat(&self.cluster, &self.liveness, &host).await;
+        heartbeat(&self.cluster, &self.liveness, &host, Some(&problem)).await;
         Ok(Response::new(pb::HeartbeatResponse { status, cluster_id: self.cluster_id() }))
     }
 
@@ -717,15 +733,21 @@ impl OverlayApi {
     }
 }
 
-/// Records a heartbeat where the liveness monitor runs: here if we lead, else the leader.
-pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str) {
+/// Records a heartbeat (with the problem the host reports, if any) where the liveness
+/// monitor runs: here if we lead, else the leader.
+pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, problem: Option<&str>) {
     let status = cluster.status();
     if status.role == Role::Leader || status.leader == 0 {
-        liveness.record(host);
+        liveness.record(host, problem);
         return;
     }
     if let Some(mut client) = cluster.peers.client(status.leader) {
-        let mut request = Request::new(pb::HeartbeatBatch { hosts: vec![host.to_string()] });
+        let problems = problem
+            .filter(|p| !p.is_empty())
+            .map(|p| HashMap::from([(host.to_string(), p.to_string())]))
+            .unwrap_or_default();
+        let mut request =
+            Request::new(pb::HeartbeatBatch { hosts: vec![host.to_string()], problems });
         request.set_timeout(Duration::from_secs(1));
         if client.forward_heartbeats(request).await.is_err() {
             debug!(host, "could not pass a heartbeat to the leader");

@@ -131,8 +131,9 @@ impl pb::peer_server::Peer for PeerApi {
         &self,
         req: Request<pb::HeartbeatBatch>,
     ) -> Result<Response<pb::Empty>, Status> {
-        for host in &req.get_ref().hosts {
-            self.liveness.record(host);
+        let batch = req.get_ref();
+        for host in &batch.hosts {
+            self.liveness.record(host, batch.problems.get(host).map(String::as_str));
         }
         Ok(Response::new(pb::Empty {}))
     }
@@ -143,6 +144,7 @@ impl pb::peer_server::Peer for PeerApi {
     ) -> Result<Response<pb::LastSeenResponse>, Status> {
         Ok(Response::new(pb::LastSeenResponse {
             last_seen_ms: self.liveness.last_seen_ms().into_iter().collect(),
+            problems: self.liveness.problems().into_iter().collect(),
         }))
     }
 

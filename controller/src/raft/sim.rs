@@ -149,6 +149,7 @@ fn write_command(n: u64) -> (String, Command) {
     let command = Command::RegisterHost {
         name: name.clone(),
         underlay_ip: Ipv4Addr::from(0x0A00_0000 | (n as u32 & 0x00FF_FFFF)),
+        underlay_prefix: 0,
         underlay_mtu: 1500,
         now_ms: 0,
     };

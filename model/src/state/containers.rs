@@ -9,25 +9,8 @@
 //!   or rewire another host's, even if the name moved there in the meantime.
 
 use super::{interface_index, State};
+use crate::validate::check_interface;
 use crate::{Change, Command, ModelError};
-
-/// An interface name inside an endpoint namespace: what Linux accepts (1–15 bytes, no
-/// `/`, `:` or whitespace, not `.` or `..`), restricted to `a-z A-Z 0-9 - _ .`, and
-/// never `lo`, which every namespace already has.
-// The same rule as `validate::check_interface` on branch fw; one of the two goes when
-// both are on main.
-fn check_interface(name: &str) -> Result<(), ModelError> {
-    let ok = (1..=15).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && name != "."
-        && name != ".."
-        && name != "lo";
-    if ok {
-        Ok(())
-    } else {
-        Err(ModelError::InvalidInterface(name.to_string()))
-    }
-}
 
 impl State {
     /// Applies one of the container commands (anything else changes nothing). Every
@@ -133,6 +116,7 @@ mod tests {
             s.apply(&Command::RegisterHost {
                 name: name.into(),
                 underlay_ip: underlay.parse().unwrap(),
+                underlay_prefix: 24,
                 underlay_mtu: 1500,
                 now_ms: 1,
             })

@@ -2,10 +2,19 @@
 //! [--rounds N]`: data-plane benchmark on a throwaway lab (see `bench/dataplane.sh`).
 //! Needs root, iperf3 and ping. Prints a table:
 //!
-//! 1. iperf3 TCP throughput endpoint-to-endpoint across hosts (overlay) and
-//!    host-to-host over the bare underlay, alternated `--rounds` times (5 s each, default
-//!    5) so both see the same machine load; medians, the ratio of the medians, and the
-//!    ratio of bits per CPU second of the two iperf3 processes (robust to other load).
+//! 1. iperf3 TCP throughput endpoint-to-endpoint across hosts (overlay), host-to-host
+//!    over the bare underlay, and endpoint-to-endpoint over the kernel's bare VXLAN +
+//!    bridge + veth path with no netfilter at all (the baseline: two more "hosts" on the
+//!    same underlay switch, set up by hand with `ip`, no agent, no nftables table and
+//!    `net.bridge.bridge-nf-call-*` off in their namespaces; same MTU as the overlay),
+//!    alternated `--rounds` times (5 s each, default 5) so all see the same machine load;
+//!    medians, the ratios of the medians (overlay/underlay, overlay/baseline), and the
+//!    same ratios of bits per CPU second of the iperf3 processes (robust to other load).
+//!    Where the kernel has br_netfilter (`net.bridge.bridge-nf-call-iptables` exists in
+//!    the hosts' namespaces: built in, or loaded by Docker), the overlay is also measured
+//!    with it switched off in h1 and h2 for that run (as on a host that never loads it):
+//!    the agent keeps bridged frames out of conntrack, but only that switch keeps them
+//!    out of the inet hooks altogether.
 //! 2. Convergence, for `--endpoints` endpoints (default 100) created one after another
 //!    round-robin over the hosts: from `endpoint create` returning until the new
 //!    endpoint answers pings from a probe endpoint on *every other* host (the slowest
@@ -36,8 +45,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use overlay_tests::bench::{arg, check_flags, gbit, iperf3_tcp_cpu, loadavg, median, pct};
-use overlay_tests::lab::{run_ok, Lab, UNDERLAY_PREFIX};
+use overlay_tests::bench::{arg, check_flags, gbit, iperf3_tcp_cpu, loadavg, median, pct, Iperf};
+use overlay_tests::lab::{run, run_ok, Lab, UNDERLAY_PREFIX};
 
 const NET: &str = "bench";
 const SUBNET: &str = "10.77.0.0/16";
@@ -67,41 +76,191 @@ fn in_ns(ns: &str, args: &[&str]) -> Command {
     c
 }
 
+/// VNI, endpoint subnet and endpoint MACs of the baseline path.
+const BARE_VNI: &str = "99";
+const BARE_IPS: [&str; 2] = ["10.99.0.1", "10.99.0.2"];
+const BARE_MACS: [&str; 2] = ["02:99:00:00:00:01", "02:99:00:00:00:02"];
+/// Underlay addresses of the two baseline hosts (on the lab's switch, unused by it).
+const BARE_HOSTS: [usize; 2] = [211, 212];
+
+/// The kernel's bare VXLAN + bridge + veth path between two endpoint namespaces, as
+/// the agent builds it (VXLAN with `nolearning` and static FDB entries, a bridge, a veth
+/// at the network's MTU) but by hand and without any netfilter: no nftables table, and
+/// br_netfilter switched off in the two host namespaces. Returns the (server, client)
+/// endpoint probes. Everything is named after the lab, so dropping the lab removes it.
+fn bare_path(lab: &Lab, mtu: &str) -> Result<(Probe, Probe)> {
+    let sw = lab.switch_ns();
+    let ul = |i: usize| format!("{UNDERLAY_PREFIX}.{}", BARE_HOSTS[i]);
+    for i in 0..2 {
+        let (h, e) = (format!("{}b{}", lab.id, i + 1), format!("{}be{}", lab.id, i + 1));
+        let port = format!("pb{}", i + 1);
+        let cmds: Vec<Vec<String>> = [
+            format!("ip netns add {h}"),
+            format!("ip netns add {e}"),
+            format!("ip link add ul0 netns {h} type veth peer name {port} netns {sw}"),
+            format!("ip -n {sw} link set {port} master sw0 up"),
+            format!("ip -n {h} addr add {}/24 dev ul0", ul(i)),
+            format!("ip -n {h} link set ul0 up"),
+            format!("ip -n {h} link set lo up"),
+            format!("ip -n {h} link add br0 mtu {mtu} type bridge"),
+            format!("ip -n {h} link set br0 up"),
+            format!(
+                "ip -n {h} link add vx0 mtu {mtu} type vxlan id {BARE_VNI} local {} dstport 4789 nolearning",
+                ul(i)
+            ),
+            format!("ip -n {h} link set vx0 master br0 up"),
+            format!("bridge -n {h} fdb append 00:00:00:00:00:00 dev vx0 dst {}", ul(1 - i)),
+            format!("bridge -n {h} fdb append {} dev vx0 dst {}", BARE_MACS[1 - i], ul(1 - i)),
+            format!("ip link add ve0 netns {h} mtu {mtu} type veth peer name eth0 netns {e}"),
+            format!("ip -n {h} link set ve0 master br0 up"),
+            format!("ip -n {e} link set eth0 address {} mtu {mtu} up", BARE_MACS[i]),
+            format!("ip -n {e} addr add {}/24 dev eth0", BARE_IPS[i]),
+            format!("ip -n {e} link set lo up"),
+        ]
+        .iter()
+        .map(|c| c.split_whitespace().map(str::to_string).collect())
+        .collect();
+        for c in cmds {
+            let args: Vec<&str> = c.iter().map(String::as_str).collect();
+            run_ok(&args)?;
+        }
+        // No netfilter at all: the namespace-wide switches too (where the kernel has them).
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net.bridge.bridge-nf-call-{table}=0");
+            let _ = in_ns(&h, &["sysctl", "-q", "-w", &key]).status();
+        }
+    }
+    let (server, client) = (
+        (format!("{}be2", lab.id), BARE_IPS[1].to_string()),
+        (format!("{}be1", lab.id), BARE_IPS[0].to_string()),
+    );
+    lab.ping_ok(&client.0, &server.1, Duration::from_secs(20))?;
+    Ok((server, client))
+}
+
+/// `net.bridge.bridge-nf-call-iptables` of namespace `ns` (`None`: no br_netfilter).
+fn brnf(ns: &str) -> Option<String> {
+    let out =
+        run(&["ip", "netns", "exec", ns, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables"]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Sets the three `net.bridge.bridge-nf-call-*` switches of `ns` to `value`.
+fn set_brnf(ns: &str, value: &str) -> Result<()> {
+    for table in ["iptables", "ip6tables", "arptables"] {
+        let key = format!("net.bridge.bridge-nf-call-{table}={value}");
+        run_ok(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", &key])?;
+    }
+    Ok(())
+}
+
+/// The overlay run again with br_netfilter off in h1 and h2, restored afterwards.
+fn overlay_without_brnf(lab: &Lab, clients: &[Probe], was: &str) -> Result<Iperf> {
+    let hosts = [lab.host_ns(1), lab.host_ns(2)];
+    for h in &hosts {
+        set_brnf(h, "0")?;
+    }
+    let r = iperf3_tcp_cpu(&lab.dir, &clients[1].0, &clients[0].0, &clients[1].1, 5);
+    for h in &hosts {
+        set_brnf(h, was)?;
+    }
+    r
+}
+
+/// Medians and ratios of `rounds` alternated runs of the paths.
 fn throughput(lab: &Lab, clients: &[Probe], rounds: usize, rows: &mut Rows) -> Result<()> {
-    let (mut over, mut under, mut ratios, mut per_cpu) = (vec![], vec![], vec![], vec![]);
+    let mtu = lab.ctl_json(&["network", "inspect", NET])?["mtu"].to_string();
+    let (bare_server, bare_client) = bare_path(lab, &mtu)?;
+    let brnf_was = brnf(&lab.host_ns(1));
+    let (mut over, mut under, mut bare, mut off) = (vec![], vec![], vec![], vec![]);
+    let (mut ratios, mut per_cpu, mut bare_ratios, mut bare_per_cpu) =
+        (vec![], vec![], vec![], vec![]);
+    let (mut off_ratios, mut off_per_cpu) = (vec![], vec![]);
     for r in 0..rounds {
         let o = iperf3_tcp_cpu(&lab.dir, &clients[1].0, &clients[0].0, &clients[1].1, 5)?;
         let u = iperf3_tcp_cpu(&lab.dir, &lab.host_ns(2), &lab.host_ns(1), &Lab::host_ip(2), 5)?;
-        let eff = (o.bps / o.cpu_s) / (u.bps / u.cpu_s);
+        let k = iperf3_tcp_cpu(&lab.dir, &bare_server.0, &bare_client.0, &bare_server.1, 5)?;
+        let per = |x: &Iperf| x.bps / x.cpu_s;
         eprintln!(
-            "  round {}: overlay {} ({:.1} CPU s), underlay {} ({:.1} CPU s): {:.2}, per CPU s {eff:.2}",
+            "  round {}: overlay {} ({:.1} CPU s), underlay {} ({:.1} CPU s), baseline {} ({:.1} CPU s): overlay/underlay {:.2} (per CPU s {:.2}), overlay/baseline {:.2} (per CPU s {:.2})",
             r + 1,
             gbit(o.bps),
             o.cpu_s,
             gbit(u.bps),
             u.cpu_s,
-            o.bps / u.bps
+            gbit(k.bps),
+            k.cpu_s,
+            o.bps / u.bps,
+            per(&o) / per(&u),
+            o.bps / k.bps,
+            per(&o) / per(&k),
         );
         over.push(o.bps);
         under.push(u.bps);
+        bare.push(k.bps);
         ratios.push(o.bps / u.bps);
-        per_cpu.push(eff);
+        per_cpu.push(per(&o) / per(&u));
+        bare_ratios.push(o.bps / k.bps);
+        bare_per_cpu.push(per(&o) / per(&k));
+        if let Some(was) = &brnf_was {
+            let n = overlay_without_brnf(lab, clients, was)?;
+            eprintln!(
+                "  round {}: overlay with br_netfilter off {} ({:.1} CPU s): / baseline {:.2} (per CPU s {:.2})",
+                r + 1,
+                gbit(n.bps),
+                n.cpu_s,
+                n.bps / k.bps,
+                per(&n) / per(&k),
+            );
+            off.push(n.bps);
+            off_ratios.push(n.bps / k.bps);
+            off_per_cpu.push(per(&n) / per(&k));
+        }
     }
-    let (o, u) = (median(&over), median(&under));
+    let (o, u, k) = (median(&over), median(&under), median(&bare));
     ratios.sort_by(f64::total_cmp);
+    bare_ratios.sort_by(f64::total_cmp);
+    let span = |v: &[f64]| format!("{:.2}..{:.2}", v[0], v[v.len() - 1]);
     rows.push((
         format!("iperf3 TCP endpoint h1 -> endpoint h2 (overlay), median of {rounds}"),
         gbit(o),
     ));
     rows.push((format!("iperf3 TCP host h1 -> host h2 (underlay), median of {rounds}"), gbit(u)));
     rows.push((
+        format!("iperf3 TCP kernel VXLAN+bridge+veth, no netfilter (baseline), median of {rounds}"),
+        gbit(k),
+    ));
+    rows.push((
         "overlay / underlay (ratio of medians; per-round min..max)".into(),
-        format!("{:.2} ({:.2}..{:.2})", o / u, ratios[0], ratios[ratios.len() - 1]),
+        format!("{:.2} ({})", o / u, span(&ratios)),
     ));
     rows.push((
         "overlay / underlay, bits per CPU second of iperf3 (median)".into(),
         format!("{:.2}", median(&per_cpu)),
     ));
+    rows.push((
+        "overlay / baseline (ratio of medians; per-round min..max)".into(),
+        format!("{:.2} ({})", o / k, span(&bare_ratios)),
+    ));
+    rows.push((
+        "overlay / baseline, bits per CPU second of iperf3 (median)".into(),
+        format!("{:.2}", median(&bare_per_cpu)),
+    ));
+    if !off.is_empty() {
+        off_ratios.sort_by(f64::total_cmp);
+        rows.push((
+            format!("iperf3 TCP overlay, br_netfilter off in h1/h2, median of {rounds}"),
+            gbit(median(&off)),
+        ));
+        rows.push((
+            "  ... / baseline (ratio of medians; per-round min..max)".into(),
+            format!("{:.2} ({})", median(&off) / k, span(&off_ratios)),
+        ));
+        rows.push((
+            "  ... / baseline, bits per CPU second of iperf3 (median)".into(),
+            format!("{:.2}", median(&off_per_cpu)),
+        ));
+    }
     Ok(())
 }
 
