@@ -10,13 +10,15 @@ usage: deploy/install.sh [--from DIR] [--prefix DIR] [--destdir DIR] [--unitdir 
 
 Installs, under DESTDIR:
   PREFIX/bin/{overlay-controller,overlay-agent,overlayctl}      mode 0755
+  /usr/lib/cni/overlay-cni, /opt/cni/bin/overlay-cni   the CNI plugin, 0755 (both
+                                           directories runtimes look in by default)
   UNITDIR/{overlay-controller,overlay-agent}.service            mode 0644
   /etc/overlay/{controller,agent}.toml     examples, only if absent  0644
   /etc/sysctl.d/99-overlay.conf            ip_forward, ARP table size 0644
   PREFIX/share/doc/overlay/                README and example configs 0644
 
 Options (PREFIX and DESTDIR are also read from the environment, as with `make install`):
-  --from DIR     the built binaries (default: target/release if it holds all three,
+  --from DIR     the built binaries (default: target/release if it holds all four,
                  else target/debug)
   --prefix DIR   installation prefix, absolute (default /usr/local); ExecStart= in the
                  units is rewritten to match
@@ -66,7 +68,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-binaries=(overlay-controller overlay-agent overlayctl)
+binaries=(overlay-controller overlay-agent overlayctl overlay-cni)
 
 has_all() {
   local b
@@ -125,8 +127,13 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 echo "==> installing overlay from $from (prefix $prefix${destdir:+, under $destdir})"
-for b in "${binaries[@]}"; do
+for b in overlay-controller overlay-agent overlayctl; do
   put "$from/$b" "$prefix/bin/$b" 0755
+done
+# The CNI plugin goes where container runtimes look for plugins: /usr/lib/cni (Debian's
+# and Fedora's podman, CRI-O) and /opt/cni/bin (containerd, nerdctl, kubelet).
+for dir in /usr/lib/cni /opt/cni/bin; do
+  put "$from/overlay-cni" "$dir/overlay-cni" 0755
 done
 for unit in overlay-controller.service overlay-agent.service; do
   sed "s|/usr/local/|$prefix/|g" "$here/$unit" >"$tmp/$unit"

@@ -11,7 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps systemd ruby git)
+# podman, runc, busybox-static, containernetworking-plugins (portmap) and iptables (which
+# portmap drives): the real-container test, tests/tests/cni.rs.
+packages=(iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump nftables procps systemd ruby git
+  podman runc busybox-static containernetworking-plugins iptables)
 ./scripts/ensure-packages.sh "${packages[@]}"
 
 echo "==> cargo fmt --check"

@@ -19,6 +19,7 @@ use overlay_model::Catalog;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::cni::Cni;
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
@@ -54,6 +55,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The log filter (RUST_LOG syntax) `main` set up logging with.
     pub log: Option<String>,
+    /// The unix socket `overlay-cni` asks (CNI, issue 12).
+    pub socket: PathBuf,
     /// Controller and metrics ports endpoints must not reach on any host (the ports of
     /// the `--controller` URLs are added to these).
     pub control_ports: BTreeSet<u16>,
@@ -196,6 +199,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let heartbeat_task = tokio::spawn(
         run_heartbeat(me, controllers.clone(), store.clone(), problem_rx).in_current_span(),
     );
+    // Containers (CNI, issue 12): the plugin's socket. Without it the data plane still
+    // runs; container runtimes are told the socket is unreachable.
+    let cni = Cni::new(&cfg.name, &cfg.data_dir, rx.clone(), controllers.clone())
+        .with_context(|| format!("container records in {}", cfg.data_dir.display()))?;
+    let cni_task = match crate::cni::server::bind(&cfg.socket) {
+        Ok(listener) => Some(tokio::spawn(
+            crate::cni::server::run(listener, cfg.socket.clone(), cni.clone()).in_current_span(),
+        )),
+        Err(e) => {
+            warn!(socket = %cfg.socket.display(), "not serving overlay-cni: {e}");
+            None
+        }
+    };
 
     let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
@@ -229,9 +245,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             Ok(()) = renewed.changed() => {
                 dataplane.set_settings(daemon_settings(&cfg, mtu, &tls));
             }
+            // A container was attached or detached: realise it now.
+            _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
-        let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard };
+        let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard, cni: &cni };
         let state = PassState {
             dns: &mut dns,
             dataplane: &mut dataplane,
@@ -272,6 +290,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     }
     watch_task.abort();
     heartbeat_task.abort();
+    if let Some(task) = cni_task {
+        task.abort();
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     if let Some(task) = renew_task {
         task.abort();
     }
@@ -370,6 +392,8 @@ struct PassCtx<'a> {
     store: &'a Store,
     local: &'a LocalHost,
     guard: &'a Guard,
+    /// Containers (CNI, issue 12): held back until ready, and told of each pass.
+    cni: &'a Cni,
 }
 
 /// What the main loop keeps from one pass to the next.
@@ -393,6 +417,7 @@ async fn pass(
     let (host, store) = (ctx.host, ctx.store);
     let mut desired = desired_for_host(catalog, ctx.local);
     desired.firewall.guard = ctx.guard.clone();
+    ctx.cni.adjust(&mut desired, store);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
         info!(
@@ -434,6 +459,7 @@ async fn pass(
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
     dns.start_missing(&ours);
+    ctx.cni.pass_done(&ours);
     firewall
 }
 
@@ -457,6 +483,7 @@ mod tests {
             control_ports: [7400, 9100].into(),
             metrics_listen: None,
             log: None,
+            socket: PathBuf::from("/nonexistent/agent.sock"),
         }
     }
 

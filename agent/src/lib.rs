@@ -15,6 +15,8 @@
 //! * [`dns`]: one embedded DNS server per local endpoint.
 //! * [`dataplane`]: the daemon that carries `--encap udp` networks in user space (it
 //!   outlives agent restarts), and the agent's client of it.
+//! * [`cni`]: the unix socket `overlay-cni` asks to attach containers (their endpoints live
+//!   in the runtime's namespaces, bind-mounted under `/run/netns`).
 //! * [`metrics`]: what `--metrics-listen` shows (passes, the data plane's counters).
 //! * [`agent`]: the main loop tying them together.
 //!
@@ -24,6 +26,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod cni;
 pub mod dataplane;
 pub mod desired;
 pub mod dns;

@@ -18,6 +18,7 @@ const DEFAULT_CONFIG: &str = "/etc/overlay/agent.toml";
 const DEFAULT_DATA_DIR: &str = "/var/lib/overlay/agent";
 const DEFAULT_UDP_PORT: u16 = 7470;
 const DEFAULT_QUIC_PORT: u16 = 7471;
+const DEFAULT_SOCKET: &str = overlay_agent::cni::server::DEFAULT_SOCKET;
 /// Ports endpoints must never reach on a host: the controller's API and raft port, and
 /// the suggested `--metrics-listen` ports of the controller (7490) and the agent (7491).
 const DEFAULT_CONTROL_PORTS: [u16; 3] = [7400, 7490, 7491];
@@ -90,6 +91,10 @@ struct Args {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `info,overlay_agent=debug`.
     #[arg(long)]
     log: Option<String>,
+    /// The unix socket the overlay-cni plugin asks to attach containers (root only;
+    /// default /run/overlay/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Internal: run as the data-plane daemon listening on this socket (the agent
     /// starts it itself; see `overlay_agent::dataplane`).
     #[arg(long, hide = true, requires = "dataplane_settings")]
@@ -127,6 +132,7 @@ struct FileConfig {
     insecure: Option<bool>,
     metrics_listen: Option<SocketAddr>,
     log: Option<String>,
+    socket: Option<PathBuf>,
 }
 
 fn split_urls(s: &str) -> Vec<String> {
@@ -210,6 +216,10 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
             .map_err(|e| format!("--log {filter:?} is not a valid filter: {e}"))?;
     }
     let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    let socket = args.socket.or(file.socket).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if !socket.is_absolute() {
+        return Err(format!("--socket {}: must be an absolute path", socket.display()));
+    }
     let mut control_ports: std::collections::BTreeSet<u16> = args
         .control_ports
         .or(file.control_ports)
@@ -241,6 +251,7 @@ fn config(args: Args) -> Result<overlay_agent::agent::Config, String> {
         security,
         metrics_listen,
         log,
+        socket,
         control_ports,
     })
 }
@@ -433,7 +444,14 @@ mod tests {
         assert!(e.contains("7471"), "{e}");
         let e = with(&["--udp-queues", "99"]).unwrap_err();
         assert!(e.contains("99"), "{e}");
+        let e = with(&["--socket", "agent.sock"]).unwrap_err();
+        assert!(e.contains("--socket agent.sock"), "{e}");
+        assert_eq!(
+            with(&["--socket", "/tmp/a.sock"]).unwrap().socket,
+            PathBuf::from("/tmp/a.sock")
+        );
         let c = with(&[]).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/overlay/agent.sock"));
         assert_eq!((c.udp_port, c.quic_port, c.security), (7470, 7471, Security::Insecure));
         assert_eq!(c.control_ports, [7400, 7490, 7491].into());
         let c = with(&["--control-ports", "7400,9200,9100"]).unwrap();

@@ -225,6 +225,47 @@ fn parse_table_fulls(text: &str) -> Option<u64> {
         .sum()
 }
 
+// --- Containers (CNI, issue 12) ---
+
+/// `ioctl(NS_GET_NSTYPE)`: the kind of namespace an nsfs file descriptor refers to.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Makes the network namespace at `source` (a container runtime's `CNI_NETNS`: a bind
+/// mount such as `/run/netns/cni-…`, or `/proc/PID/ns/net`) visible as namespace `name`,
+/// with a bind mount of its own, so `ip netns exec NAME` and everything here work on it.
+/// Returns the namespace's inode. `source` must be a network namespace; `name` must not
+/// exist yet. Deleting `name` later ([`delete`]) only unmounts it: the runtime's
+/// namespace lives on as long as the runtime holds it.
+pub fn adopt(name: &str, source: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    checked(name)?;
+    let ns = File::open(source)?;
+    // SAFETY: ioctl on an fd `ns` keeps open; NS_GET_NSTYPE takes no argument.
+    let kind = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a network namespace", source.display()),
+        ));
+    }
+    let inode = ns.metadata()?.ino();
+    prepare_dir()?;
+    let target = path(name);
+    File::options().write(true).create_new(true).open(&target)?;
+    // Mount what was checked, through the open descriptor (the path could change).
+    let from = cstr(Path::new(&format!("/proc/self/fd/{}", ns.as_raw_fd())))?;
+    let to = cstr(&target)?;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let mounted = check(unsafe {
+        libc::mount(from.as_ptr(), to.as_ptr(), c"none".as_ptr(), libc::MS_BIND, std::ptr::null())
+    });
+    if let Err(e) = mounted {
+        let _ = fs::remove_file(&target);
+        return Err(e);
+    }
+    Ok(inode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

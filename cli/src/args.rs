@@ -95,6 +95,14 @@ pub enum Command {
     /// The cluster PKI: a CA and certificates with roles (offline: needs no controller)
     #[command(subcommand)]
     Cert(CertCmd),
+    /// A CNI conflist for NETWORK on stdout: overlay-cni chained with portmap, for a
+    /// container runtime's CNI config directory
+    CniConfig {
+        network: String,
+        /// The agent's socket on the hosts [default: /run/overlay/agent.sock]
+        #[arg(long, value_name = "PATH")]
+        socket: Option<String>,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, Subcommand)]

@@ -259,7 +259,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             validate_name(&network)?;
             validate_name(&endpoint)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::ConnectRequest { network, endpoint, ip, aliases };
+            let request =
+                pb::ConnectRequest { network, endpoint, ip, aliases, ..Default::default() };
             emit(out, &rpc!(ctl, Write, connect_network, request))
         }
         Command::Network(NetworkCmd::Disconnect { network, endpoint }) => {
@@ -274,7 +275,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             validate_name(&host)?;
             validate_name(&network)?;
             let (ip, aliases) = addressing_request(addressing)?;
-            let request = pb::CreateEndpointRequest { name, host, network, ip, aliases };
+            let request = pb::CreateEndpointRequest {
+                name,
+                host,
+                network,
+                ip,
+                aliases,
+                ..Default::default()
+            };
             emit(out, &rpc!(ctl, Write, create_endpoint, request))
         }
         Command::Endpoint(EndpointCmd::Ls) => {
@@ -320,6 +328,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(out, &Removed::Route { network, destination })
         }
 
+        // Refused for a network the cluster does not have; always JSON (it is a file).
+        Command::CniConfig { network, socket } => {
+            validate_name(&network)?;
+            let socket = socket.unwrap_or_else(|| overlay_cni::spec::DEFAULT_SOCKET.to_string());
+            if !socket.starts_with('/') {
+                return Err(Failure::Usage(format!("--socket {socket}: must be an absolute path")));
+            }
+            rpc!(ctl, Read, inspect_network, pb::NameRequest { name: network.clone() });
+            let list = overlay_cni::conflist::conflist(&network, &socket);
+            let text =
+                serde_json::to_string_pretty(&list).map_err(|e| Failure::Output(e.to_string()))?;
+            writeln!(std::io::stdout(), "{text}").map_err(|e| Failure::Output(e.to_string()))
+        }
         Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
     }
 }

@@ -183,3 +183,34 @@ async fn env_names_the_controller() {
     assert!(assert_ok(&out).contains("10.0.2.0/24"));
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// `cni-config`: a conflist for an existing network (overlay-cni, then portmap), refused
+/// for one the controller does not know.
+#[tokio::test]
+async fn cni_config_prints_a_conflist() {
+    let (url, _) = fake::spawn(Behaviour::Answer).await;
+    let out =
+        overlayctl(&["--controller", &url, "cni-config", "web", "--socket", "/run/a.sock"]).await;
+    let list: Value = serde_json::from_str(&assert_ok(&out)).expect("json");
+    assert_eq!(
+        list,
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "web",
+            "plugins": [
+                {"type": "overlay-cni", "network": "web", "socket": "/run/a.sock"},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        })
+    );
+    let out = overlayctl(&["--controller", &url, "cni-config", "web"]).await;
+    let list: Value = serde_json::from_str(&assert_ok(&out)).expect("json");
+    assert_eq!(list["plugins"][0]["socket"], "/run/overlay/agent.sock");
+    let out = overlayctl(&["--controller", &url, "cni-config", "web", "--socket", "a.sock"]).await;
+    assert_eq!(assert_error(&out, 1), "error: --socket a.sock: must be an absolute path");
+
+    let (url, _) =
+        fake::spawn(Behaviour::Fail(Code::NotFound, "network nosuch not found".into())).await;
+    let out = overlayctl(&["--controller", &url, "cni-config", "nosuch"]).await;
+    assert_eq!(assert_error(&out, 1), "error: network nosuch not found");
+}

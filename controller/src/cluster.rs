@@ -213,6 +213,9 @@ impl From<ClusterError> for tonic::Status {
                     ErrorKind::NotFound => tonic::Status::not_found(msg),
                     ErrorKind::AlreadyExists => tonic::Status::already_exists(msg),
                     ErrorKind::FailedPrecondition => tonic::Status::failed_precondition(msg),
+                    ErrorKind::PermissionDenied => {
+                        tonic::Status::permission_denied(format!("permission denied: {msg}"))
+                    }
                 }
             }
             ClusterError::RejectedRemote(code, m) => tonic::Status::new(code, m),

@@ -100,6 +100,41 @@ pub enum Command {
         underlay_mtu: u32,
         now_ms: u64,
     },
+
+    // --- Containers (CNI, issue 12). Appended after every older variant: postcard names
+    // a variant by its position, so raft logs written before these decode unchanged. An
+    // agent attaches the containers of its own host with them (see `state::containers`).
+    /// [`Command::CreateEndpoint`] with the interface name a container runtime asked for
+    /// (`CNI_IFNAME`) instead of `eth0`.
+    CreateEndpointAs {
+        name: String,
+        host: String,
+        network: String,
+        ip: Option<Ipv4Addr>,
+        aliases: Vec<String>,
+        interface: String,
+    },
+    /// [`Command::Connect`] with a chosen interface name (`None`: the lowest free
+    /// `ethN`) and, when `host` is given, only while the endpoint is on that host.
+    ConnectAs {
+        network: String,
+        endpoint: String,
+        ip: Option<Ipv4Addr>,
+        aliases: Vec<String>,
+        interface: Option<String>,
+        host: Option<String>,
+    },
+    /// [`Command::Disconnect`], only while the endpoint is on `host`.
+    DisconnectOn {
+        network: String,
+        endpoint: String,
+        host: String,
+    },
+    /// [`Command::RemoveEndpoint`], only while the endpoint is on `host`.
+    RemoveEndpointOn {
+        name: String,
+        host: String,
+    },
 }
 
 impl Command {

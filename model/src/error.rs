@@ -86,6 +86,11 @@ pub enum ModelError {
     InvalidDuration(String),
     #[error("invalid cluster id {0:?}: expected 32 hex digits")]
     InvalidClusterId(String),
+    // --- Containers (CNI, issue 12) ---
+    #[error("endpoint {endpoint} already has interface {interface} (in network {network})")]
+    InterfaceInUse { endpoint: String, interface: String, network: String },
+    #[error("endpoint {endpoint} is on host {host}, not on host {asked}")]
+    EndpointOnOtherHost { endpoint: String, host: String, asked: String },
 }
 
 impl ModelError {
@@ -97,6 +102,7 @@ impl ModelError {
                 ErrorKind::NotFound
             }
             NetworkExists(_) | EndpointExists(_) | RouteExists { .. } => ErrorKind::AlreadyExists,
+            EndpointOnOtherHost { .. } => ErrorKind::PermissionDenied,
             NetworkInUse { .. } | HostInUse { .. } | SubnetExhausted { .. } | VniExhausted => {
                 ErrorKind::FailedPrecondition
             }
@@ -111,4 +117,7 @@ pub enum ErrorKind {
     NotFound,
     AlreadyExists,
     FailedPrecondition,
+    /// The command is valid but names an object the caller may not change (a guarded
+    /// command whose endpoint is on another host).
+    PermissionDenied,
 }

@@ -29,6 +29,10 @@ use crate::names::validate_name;
 use crate::types::*;
 use crate::{validate, Command, ModelError, NetworkSpec};
 
+/// Container attachments (CNI, issue 12): interfaces named by the runtime, commands
+/// guarded by the endpoint's host.
+mod containers;
+
 /// How many names an "in use" error lists before summarising the rest as a count.
 const LISTED_NAMES: usize = 5;
 
@@ -433,6 +437,10 @@ impl State {
                 self.meta.join_token = Some(JoinTokenRecord { nonce: *nonce, hash: *hash });
                 Vec::new()
             }
+            Command::CreateEndpointAs { .. }
+            | Command::ConnectAs { .. }
+            | Command::DisconnectOn { .. }
+            | Command::RemoveEndpointOn { .. } => self.apply_container_command(command)?,
         };
         if !changes.is_empty() {
             self.catalog.revision += 1;

@@ -667,7 +667,15 @@ impl Lab {
             self.pki_dir().join("ca.pem").display().to_string(),
             "--join-token".into(),
             self.join_token.clone().context("the lab has no join token yet")?,
+            "--socket".into(),
+            self.agent_socket(i).display().to_string(),
         ])
+    }
+
+    /// The unix socket agent `i` serves `overlay-cni` on (one per host: they share the
+    /// machine's file system).
+    pub fn agent_socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("agent{i}.sock"))
     }
 
     pub fn start_agent(&mut self, i: usize) -> Result<()> {

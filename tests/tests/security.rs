@@ -272,6 +272,29 @@ fn agent_role_is_limited(lab: &mut Lab) -> Result<()> {
     ensure!(stderr(&out).starts_with("error: permission denied: agent \"h1\""), "{}", stderr(&out));
     let out = agent_ctl(&["network", "ls"]);
     ensure!(stderr(&out).starts_with("error: permission denied"), "{}", stderr(&out));
+    // Endpoints (for CNI): on its own host only.
+    let (mine, theirs) = (lab.ep("agent-own"), lab.ep("agent-other"));
+    let out = agent_ctl(&["endpoint", "create", &theirs, "--host", "h2", "--network", "sec"]);
+    ensure!(
+        stderr(&out).starts_with(&format!(
+            "error: permission denied: agent \"h1\" may not change endpoint {theirs} on host h2"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent_ctl(&["endpoint", "create", &mine, "--host", "h1", "--network", "sec"]);
+    ensure!(out.status.success(), "own host's endpoint: {}", stderr(&out));
+    lab.ctl_ok(&["endpoint", "create", &theirs, "--host", "h2", "--network", "sec"])?;
+    for args in [
+        vec!["endpoint", "rm", theirs.as_str()],
+        vec!["network", "disconnect", "sec", theirs.as_str()],
+    ] {
+        let out = agent_ctl(&args);
+        ensure!(stderr(&out).contains("permission denied"), "{args:?}: {}", stderr(&out));
+    }
+    let out = agent_ctl(&["endpoint", "rm", &mine]);
+    ensure!(out.status.success(), "own endpoint rm: {}", stderr(&out));
+    lab.ctl_ok(&["endpoint", "rm", &theirs])?;
 
     let h1 = agent_identity(lab, 1);
     let (other, wrong_ip, own, beat, watch) = with_channel(lab, dialer(lab, Some(&h1)), |ch| {

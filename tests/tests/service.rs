@@ -74,9 +74,10 @@ impl Drop for TempDir {
     }
 }
 
-const BINARY_NAMES: [&str; 3] = ["overlay-controller", "overlay-agent", "overlayctl"];
+const BINARY_NAMES: [&str; 4] =
+    ["overlay-controller", "overlay-agent", "overlayctl", "overlay-cni"];
 
-/// Stand-ins for the three binaries (install.sh only copies them).
+/// Stand-ins for the four binaries (install.sh only copies them).
 fn fake_binaries(dir: &Path) -> String {
     let bins = dir.join("fake-bin");
     std::fs::create_dir_all(&bins).expect("fake-bin");
@@ -146,6 +147,8 @@ fn install_script_places_every_file_keeps_configs_and_is_idempotent() {
         ("usr/local/bin/overlay-controller", 0o755),
         ("usr/local/bin/overlay-agent", 0o755),
         ("usr/local/bin/overlayctl", 0o755),
+        ("usr/lib/cni/overlay-cni", 0o755),
+        ("opt/cni/bin/overlay-cni", 0o755),
         ("etc/systemd/system/overlay-controller.service", 0o644),
         ("etc/systemd/system/overlay-agent.service", 0o644),
         ("etc/overlay/controller.toml", 0o644),
@@ -167,6 +170,8 @@ fn install_script_places_every_file_keeps_configs_and_is_idempotent() {
         ("etc/sysctl.d/99-overlay.conf", repo().join("deploy/99-overlay.conf")),
         ("usr/local/share/doc/overlay/README.md", repo().join("README.md")),
         ("usr/local/bin/overlay-agent", Path::new(&from).join("overlay-agent")),
+        ("usr/lib/cni/overlay-cni", Path::new(&from).join("overlay-cni")),
+        ("opt/cni/bin/overlay-cni", Path::new(&from).join("overlay-cni")),
         ("etc/systemd/system/overlay-agent.service", repo().join("deploy/overlay-agent.service")),
     ] {
         assert_eq!(files[installed].1, std::fs::read(&source).expect("source"), "{installed}");

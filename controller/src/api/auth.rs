@@ -5,7 +5,10 @@
 //! * `admin` may do everything;
 //! * `agent` (one host, named by its certificate) may register, heartbeat, watch and
 //!   renew its certificate as that host only, and register only with an underlay IP its
-//!   certificate names, when it names any;
+//!   certificate names, when it names any; and it may create, connect, disconnect and
+//!   remove endpoints on that host only (the containers its CNI plugin attaches): the
+//!   handlers send those as commands guarded by [`own_host`], so the host is checked
+//!   again, atomically, where the change is applied;
 //! * `controller` may use the member-to-member Peer service, and nothing else;
 //! * a caller without a certificate may only join with a token;
 //! * with `--insecure` there are no identities and everything is allowed.
@@ -37,6 +40,14 @@ pub enum Act<'a> {
     Join,
     /// The member-to-member Peer service.
     Peer,
+    // --- Containers (CNI, issue 12) ---
+    /// Creating, connecting, disconnecting or removing `endpoint`, which is (or is to
+    /// be) on `host`; `None` when no such endpoint exists (the command then fails by
+    /// itself).
+    ChangeEndpoint {
+        endpoint: &'a str,
+        host: Option<&'a str>,
+    },
 }
 
 impl std::fmt::Display for Act<'_> {
@@ -52,6 +63,10 @@ impl std::fmt::Display for Act<'_> {
             Act::RenewCertificate => f.write_str("renew an agent certificate"),
             Act::Join => f.write_str("join"),
             Act::Peer => f.write_str("speak raft to a member"),
+            Act::ChangeEndpoint { endpoint, host: Some(host) } => {
+                write!(f, "change endpoint {endpoint} on host {host}")
+            }
+            Act::ChangeEndpoint { endpoint, host: None } => write!(f, "change endpoint {endpoint}"),
         }
     }
 }
@@ -101,12 +116,30 @@ pub fn authorize(caller: &Caller, act: Act<'_>) -> Result<(), String> {
             }
         }
         (Role::Agent, Act::RenewCertificate) => Ok(()),
+        (Role::Agent, Act::ChangeEndpoint { host, .. })
+            if host.is_none_or(|h| h == cert.name) =>
+        {
+            Ok(())
+        }
         (Role::Agent, Act::Heartbeat { .. } | Act::Watch { .. } | Act::RegisterHost { .. }) => {
             denied(&format!(" (its certificate is for host {})", cert.name))
         }
+        (Role::Agent, Act::ChangeEndpoint { .. }) => denied(&format!(
+            " (its certificate is for host {}: an agent changes only its own host's endpoints)",
+            cert.name
+        )),
         (Role::Agent, _) => denied(
-            " (an agent certificate allows only its own host's registration, heartbeats and watch)",
+            " (an agent certificate allows only its own host's registration, heartbeats, watch and endpoints)",
         ),
+    }
+}
+
+/// The host an `agent` caller may change endpoints on (its own); `None` for every other
+/// caller. Endpoint changes an agent asks for are applied as commands guarded by it.
+pub fn own_host(caller: &Caller) -> Option<&str> {
+    match caller {
+        Caller::Certified { cert, .. } if cert.role == Some(Role::Agent) => Some(&cert.name),
+        _ => None,
     }
 }
 
@@ -173,11 +206,36 @@ mod tests {
         );
         assert!(authorize(&h1, Act::Watch { host: "h2" }).is_err());
         assert!(authorize(&h1, Act::Write).is_err());
+        assert_eq!(own_host(&h1), Some("h1"));
         assert!(authorize(&h1, Act::Read).is_err());
         assert!(authorize(&h1, Act::Peer).is_err());
         // Without IP SANs any underlay IP goes.
         let open = cert("h1", Some(Role::Agent), &[]);
         assert_eq!(authorize(&open, reg("h1", "198.51.100.7")), Ok(()));
+    }
+
+    /// CNI: an agent attaches its own host's containers, and nothing else.
+    #[test]
+    fn agents_change_endpoints_on_their_own_host_only() {
+        let h1 = cert("h1", Some(Role::Agent), &["192.0.2.1"]);
+        let change = |endpoint, host| Act::ChangeEndpoint { endpoint, host };
+        assert_eq!(authorize(&h1, change("web1", Some("h1"))), Ok(()));
+        // An endpoint that does not exist: the guarded command fails by itself.
+        assert_eq!(authorize(&h1, change("gone", None)), Ok(()));
+        assert_eq!(
+            authorize(&h1, change("db1", Some("h2"))),
+            Err("agent \"h1\" may not change endpoint db1 on host h2 (its certificate is for host h1: an agent changes only its own host's endpoints)".into())
+        );
+        // Still nothing else: networks, routes, hosts are `Write`; reads are `Read`.
+        assert!(authorize(&h1, Act::Write).is_err());
+        assert!(authorize(&h1, Act::Read).is_err());
+        let admin = cert("ops", Some(Role::Admin), &[]);
+        assert_eq!(authorize(&admin, change("db1", Some("h2"))), Ok(()));
+        assert_eq!(own_host(&admin), None);
+        let c1 = cert("c1", Some(Role::Controller), &[]);
+        assert!(authorize(&c1, change("web1", Some("c1"))).is_err());
+        assert!(authorize(&Caller::Anonymous { remote: None }, change("x", None)).is_err());
+        assert_eq!(own_host(&Caller::Insecure { remote: None }), None);
     }
 
     #[test]

@@ -83,6 +83,13 @@ impl OverlayApi {
         Ok(convert::network_with_endpoints(network, state.catalog.endpoints_in(name)))
     }
 
+    /// The host endpoint `name` is on, from this member's applied state; `None` if there
+    /// is no such endpoint. For authorisation messages only: what an agent asks is applied
+    /// as a command guarded by its host (see `auth::own_host`), checked atomically.
+    fn endpoint_host(&self, name: &str) -> Option<String> {
+        self.cluster.read_state().catalog.endpoints.get(name).map(|e| e.host.clone())
+    }
+
     /// The cluster's id, empty until the first leader named it.
     fn cluster_id(&self) -> String {
         self.cluster.read_state().meta().cluster_id.clone().unwrap_or_default()
@@ -221,16 +228,26 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        allow(&req, Act::Write)?;
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        let applied = self
-            .write(Command::Connect {
+        let host = self.endpoint_host(&r.endpoint);
+        auth::check(&caller, Act::ChangeEndpoint { endpoint: &r.endpoint, host: host.as_deref() })?;
+        let ip = parse::optional_ipv4(&r.ip).map_err(bad)?;
+        let aliases = aliases(&r.aliases)?;
+        let guard = auth::own_host(&caller).map(str::to_string);
+        let command = if r.interface.is_empty() && guard.is_none() {
+            Command::Connect { network: r.network, endpoint: r.endpoint, ip, aliases }
+        } else {
+            Command::ConnectAs {
                 network: r.network,
                 endpoint: r.endpoint,
-                ip: parse::optional_ipv4(&r.ip).map_err(bad)?,
-                aliases: aliases(&r.aliases)?,
-            })
-            .await?;
+                ip,
+                aliases,
+                interface: (!r.interface.is_empty()).then_some(r.interface),
+                host: guard,
+            }
+        };
+        let applied = self.write(command).await?;
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
 
@@ -238,10 +255,19 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        allow(&req, Act::Write)?;
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        let applied =
-            self.write(Command::Disconnect { network: r.network, endpoint: r.endpoint }).await?;
+        let host = self.endpoint_host(&r.endpoint);
+        auth::check(&caller, Act::ChangeEndpoint { endpoint: &r.endpoint, host: host.as_deref() })?;
+        let command = match auth::own_host(&caller) {
+            Some(host) => Command::DisconnectOn {
+                network: r.network,
+                endpoint: r.endpoint,
+                host: host.to_string(),
+            },
+            None => Command::Disconnect { network: r.network, endpoint: r.endpoint },
+        };
+        let applied = self.write(command).await?;
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
 
@@ -249,18 +275,19 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::CreateEndpointRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        allow(&req, Act::Write)?;
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        auth::check(&caller, Act::ChangeEndpoint { endpoint: &r.name, host: Some(&r.host) })?;
         names::validate_name(&r.name).map_err(bad)?;
-        let applied = self
-            .write(Command::CreateEndpoint {
-                name: r.name.clone(),
-                host: r.host.clone(),
-                network: r.network,
-                ip: parse::optional_ipv4(&r.ip).map_err(bad)?,
-                aliases: aliases(&r.aliases)?,
-            })
-            .await?;
+        let (name, host, network) = (r.name.clone(), r.host.clone(), r.network);
+        let ip = parse::optional_ipv4(&r.ip).map_err(bad)?;
+        let aliases = aliases(&r.aliases)?;
+        let command = if r.interface.is_empty() {
+            Command::CreateEndpoint { name, host, network, ip, aliases }
+        } else {
+            Command::CreateEndpointAs { name, host, network, ip, aliases, interface: r.interface }
+        };
+        let applied = self.write(command).await?;
         debug!(endpoint = %r.name, host = %r.host, "endpoint created");
         Ok(Response::new(Self::endpoint_of(&applied)?))
     }
@@ -298,8 +325,15 @@ impl pb::overlay_server::Overlay for OverlayApi {
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        allow(&req, Act::Write)?;
-        self.write(Command::RemoveEndpoint { name: req.into_inner().name }).await?;
+        let caller = Caller::of(&req);
+        let name = req.into_inner().name;
+        let host = self.endpoint_host(&name);
+        auth::check(&caller, Act::ChangeEndpoint { endpoint: &name, host: host.as_deref() })?;
+        let command = match auth::own_host(&caller) {
+            Some(host) => Command::RemoveEndpointOn { name, host: host.to_string() },
+            None => Command::RemoveEndpoint { name },
+        };
+        self.write(command).await?;
         Ok(Response::new(pb::Empty {}))
     }
 

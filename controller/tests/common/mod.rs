@@ -540,5 +540,6 @@ pub fn create_endpoint_request(name: &str, host: &str, network: &str) -> pb::Cre
         network: network.into(),
         ip: String::new(),
         aliases: Vec::new(),
+        ..Default::default()
     }
 }
