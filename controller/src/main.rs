@@ -12,6 +12,7 @@ mod liveness;
 mod metrics;
 mod raft;
 mod security;
+mod status;
 mod watch;
 
 use std::sync::{Arc, RwLock};
