@@ -183,8 +183,9 @@ impl DnsServers {
     }
 
     /// Starts a server for every endpoint in `wanted` whose namespace exists and that
-    /// has none yet.
-    pub fn start_missing(&mut self, wanted: &BTreeSet<String>) {
+    /// has none yet; says which endpoints are served and which could not be.
+    pub fn start_missing(&mut self, wanted: &BTreeSet<String>) -> crate::status::DnsOutcome {
+        let mut outcome = crate::status::DnsOutcome::default();
         for name in wanted {
             if self.servers.contains_key(name) {
                 continue;
@@ -195,9 +196,14 @@ impl DnsServers {
                     info!(endpoint = %name, "dns server listening on {}", self.addr);
                     self.servers.insert(name.clone(), Server { inode, task });
                 }
-                Err(e) => warn!(endpoint = %name, "cannot start dns server: {e}"),
+                Err(e) => {
+                    warn!(endpoint = %name, "cannot start dns server: {e}");
+                    outcome.failed.insert(name.clone(), e.to_string());
+                }
             }
         }
+        outcome.served = self.servers.keys().filter(|n| wanted.contains(*n)).cloned().collect();
+        outcome
     }
 
     fn start(&self, name: &str) -> std::io::Result<JoinHandle<()>> {
