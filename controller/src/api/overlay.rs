@@ -60,7 +60,18 @@ fn bad(e: overlay_model::ModelError) -> Status {
 }
 
 impl OverlayApi {
+    /// Refuses every call while this member takes no part (its raft log cannot be
+    /// written): clients and agents then ask another member.
+    #[allow(clippy::result_large_err)]
+    fn serving(&self) -> Result<(), Status> {
+        match self.cluster.shared.not_serving(self.cluster.id) {
+            Some(why) => Err(Status::unavailable(why)),
+            None => Ok(()),
+        }
+    }
+
     async fn read(&self, consistency: i32) -> Result<(), Status> {
+        self.serving()?;
         if consistency == pb::ReadConsistency::Local as i32 {
             return Ok(());
         }
@@ -476,6 +487,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         names::validate_name(&r.name).map_err(bad)?;
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
         auth::check(&caller, Act::RegisterHost { host: &r.name, underlay_ip: underlay_ip.into() })?;
+        self.serving()?;
         self.same_cluster(&r.cluster_id)?;
         let underlay_prefix =
             u8::try_from(r.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(|| {
@@ -522,6 +534,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let caller = Caller::of(&req);
         let pb::HeartbeatRequest { host, cluster_id, problem } = req.into_inner();
         auth::check(&caller, Act::Heartbeat { host: &host })?;
+        self.serving()?;
         self.same_cluster(&cluster_id)?;
         let status = {
             let state = self.cluster.read_state();
@@ -540,6 +553,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         auth::check(&caller, Act::Watch { host: &r.host })?;
+        self.serving()?;
         self.same_cluster(&r.cluster_id)?;
         let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(16);
@@ -604,7 +618,15 @@ impl pb::overlay_server::Overlay for OverlayApi {
             }
         });
         let answers = futures::future::join_all(asks).await;
-        let leader = status.leader;
+        // A member that knows no leader (an election, or it takes no part: a full disk)
+        // still shows the one another member says leads.
+        let leader = match status.leader {
+            0 => answers
+                .iter()
+                .find(|(m, _)| m.role == Role::Leader.as_str())
+                .map_or(0, |(m, _)| m.id),
+            known => known,
+        };
         // The leader's raft progress says how far each member's log matches.
         let matched: BTreeMap<u64, u64> = answers
             .iter()
@@ -718,6 +740,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         auth::check(&caller, Act::ReportStatus { host: &r.host })?;
+        self.serving()?;
         names::validate_name(&r.host).map_err(bad)?;
         if r.statuses.len() > MAX_REPORTED {
             return Err(Status::invalid_argument(format!(
