@@ -23,7 +23,7 @@ use crate::cni::Cni;
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
-use crate::dns::DnsServers;
+use crate::dns::DnsFeed;
 use crate::firewall::Guard;
 use crate::identity::{establish, renew_forever, Controllers, Security};
 use crate::metrics::Metrics;
@@ -232,7 +232,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
 
-    let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
+    let mut dns = DnsFeed::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // WATCHDOG=1 is sent from this loop, between passes: a pass that hangs stops it,
@@ -421,7 +421,8 @@ struct PassCtx<'a> {
 
 /// What the main loop keeps from one pass to the next.
 struct PassState<'a> {
-    dns: &'a mut DnsServers,
+    /// What the data-plane daemon, which serves the endpoints' DNS, is told.
+    dns: &'a mut DnsFeed,
     dataplane: &'a mut DataplaneClient,
     reconciler: &'a mut Reconciler,
     last_revision: &'a mut Option<u64>,
@@ -458,7 +459,12 @@ async fn pass(
         }
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
-    dns.stop_unwanted(&wanted);
+    if let Some(stop) = dns.stop_unwanted(&wanted) {
+        // Before the pass may delete their namespaces (a socket keeps one alive).
+        if let Err(e) = dataplane.dns(&stop).await {
+            debug!("stopping DNS servers of removed endpoints: {e:#}");
+        }
+    }
     sync_dataplane(dataplane, &desired, catalog, metrics).await;
     let result = reconciler.pass(host, store, &desired).await;
     metrics.pass(&desired, catalog.revision, result.as_ref().map_err(|_| ()), started.elapsed());
@@ -482,16 +488,16 @@ async fn pass(
         }
     };
     dns.refresh_upstream();
-    dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
-    let dns_outcome = dns.start_missing(&ours);
+    let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
+    let dns_outcome = dns.answered(answer, &ours);
     if let Ok(p) = &result {
         ctx.cni.rebuild(&p.marks, &desired);
         // Remote endpoints are reachable from here once their forwarding entries,
         // neighbours and DNS records are in place.
         let forwarding_failed = p.errors.iter().map(|e| &e.action).chain(&p.deferred).any(forwards);
-        if !forwarding_failed {
+        if !forwarding_failed && (ours.is_empty() || dns.current(catalog.revision)) {
             *applied_revision = catalog.revision;
         }
         let statuses = crate::status::endpoint_statuses(
