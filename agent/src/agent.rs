@@ -445,6 +445,8 @@ async fn pass(
     let (host, store) = (ctx.host, ctx.store);
     let mut desired = desired_for_host(catalog, ctx.local);
     desired.firewall.guard = ctx.guard.clone();
+    // Marks say which cluster's host made a namespace (hosts may share /run/netns).
+    desired.owner.cluster = store.cluster_id();
     let held = ctx.cni.adjust(&mut desired, store);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);

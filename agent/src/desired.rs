@@ -178,8 +178,9 @@ pub struct HostDesired {
     /// What the catalog holds that failed validation here and was left out, one line
     /// each, naming the object and why; everything else proceeds.
     pub rejected: Vec<String>,
-    /// This host's name: what the marks of its namespaces say (see [`crate::marks`]).
-    pub host: String,
+    /// This host (and its cluster, once known): what the marks of its namespaces say
+    /// (see [`crate::marks`]).
+    pub owner: crate::marks::Owner,
 }
 
 /// `ovb-<VNI>`: at most 12 characters (VNIs are 24 bits), stable for a network's life.
@@ -272,7 +273,7 @@ fn check_route(route: &Route, via: Ipv4Addr, subnet: Ipv4Network) -> Result<(), 
 pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
     let mut out = HostDesired {
         underlay_ip: Some(local.underlay_ip),
-        host: local.name.clone(),
+        owner: crate::marks::Owner { host: local.name.clone(), cluster: None },
         ..HostDesired::default()
     };
     let mut rejected = Vec::new();

@@ -6,14 +6,16 @@
 //! the namespace is created ([`crate::plan::Action::MarkNamespace`]):
 //!
 //! ```text
-//! overlay-agent host=h1                 a namespace the agent on h1 created
-//! overlay-agent host=h1 cni=3f2a…       a container's namespace it took over (CNI)
+//! overlay-agent host=h1 cluster=9f…            a namespace the agent on h1 created
+//! overlay-agent host=h1 cluster=9f… cni=3f2a…  a container's namespace it took over
 //! ```
 //!
-//! The host name matters because hosts may share `/run/netns` (the namespace lab does:
-//! every "host" is a namespace on one machine) and an agent must never take another
-//! host's endpoint for its own. The container ID lets the agent rebuild its record of a
-//! container (`cni.json`) after losing its data dir, so the runtime's DEL still works.
+//! The host name and cluster id matter because hosts may share `/run/netns` (the
+//! namespace lab does: every "host" is a namespace on one machine, and several labs may
+//! run at once, each a cluster with hosts h1, h2, …): an agent must never take another
+//! host's endpoint for its own. (The cluster id is absent while the agent does not know
+//! its cluster yet.) The container ID lets the agent rebuild its record of a container
+//! (`cni.json`) after losing its data dir, so the runtime's DEL still works.
 //!
 //! [`Claimer`] looks at namespaces that exist but are not in the record, once per
 //! namespace (by inode), and claims the ones marked for this host; a namespace without
@@ -34,12 +36,24 @@ pub const MARK_WORD: &str = crate::observed::OWNED_ALIAS;
 /// The kernel keeps at most this many bytes of an alias.
 const MAX_ALIAS: usize = 255;
 
+/// Whose a namespace is: a host of a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub host: String,
+    /// The cluster's id (32 hex digits), once the agent knows it.
+    pub cluster: Option<String>,
+}
+
 /// What a mark says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
-    pub host: String,
+    pub owner: Owner,
     /// The container whose namespace this is (taken over through CNI).
     pub container: Option<String>,
+}
+
+fn cluster_ok(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A container ID as a mark may carry it (CNI IDs: letters, digits, `-`, `_`, `.`).
@@ -49,10 +63,13 @@ fn container_ok(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// The mark of a namespace made (or, with `container`, taken over) by `host`'s agent.
+/// The mark of a namespace made (or, with `container`, taken over) by `owner`'s agent.
 /// A container ID that cannot be carried is left out (the namespace is still marked).
-pub fn format(host: &str, container: Option<&str>) -> String {
-    let plain = format!("{MARK_WORD} host={host}");
+pub fn format(owner: &Owner, container: Option<&str>) -> String {
+    let mut plain = format!("{MARK_WORD} host={}", owner.host);
+    if let Some(cluster) = owner.cluster.as_deref().filter(|c| cluster_ok(c)) {
+        plain.push_str(&format!(" cluster={}", cluster.to_ascii_lowercase()));
+    }
     match container.filter(|c| container_ok(c)) {
         Some(id) if plain.len() + 5 + id.len() <= MAX_ALIAS => format!("{plain} cni={id}"),
         _ => plain,
@@ -67,22 +84,36 @@ pub fn parse(alias: &str) -> Option<Mark> {
         return None;
     }
     let host = words.next()?.strip_prefix("host=").filter(|h| is_dns_label(h))?.to_string();
-    let container = match words.next() {
+    let mut next = words.next();
+    let mut cluster = None;
+    if let Some(c) = next.and_then(|w| w.strip_prefix("cluster=")) {
+        cluster = Some(c.to_ascii_lowercase()).filter(|c| cluster_ok(c));
+        cluster.as_ref()?;
+        next = words.next();
+    }
+    let container = match next {
         None => None,
         Some(w) => Some(w.strip_prefix("cni=").filter(|c| container_ok(c))?.to_string()),
     };
     if words.next().is_some() {
         return None;
     }
-    Some(Mark { host, container })
+    Some(Mark { owner: Owner { host, cluster }, container })
 }
 
-/// Whether a namespace whose `lo` carries `observed` needs marking to say `wanted`
-/// (host `host`, container `container`). A mark with a container ID is not stripped
-/// by a wish without one (the record of that container may just not be rebuilt yet).
-pub fn needs_marking(observed: Option<&str>, host: &str, container: Option<&str>) -> bool {
+/// Whether `mark` is `owner`'s (same host, same cluster).
+pub fn owned_by(mark: &Mark, owner: &Owner) -> bool {
+    mark.owner.host == owner.host
+        && mark.owner.cluster.as_deref().map(str::to_ascii_lowercase)
+            == owner.cluster.as_deref().map(str::to_ascii_lowercase)
+}
+
+/// Whether a namespace whose `lo` carries `observed` needs marking to say it is
+/// `owner`'s (with `container`). A mark with a container ID is not stripped by a wish
+/// without one (the record of that container may just not be rebuilt yet).
+pub fn needs_marking(observed: Option<&str>, owner: &Owner, container: Option<&str>) -> bool {
     match observed.and_then(parse) {
-        Some(m) if m.host == host => match container {
+        Some(m) if owned_by(&m, owner) => match container {
             None => false,
             Some(c) => m.container.as_deref() != Some(c),
         },
@@ -107,8 +138,8 @@ pub struct Claimer {
 
 impl Claimer {
     /// Records as ours every namespace under `/run/netns` that is not in `store`'s record
-    /// and carries `host`'s mark; returns their names.
-    pub async fn claim(&mut self, store: &Store, host: &str) -> Vec<String> {
+    /// and carries `owner`'s mark; returns their names.
+    pub async fn claim(&mut self, store: &Store, owner: &Owner) -> Vec<String> {
         let recorded = match store.owned_namespaces() {
             Ok(r) => r,
             Err(e) => {
@@ -129,7 +160,7 @@ impl Claimer {
                     mark
                 }
             };
-            if mark.is_some_and(|m| m.host == host) {
+            if mark.is_some_and(|m| owned_by(&m, owner)) {
                 match store.record_namespace(name) {
                     Ok(()) => {
                         info!(endpoint = %name, "namespace {name} carries this host's overlay-agent mark: taken back as ours")
@@ -150,20 +181,35 @@ impl Claimer {
 mod tests {
     use super::*;
 
+    fn owner(host: &str, cluster: Option<&str>) -> Owner {
+        Owner { host: host.into(), cluster: cluster.map(String::from) }
+    }
+
+    const C: &str = "0123456789abcdef0123456789abcdef";
+
     #[test]
     fn marks_round_trip_and_nothing_else_parses() {
-        let plain = format("h1", None);
+        let h1 = owner("h1", None);
+        let plain = format(&h1, None);
         assert_eq!(plain, "overlay-agent host=h1");
-        assert_eq!(parse(&plain), Some(Mark { host: "h1".into(), container: None }));
-        let cni = format("h1", Some("3f2a_b.c-d"));
+        assert_eq!(parse(&plain), Some(Mark { owner: h1.clone(), container: None }));
+        let cni = format(&h1, Some("3f2a_b.c-d"));
         assert_eq!(cni, "overlay-agent host=h1 cni=3f2a_b.c-d");
-        assert_eq!(
-            parse(&cni),
-            Some(Mark { host: "h1".into(), container: Some("3f2a_b.c-d".into()) })
-        );
+        let want = Mark { owner: h1.clone(), container: Some("3f2a_b.c-d".into()) };
+        assert_eq!(parse(&cni), Some(want));
+        let full = owner("h1", Some(C));
+        let both = format(&full, Some("abc"));
+        assert_eq!(both, format!("overlay-agent host=h1 cluster={C} cni=abc"));
+        let want = Mark { owner: full.clone(), container: Some("abc".into()) };
+        assert_eq!(parse(&both), Some(want));
+        // Another lab's (another cluster's) h1 is not this h1.
+        let other = parse(&format(&owner("h1", Some(&C.replace('0', "f"))), None)).unwrap();
+        assert!(!owned_by(&other, &full));
+        assert!(owned_by(&parse(&both).unwrap(), &full));
+        assert!(!owned_by(&parse(&both).unwrap(), &h1));
         // An ID that cannot be carried is left out, the namespace is marked all the same.
-        assert_eq!(format("h1", Some("a b")), plain);
-        assert_eq!(format("h1", Some(&"x".repeat(250))), plain);
+        assert_eq!(format(&h1, Some("a b")), plain);
+        assert_eq!(format(&h1, Some(&"x".repeat(250))), plain);
         for bad in [
             "",
             "overlay-agent",
@@ -172,6 +218,7 @@ mod tests {
             "overlay-agent host=h1 cni=",
             "overlay-agent host=h1 cni=a/b",
             "overlay-agent host=h1 cni=a extra",
+            "overlay-agent host=h1 cluster=xyz",
             "overlay-agent  host=h1",
             "someone host=h1",
         ] {
@@ -181,13 +228,16 @@ mod tests {
 
     #[test]
     fn marking_is_needed_for_missing_or_other_marks_only() {
-        assert!(needs_marking(None, "h1", None));
-        assert!(needs_marking(Some("lo"), "h1", None));
-        assert!(needs_marking(Some("overlay-agent host=h2"), "h1", None));
-        assert!(!needs_marking(Some("overlay-agent host=h1"), "h1", None));
+        let h1 = owner("h1", None);
+        assert!(needs_marking(None, &h1, None));
+        assert!(needs_marking(Some("lo"), &h1, None));
+        assert!(needs_marking(Some("overlay-agent host=h2"), &h1, None));
+        assert!(!needs_marking(Some("overlay-agent host=h1"), &h1, None));
         // A container's ID is kept, and added when known.
-        assert!(!needs_marking(Some("overlay-agent host=h1 cni=abc"), "h1", None));
-        assert!(needs_marking(Some("overlay-agent host=h1"), "h1", Some("abc")));
-        assert!(!needs_marking(Some("overlay-agent host=h1 cni=abc"), "h1", Some("abc")));
+        assert!(!needs_marking(Some("overlay-agent host=h1 cni=abc"), &h1, None));
+        assert!(needs_marking(Some("overlay-agent host=h1"), &h1, Some("abc")));
+        assert!(!needs_marking(Some("overlay-agent host=h1 cni=abc"), &h1, Some("abc")));
+        // Learning the cluster's id marks again.
+        assert!(needs_marking(Some("overlay-agent host=h1"), &owner("h1", Some(C)), None));
     }
 }

@@ -309,7 +309,7 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         if left_alone(ed, observed) {
             continue;
         }
-        plan_endpoint(ed, &desired.host, observed, &mut out);
+        plan_endpoint(ed, &desired.owner, observed, &mut out);
     }
 
     if desired.host_forwarding && !observed.host_forwarding {
@@ -626,7 +626,12 @@ fn plan_addrs(ns: &Ns, dev: &str, have: &BTreeSet<Ipv4Network>, want: Ipv4Networ
     }
 }
 
-fn plan_endpoint(ed: &EndpointDesired, host: &str, observed: &ObservedHost, out: &mut Out) {
+fn plan_endpoint(
+    ed: &EndpointDesired,
+    host: &marks::Owner,
+    observed: &ObservedHost,
+    out: &mut Out,
+) {
     match observed.namespaces.get(&ed.name) {
         Some(Some(nso)) => plan_endpoint_in(ed, host, nso, observed, out),
         _ => {
@@ -651,7 +656,7 @@ fn plan_endpoint(ed: &EndpointDesired, host: &str, observed: &ObservedHost, out:
 /// An endpoint whose namespace exists (or is being created, as `nso` describes it).
 fn plan_endpoint_in(
     ed: &EndpointDesired,
-    host: &str,
+    host: &marks::Owner,
     nso: &NsObs,
     observed: &ObservedHost,
     out: &mut Out,

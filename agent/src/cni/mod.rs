@@ -135,7 +135,9 @@ impl Cni {
     pub fn rebuild(&self, marks: &BTreeMap<String, String>, desired: &HostDesired) {
         for (name, alias) in marks {
             let Some(mark) = crate::marks::parse(alias) else { continue };
-            let (true, Some(id)) = (mark.host == self.host, mark.container) else { continue };
+            let (true, Some(id)) = (mark.owner.host == self.host, mark.container) else {
+                continue;
+            };
             let Some(ed) = desired.endpoints.get(name) else { continue };
             let mut registry = self.registry();
             if registry.get(&id).is_some() || registry.by_endpoint(name).is_some() {
