@@ -246,6 +246,13 @@ impl DnsServers {
         }
     }
 
+    /// Stops the servers whose namespace was deleted or replaced (by anyone: the agent
+    /// may be down), so that no socket keeps a deleted namespace, and its veth, alive.
+    pub fn prune(&mut self) {
+        let wanted: BTreeSet<String> = self.servers.keys().cloned().collect();
+        self.stop_unwanted(&wanted);
+    }
+
     /// The revision of the records served (`None` before any).
     pub fn revision(&self) -> Option<u64> {
         self.revision

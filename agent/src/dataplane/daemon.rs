@@ -28,6 +28,8 @@ use crate::store::write_atomic;
 use overlay_dns::Upstream;
 
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the DNS servers of deleted namespaces are looked for.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until it is told to stop.
 pub fn run(socket: PathBuf, settings: DaemonSettings) -> Result<()> {
@@ -62,6 +64,16 @@ async fn serve(socket: PathBuf, settings: DaemonSettings) -> Result<()> {
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let counters_task = tokio::spawn(write_counters(planes.clone(), counters_path(&socket)));
+    // A namespace deleted while no agent runs must not be kept alive by its DNS sockets.
+    let prune_task = tokio::spawn({
+        let dns = dns.clone();
+        async move {
+            loop {
+                tokio::time::sleep(PRUNE_INTERVAL).await;
+                dns.lock().await.prune();
+            }
+        }
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -88,6 +100,7 @@ async fn serve(socket: PathBuf, settings: DaemonSettings) -> Result<()> {
         }
     }
     counters_task.abort();
+    prune_task.abort();
     info!("data-plane daemon stopping");
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(pid_path(&socket));
