@@ -23,7 +23,7 @@ use crate::cni::Cni;
 use crate::dataplane::client::DataplaneClient;
 use crate::dataplane::protocol::{tables_for, DaemonSettings};
 use crate::desired::{desired_for_host, HostDesired, LocalHost};
-use crate::dns::DnsServers;
+use crate::dns::DnsFeed;
 use crate::firewall::Guard;
 use crate::identity::{establish, renew_forever, Controllers, Security};
 use crate::metrics::Metrics;
@@ -183,11 +183,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // agent that lost its state never tears down what is running.
     let persisted = match store.load_catalog() {
         Ok(c) => c,
+        // Local state is disposable: set aside, rebuilt from the controllers.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            if let Err(aside) = crate::store::set_aside(&store.dir().join("desired.json"), &e) {
+                warn!("ignoring unreadable persisted desired state ({e}); cannot set it aside: {aside}");
+            }
+            None
+        }
         Err(e) => {
             warn!("ignoring unreadable persisted desired state: {e}");
             None
         }
     };
+    let cluster_id_path = store.cluster_id_path();
+    if cluster_id_path.exists() && store.cluster_id().is_none() {
+        let why = "not a cluster id (32 hex digits)";
+        if let Err(e) = crate::store::set_aside(&cluster_id_path, &why) {
+            warn!("{} is unreadable and cannot be set aside: {e}", cluster_id_path.display());
+        }
+    }
     if let Some(c) = &persisted {
         info!(revision = c.revision, "loaded persisted desired state");
     }
@@ -198,6 +212,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     );
     let heartbeat_task = tokio::spawn(
         run_heartbeat(me, controllers.clone(), store.clone(), problem_rx).in_current_span(),
+    );
+    // Endpoint statuses (issue 15), after every pass.
+    let (report_tx, report_rx) = watch::channel(None);
+    let report_task = tokio::spawn(
+        crate::report::run(cfg.name.clone(), controllers.clone(), report_rx).in_current_span(),
     );
     // Containers (CNI, issue 12): the plugin's socket. Without it the data plane still
     // runs; container runtimes are told the socket is unreachable.
@@ -213,7 +232,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
 
-    let mut dns = DnsServers::from_resolv_conf(cfg.resolv_conf.as_deref());
+    let mut dns = DnsFeed::from_resolv_conf(cfg.resolv_conf.as_deref());
     let mut tick = tokio::time::interval(cfg.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // WATCHDOG=1 is sent from this loop, between passes: a pass that hangs stops it,
@@ -225,6 +244,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     }
     tokio::pin!(shutdown);
     let mut last_revision = None;
+    let mut applied_revision = 0u64;
     let mut reconciler = Reconciler::new();
     let mut arp_table = ArpTableWatch::default();
     loop {
@@ -255,6 +275,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             dataplane: &mut dataplane,
             reconciler: &mut reconciler,
             last_revision: &mut last_revision,
+            applied_revision: &mut applied_revision,
+            report: &report_tx,
         };
         let firewall = pass(&ctx, &catalog, state, &metrics).await;
         arp_table.check();
@@ -290,6 +312,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     }
     watch_task.abort();
     heartbeat_task.abort();
+    report_task.abort();
     if let Some(task) = cni_task {
         task.abort();
         let _ = std::fs::remove_file(&cfg.socket);
@@ -398,10 +421,15 @@ struct PassCtx<'a> {
 
 /// What the main loop keeps from one pass to the next.
 struct PassState<'a> {
-    dns: &'a mut DnsServers,
+    /// What the data-plane daemon, which serves the endpoints' DNS, is told.
+    dns: &'a mut DnsFeed,
     dataplane: &'a mut DataplaneClient,
     reconciler: &'a mut Reconciler,
     last_revision: &'a mut Option<u64>,
+    /// The catalog revision the kernel reflects for remote endpoints (issue 15).
+    applied_revision: &'a mut u64,
+    /// Where each pass's endpoint statuses go (see [`crate::report`]).
+    report: &'a watch::Sender<Option<Arc<crate::report::PassReport>>>,
 }
 
 /// One pass; returns whether the host firewall is in place (`None`: the pass did not
@@ -413,11 +441,13 @@ async fn pass(
     metrics: &Metrics,
 ) -> Option<Result<(), String>> {
     let started = std::time::Instant::now();
-    let PassState { dns, dataplane, reconciler, last_revision } = st;
+    let PassState { dns, dataplane, reconciler, last_revision, applied_revision, report } = st;
     let (host, store) = (ctx.host, ctx.store);
     let mut desired = desired_for_host(catalog, ctx.local);
     desired.firewall.guard = ctx.guard.clone();
-    ctx.cni.adjust(&mut desired, store);
+    // Marks say which cluster's host made a namespace (hosts may share /run/netns).
+    desired.owner.cluster = store.cluster_id();
+    let held = ctx.cni.adjust(&mut desired, store);
     if *last_revision != Some(catalog.revision) {
         *last_revision = Some(catalog.revision);
         info!(
@@ -431,11 +461,16 @@ async fn pass(
         }
     }
     let wanted: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
-    dns.stop_unwanted(&wanted);
+    if let Some(stop) = dns.stop_unwanted(&wanted) {
+        // Before the pass may delete their namespaces (a socket keeps one alive).
+        if let Err(e) = dataplane.dns(&stop).await {
+            debug!("stopping DNS servers of removed endpoints: {e:#}");
+        }
+    }
     sync_dataplane(dataplane, &desired, catalog, metrics).await;
     let result = reconciler.pass(host, store, &desired).await;
     metrics.pass(&desired, catalog.revision, result.as_ref().map_err(|_| ()), started.elapsed());
-    let firewall = match result {
+    let firewall = match &result {
         Ok(p) => {
             if p.applied > 0 {
                 info!(
@@ -446,7 +481,7 @@ async fn pass(
                     "reconcile pass applied changes"
                 )
             }
-            Some(p.firewall)
+            Some(p.firewall.clone())
         }
         // Reported by the reconciler, once per change of error.
         Err(e) => {
@@ -455,12 +490,54 @@ async fn pass(
         }
     };
     dns.refresh_upstream();
-    dns.publish(catalog);
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
-    dns.start_missing(&ours);
-    ctx.cni.pass_done(&ours);
+    let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
+    let dns_outcome = dns.answered(answer, &ours);
+    if let Ok(p) = &result {
+        ctx.cni.rebuild(&p.marks, &desired);
+        // Remote endpoints are reachable from here once their forwarding entries,
+        // neighbours and DNS records are in place.
+        let forwarding_failed = p.errors.iter().map(|e| &e.action).chain(&p.deferred).any(forwards);
+        if !forwarding_failed && (ours.is_empty() || dns.current(catalog.revision)) {
+            *applied_revision = catalog.revision;
+        }
+        let statuses = crate::status::endpoint_statuses(
+            catalog,
+            &ctx.local.name,
+            &desired,
+            &held,
+            p,
+            &dns_outcome,
+        );
+        let statuses = statuses
+            .into_iter()
+            .filter_map(|(name, s)| {
+                let e = catalog.endpoints.get(&name)?.clone();
+                Some((name, (s, e)))
+            })
+            .collect();
+        let pass_report = crate::report::PassReport {
+            revision: catalog.revision,
+            applied: *applied_revision,
+            statuses,
+        };
+        report.send_replace(Some(Arc::new(pass_report)));
+    }
+    ctx.cni.pass_done(&dns_outcome.served);
     firewall
+}
+
+/// Whether an action programs forwarding to remote endpoints (FDB, neighbours).
+fn forwards(a: &crate::plan::Action) -> bool {
+    use crate::plan::Action;
+    matches!(
+        a,
+        Action::AddFdb { .. }
+            | Action::DelFdb { .. }
+            | Action::AddNeigh { .. }
+            | Action::DelNeigh { .. }
+    )
 }
 
 #[cfg(test)]

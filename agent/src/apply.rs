@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::nl::Nl;
 use crate::observed::OWNED_ALIAS;
@@ -95,11 +95,18 @@ impl Ctx<'_> {
         }
         match action {
             Action::CreateNamespace { name } => {
-                self.store.record_namespace(name).context("recording namespace")?;
+                // The record is a cache (the mark set next is what counts, see
+                // `marks`): a full disk must not stop endpoints from being created.
+                if let Err(e) = self.store.record_namespace(name) {
+                    warn!(endpoint = %name, "cannot record namespace {name} (creating it all the same; its mark says it is ours): {e}");
+                }
                 if !netns::path(name).exists() {
                     netns::create(name).with_context(|| format!("creating namespace {name}"))?;
                 }
                 Ok(())
+            }
+            Action::MarkNamespace { name, mark } => {
+                self.nl(&Ns::Netns(name.clone()))?.set_alias("lo", mark).await
             }
             Action::DeleteNamespace { name } => {
                 self.netns.remove(name);

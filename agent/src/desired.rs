@@ -136,6 +136,10 @@ pub struct EndpointDesired {
     pub routes: BTreeSet<RouteSpec>,
     /// On when this endpoint is the `via` of some route.
     pub ip_forward: bool,
+    /// The container whose namespace this is, when CNI attached it (set by
+    /// [`crate::cni::Cni::adjust`]): it goes into the namespace's mark (see
+    /// [`crate::marks`]).
+    pub container: Option<String>,
 }
 
 /// The firewall's input: which bridges exist and what they may do, who the hosts are.
@@ -174,6 +178,9 @@ pub struct HostDesired {
     /// What the catalog holds that failed validation here and was left out, one line
     /// each, naming the object and why; everything else proceeds.
     pub rejected: Vec<String>,
+    /// This host (and its cluster, once known): what the marks of its namespaces say
+    /// (see [`crate::marks`]).
+    pub owner: crate::marks::Owner,
 }
 
 /// `ovb-<VNI>`: at most 12 characters (VNIs are 24 bits), stable for a network's life.
@@ -264,7 +271,11 @@ fn check_route(route: &Route, via: Ipv4Addr, subnet: Ipv4Network) -> Result<(), 
 /// The desired state of `local` given the whole catalog. Objects that fail validation
 /// are left out and listed in [`HostDesired::rejected`].
 pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
-    let mut out = HostDesired { underlay_ip: Some(local.underlay_ip), ..HostDesired::default() };
+    let mut out = HostDesired {
+        underlay_ip: Some(local.underlay_ip),
+        owner: crate::marks::Owner { host: local.name.clone(), cluster: None },
+        ..HostDesired::default()
+    };
     let mut rejected = Vec::new();
 
     // Hosts whose underlay address can be sent to; others get no entries.
@@ -398,6 +409,7 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
                 interfaces,
                 routes,
                 ip_forward: vias.contains(ep.name.as_str()),
+                container: None,
             },
         );
     }

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use overlay_dns::{DnsView, Upstream};
+
+use crate::dataplane::client::DnsAnswer;
+use crate::dataplane::protocol::{DnsRecords, DnsTables};
 use overlay_model::Catalog;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -183,8 +186,9 @@ impl DnsServers {
     }
 
     /// Starts a server for every endpoint in `wanted` whose namespace exists and that
-    /// has none yet.
-    pub fn start_missing(&mut self, wanted: &BTreeSet<String>) {
+    /// has none yet; says which endpoints are served and which could not be.
+    pub fn start_missing(&mut self, wanted: &BTreeSet<String>) -> crate::status::DnsOutcome {
+        let mut outcome = crate::status::DnsOutcome::default();
         for name in wanted {
             if self.servers.contains_key(name) {
                 continue;
@@ -195,9 +199,14 @@ impl DnsServers {
                     info!(endpoint = %name, "dns server listening on {}", self.addr);
                     self.servers.insert(name.clone(), Server { inode, task });
                 }
-                Err(e) => warn!(endpoint = %name, "cannot start dns server: {e}"),
+                Err(e) => {
+                    warn!(endpoint = %name, "cannot start dns server: {e}");
+                    outcome.failed.insert(name.clone(), e.to_string());
+                }
             }
         }
+        outcome.served = self.servers.keys().filter(|n| wanted.contains(*n)).cloned().collect();
+        outcome
     }
 
     fn start(&self, name: &str) -> std::io::Result<JoinHandle<()>> {
@@ -225,6 +234,120 @@ impl DnsServers {
 
     pub fn running(&self) -> usize {
         self.servers.len()
+    }
+
+    // --- In the data-plane daemon (issue 15) ---
+
+    /// Forwards to `servers` from now on.
+    pub fn set_upstream(&mut self, servers: Vec<SocketAddr>) {
+        if *self.upstream.servers() != *servers {
+            info!(servers = ?servers, "dns forwards other names to these resolvers");
+            self.upstream.set_servers(servers);
+        }
+    }
+
+    /// Stops the servers whose namespace was deleted or replaced (by anyone: the agent
+    /// may be down), so that no socket keeps a deleted namespace, and its veth, alive.
+    pub fn prune(&mut self) {
+        let wanted: BTreeSet<String> = self.servers.keys().cloned().collect();
+        self.stop_unwanted(&wanted);
+    }
+
+    /// The revision of the records served (`None` before any).
+    pub fn revision(&self) -> Option<u64> {
+        self.revision
+    }
+
+    /// Serves exactly `dns.serve` from `dns.records` (if given) and `dns.upstream`.
+    pub fn set(&mut self, dns: &DnsTables) -> crate::status::DnsOutcome {
+        if let Some(records) = &dns.records {
+            self.publish(&records.to_catalog());
+        }
+        self.set_upstream(dns.upstream.clone());
+        let wanted: BTreeSet<String> = dns.serve.iter().cloned().collect();
+        self.stop_unwanted(&wanted);
+        self.start_missing(&wanted)
+    }
+}
+
+/// The agent's side of the DNS (issue 15): the data-plane daemon serves every endpoint's
+/// DNS, so lookups survive the agent; the agent tells it which endpoints, from which
+/// records, forwarding to which resolvers (read again when the resolv.conf changes).
+pub struct DnsFeed {
+    source: UpstreamSource,
+    servers: Vec<SocketAddr>,
+    /// What the daemon last said it serves.
+    served: BTreeSet<String>,
+    /// The revision of the records the daemon holds, as it last said.
+    daemon_revision: Option<u64>,
+}
+
+impl DnsFeed {
+    pub fn from_resolv_conf(resolv_conf: Option<&Path>) -> DnsFeed {
+        let source = UpstreamSource::new(resolv_conf);
+        let servers = upstream(resolv_conf).servers().to_vec();
+        DnsFeed { source, servers, served: BTreeSet::new(), daemon_revision: None }
+    }
+
+    /// Reads the resolvers again if their file changed.
+    pub fn refresh_upstream(&mut self) {
+        if let Some(servers) = self.source.changed() {
+            if servers != self.servers {
+                info!(servers = ?servers, "dns forwards other names to these resolvers now");
+                self.servers = servers;
+            }
+        }
+    }
+
+    /// Before a pass: stops the servers of endpoints not in `wanted` (an open socket
+    /// keeps a namespace alive, so this goes before the pass deletes any); `None` when
+    /// nothing is to stop.
+    pub fn stop_unwanted(&self, wanted: &BTreeSet<String>) -> Option<DnsTables> {
+        if self.served.is_subset(wanted) {
+            return None;
+        }
+        let serve = self.served.intersection(wanted).cloned().collect();
+        Some(DnsTables { records: None, upstream: self.servers.clone(), serve })
+    }
+
+    /// After a pass: serve `ours` from `catalog` (whose records go along only when the
+    /// daemon has another revision).
+    pub fn serve(&self, catalog: &Catalog, ours: &BTreeSet<String>) -> DnsTables {
+        let records = (self.daemon_revision != Some(catalog.revision))
+            .then(|| DnsRecords::from_catalog(catalog));
+        DnsTables { records, upstream: self.servers.clone(), serve: ours.iter().cloned().collect() }
+    }
+
+    /// What the daemon answered (or why it could not be asked), as the pass's outcome.
+    pub fn answered(
+        &mut self,
+        answer: anyhow::Result<DnsAnswer>,
+        asked: &BTreeSet<String>,
+    ) -> crate::status::DnsOutcome {
+        match answer {
+            Ok(a) => {
+                self.daemon_revision = a.revision;
+                self.served = a.served.iter().cloned().collect();
+                crate::status::DnsOutcome {
+                    served: self.served.intersection(asked).cloned().collect(),
+                    failed: a.failed.into_iter().collect(),
+                    unavailable: None,
+                }
+            }
+            Err(e) => {
+                // Unknown: asked again in full next time.
+                self.daemon_revision = None;
+                crate::status::DnsOutcome {
+                    unavailable: Some(format!("the data-plane daemon that serves it: {e:#}")),
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    /// Whether the daemon holds the records of `revision`.
+    pub fn current(&self, revision: u64) -> bool {
+        self.daemon_revision == Some(revision)
     }
 }
 

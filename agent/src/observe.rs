@@ -34,6 +34,7 @@ async fn dump(
         obs.mac = l.mac;
         obs.up = l.up;
         obs.owned = all_owned || l.alias.as_deref() == Some(OWNED_ALIAS);
+        obs.alias = l.alias.clone();
         obs.master = l.master.and_then(|m| names.get(&m).cloned());
         by_index.insert(l.index, obs);
     }

@@ -52,6 +52,9 @@ pub struct LinkObs {
     pub up: bool,
     /// Carries [`OWNED_ALIAS`] (always true inside an endpoint namespace of ours).
     pub owned: bool,
+    /// Its alias (`IFLA_IFALIAS`): on an endpoint's `lo`, the namespace's mark (see
+    /// [`crate::marks`]).
+    pub alias: Option<String>,
     pub addrs: BTreeSet<Ipv4Network>,
     /// vxlan only: permanent `self` FDB entries with a remote.
     pub fdb: BTreeSet<Fdb>,
@@ -69,6 +72,7 @@ impl LinkObs {
             master: None,
             up: false,
             owned: true,
+            alias: None,
             addrs: BTreeSet::new(),
             fdb: BTreeSet::new(),
             neigh: BTreeMap::new(),

@@ -28,6 +28,7 @@ use crate::desired::{
     PEER_PREFIX, RESOLV_CONF, TAP_PREFIX, VETH_PREFIX, VXLAN_PORT, VXLAN_PREFIX,
 };
 use crate::firewall::{self, Ruleset};
+use crate::marks;
 use crate::observed::{LinkKind, LinkObs, NsObs, ObservedHost, VxlanObs};
 
 /// Settings of every endpoint namespace that the plan relies on, set explicitly because
@@ -89,6 +90,12 @@ pub enum Action {
     /// Deletes the namespace, its `/etc/netns/NAME` and our record of it.
     DeleteNamespace {
         name: String,
+    },
+    /// Sets the alias of the namespace's `lo` to `mark`: what tells the agent the
+    /// namespace is its own when its record is lost (see [`crate::marks`]).
+    MarkNamespace {
+        name: String,
+        mark: String,
     },
     CreateBridge {
         name: String,
@@ -208,7 +215,9 @@ impl Action {
     /// The endpoint namespace this action concerns, for logging.
     pub fn netns(&self) -> Option<&str> {
         match self {
-            Action::CreateNamespace { name } | Action::DeleteNamespace { name } => Some(name),
+            Action::CreateNamespace { name }
+            | Action::DeleteNamespace { name }
+            | Action::MarkNamespace { name, .. } => Some(name),
             Action::CreateVeth { netns, .. }
             | Action::AddRoute { netns, .. }
             | Action::DelRoute { netns, .. }
@@ -300,7 +309,7 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         if left_alone(ed, observed) {
             continue;
         }
-        plan_endpoint(ed, observed, &mut out);
+        plan_endpoint(ed, &desired.owner, observed, &mut out);
     }
 
     if desired.host_forwarding && !observed.host_forwarding {
@@ -617,9 +626,14 @@ fn plan_addrs(ns: &Ns, dev: &str, have: &BTreeSet<Ipv4Network>, want: Ipv4Networ
     }
 }
 
-fn plan_endpoint(ed: &EndpointDesired, observed: &ObservedHost, out: &mut Out) {
+fn plan_endpoint(
+    ed: &EndpointDesired,
+    host: &marks::Owner,
+    observed: &ObservedHost,
+    out: &mut Out,
+) {
     match observed.namespaces.get(&ed.name) {
-        Some(Some(nso)) => plan_endpoint_in(ed, nso, observed, out),
+        Some(Some(nso)) => plan_endpoint_in(ed, host, nso, observed, out),
         _ => {
             out.create.push(Action::CreateNamespace { name: ed.name.clone() });
             // Before any interface moves in (an interface copies `default` then), and
@@ -634,16 +648,27 @@ fn plan_endpoint(ed: &EndpointDesired, observed: &ObservedHost, out: &mut Out) {
                 sysctls: values.into_iter().collect(),
                 ..NsObs::default()
             };
-            plan_endpoint_in(ed, &fresh, observed, out);
+            plan_endpoint_in(ed, host, &fresh, observed, out);
         }
     }
 }
 
 /// An endpoint whose namespace exists (or is being created, as `nso` describes it).
-fn plan_endpoint_in(ed: &EndpointDesired, nso: &NsObs, observed: &ObservedHost, out: &mut Out) {
+fn plan_endpoint_in(
+    ed: &EndpointDesired,
+    host: &marks::Owner,
+    nso: &NsObs,
+    observed: &ObservedHost,
+    out: &mut Out,
+) {
     let ns = Ns::Netns(ed.name.clone());
     if !nso.links.get("lo").is_some_and(|l| l.up) {
         out.attrs.push(Action::SetUp { ns: ns.clone(), dev: "lo".into() });
+    }
+    let lo_alias = nso.links.get("lo").and_then(|l| l.alias.as_deref());
+    if marks::needs_marking(lo_alias, host, ed.container.as_deref()) {
+        let mark = marks::format(host, ed.container.as_deref());
+        out.attrs.push(Action::MarkNamespace { name: ed.name.clone(), mark });
     }
     if nso.resolv_conf.as_deref() != Some(RESOLV_CONF) {
         out.state.push(Action::WriteResolvConf { netns: ed.name.clone() });
@@ -892,6 +917,10 @@ mod tests {
                     nsobs(obs, &netns).routes.remove(&route);
                 }
                 Action::SetAlias { dev } => obs.links.get_mut(&dev).unwrap().owned = true,
+                Action::MarkNamespace { name, mark } => {
+                    let lo = nsobs(obs, &name).links.get_mut("lo").unwrap();
+                    lo.alias = Some(mark);
+                }
                 Action::SetSysctls { netns, values } => {
                     nsobs(obs, &netns).sysctls.extend(values);
                 }
@@ -970,6 +999,8 @@ mod tests {
                 addr: "10.1.0.1/24".parse().unwrap(),
             },
             Action::SetUp { ns: Ns::Netns("web".into()), dev: "lo".into() },
+            // The mark that tells the agent the namespace is its own (see `marks`).
+            Action::MarkNamespace { name: "web".into(), mark: "overlay-agent host=h1".into() },
             Action::AddAddress {
                 ns: Ns::Netns("web".into()),
                 dev: "eth0".into(),

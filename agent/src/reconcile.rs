@@ -51,6 +51,16 @@ pub struct Pass {
     pub applied: usize,
     /// Whether the host firewall is in place, or why not.
     pub firewall: Result<(), String>,
+    // --- Endpoint status (issue 15): what the pass saw, for the endpoints' statuses.
+    /// Namespaces with a wanted endpoint's name that are not ours.
+    pub foreign: BTreeSet<String>,
+    /// Namespaces of ours that could not be read, with why.
+    pub unreadable: BTreeMap<String, String>,
+    /// Why each deferred action failed last (by its `Display`).
+    pub deferred_errors: BTreeMap<String, String>,
+    /// The marks (the alias of `lo`, see [`crate::marks`]) of the namespaces of ours
+    /// that were observed, by name.
+    pub marks: BTreeMap<String, String>,
 }
 
 impl Default for Pass {
@@ -62,6 +72,10 @@ impl Default for Pass {
             held_back: Vec::new(),
             applied: 0,
             firewall: Ok(()),
+            foreign: BTreeSet::new(),
+            unreadable: BTreeMap::new(),
+            deferred_errors: BTreeMap::new(),
+            marks: BTreeMap::new(),
         }
     }
 }
@@ -89,6 +103,8 @@ pub struct Reconciler {
     tap_neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
     /// Why announcements last failed (their root cause), while they do.
     announce_error: Option<String>,
+    /// Takes back the namespaces marked as this host's that the record lost.
+    claimer: crate::marks::Claimer,
 }
 
 /// The network an action's device belongs to, for logging.
@@ -290,6 +306,8 @@ impl Reconciler {
     /// applied before the endpoint namespaces are observed (what a peer waiting for a
     /// new remote endpoint needs), then the full [`plan`].
     pub async fn pass(&mut self, host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
+        // Local state is disposable: what the record lost, the kernel's marks tell.
+        self.claimer.claim(store, &desired.owner).await;
         let observed = async {
             let mut links = observe_host_links(host).await?;
             // Stage 1: peers' forwarding and announcements, from the host's devices.
@@ -356,7 +374,35 @@ impl Reconciler {
             tried.iter().chain(&deferred).chain(&held_back).map(Action::to_string).collect();
         self.failures.retain(|key, _| planned.contains(key));
         let applied = tried.len() + usize::from(firewall_applied);
-        Ok(Pass { actions: tried, errors, deferred, held_back, applied, firewall })
+        let deferred_errors = deferred
+            .iter()
+            .filter_map(|a| {
+                let key = a.to_string();
+                let error = self.failures.get(&key)?.error.clone();
+                Some((key, error))
+            })
+            .collect();
+        let foreign =
+            desired.endpoints.keys().filter(|n| observed.foreign.contains(*n)).cloned().collect();
+        Ok(Pass {
+            actions: tried,
+            errors,
+            deferred,
+            held_back,
+            applied,
+            firewall,
+            foreign,
+            unreadable: observed.unreadable.clone(),
+            deferred_errors,
+            marks: observed
+                .namespaces
+                .iter()
+                .filter_map(|(name, ns)| {
+                    let alias = ns.as_ref()?.links.get("lo")?.alias.clone()?;
+                    Some((name.clone(), alias))
+                })
+                .collect(),
+        })
     }
 
     /// Applies the `actions` that are not backing off; returns (tried, their errors,

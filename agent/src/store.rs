@@ -2,9 +2,16 @@
 //!
 //! * `desired.json`: the last catalog it received, so a restart with every controller
 //!   down rebuilds the same kernel state;
-//! * `namespaces.json`: the namespaces it created, so it never deletes a user's.
+//! * `namespaces.json`: the namespaces it created or took over: a cache of the marks in
+//!   the kernel (see [`crate::marks`]), which say the same and survive this file.
 //!
-//! Every write goes to a temporary file, is synced, then renamed over the old one.
+//! Every write goes to a temporary file, is synced, then renamed over the old one (the
+//! directory is made again if someone removed it).
+//!
+//! Local state is disposable (SPEC): every file here is a cache of what the controller
+//! and the kernel know. A file that cannot be parsed is set aside ([`set_aside`]: renamed
+//! to `NAME.corrupt-UNIXTIME`, logged once) and rebuilt; a pass never fails forever
+//! because of one.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -46,9 +53,28 @@ impl Persisted {
     }
 }
 
-/// Writes `data` to `path` atomically.
+/// Moves a file that cannot be parsed out of the way (to `NAME.corrupt-UNIXTIME`, next
+/// to it), saying so once, so it is rebuilt while a human can still look at it. Returns
+/// where it went.
+pub fn set_aside(path: &Path, why: &dyn std::fmt::Display) -> io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = path.with_file_name(format!("{name}.corrupt-{secs}"));
+    fs::rename(path, &aside)?;
+    tracing::warn!(
+        "{} cannot be read ({why}); set aside as {} and rebuilt from the controller and the kernel",
+        path.display(),
+        aside.display()
+    );
+    Ok(aside)
+}
+
+/// Writes `data` to `path` atomically (making its directory if it is gone).
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     {
@@ -123,15 +149,24 @@ impl Store {
         write_atomic(&self.cluster_id_path(), format!("{id}\n").as_bytes())
     }
 
-    /// Namespaces the agent created.
+    /// Namespaces the agent created (or took over). A record that cannot be parsed is
+    /// set aside and starts empty: the kernel's marks fill it again (see
+    /// [`crate::marks::Claimer`]).
     pub fn owned_namespaces(&self) -> io::Result<BTreeSet<String>> {
-        match fs::read(self.namespaces_path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", self.namespaces_path().display()),
-                )
-            }),
+        let path = self.namespaces_path();
+        match fs::read(&path) {
+            Ok(bytes) => match parse_namespaces(&bytes) {
+                Some(set) => Ok(set),
+                None => {
+                    let why = "not a JSON list of namespace names";
+                    match set_aside(&path, &why) {
+                        Ok(_) => Ok(BTreeSet::new()),
+                        // Gone meanwhile (another pass set it aside): start empty too.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+                        Err(e) => Err(e),
+                    }
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
             Err(e) => Err(e),
         }
@@ -161,6 +196,13 @@ impl Store {
     }
 }
 
+/// The record's names, if it is a list of valid namespace names (names become paths:
+/// anything else means the file is not ours to trust).
+fn parse_namespaces(bytes: &[u8]) -> Option<BTreeSet<String>> {
+    let set: BTreeSet<String> = serde_json::from_slice(bytes).ok()?;
+    set.iter().all(|n| overlay_model::names::is_dns_label(n)).then_some(set)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -178,6 +220,32 @@ mod tests {
         store.record_namespace("a").unwrap();
         store.forget_namespace("b").unwrap();
         assert_eq!(store.owned_namespaces().unwrap(), BTreeSet::from(["a".to_string()]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 15: a damaged record is set aside and starts empty; a deleted data dir is
+    /// made again on the next write.
+    #[test]
+    fn a_damaged_record_is_set_aside_and_a_lost_dir_comes_back() {
+        let dir = std::env::temp_dir().join(format!("ov-agent-store-bad-{}", std::process::id()));
+        let store = Store::open(&dir).unwrap();
+        for garbage in [&b"\x00\xffgarbage"[..], b"[\"ok\", \"../etc\"]", b"[\"trunc"] {
+            fs::write(dir.join("namespaces.json"), garbage).unwrap();
+            assert_eq!(store.owned_namespaces().unwrap(), BTreeSet::new());
+            assert!(!dir.join("namespaces.json").exists());
+            let aside = fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("namespaces.json.corrupt-"))
+                .count();
+            assert!(aside >= 1);
+            store.record_namespace("a").unwrap();
+            assert_eq!(store.owned_namespaces().unwrap(), BTreeSet::from(["a".to_string()]));
+            fs::remove_file(dir.join("namespaces.json")).unwrap();
+        }
+        fs::remove_dir_all(&dir).unwrap();
+        store.record_namespace("b").unwrap();
+        assert_eq!(store.owned_namespaces().unwrap(), BTreeSet::from(["b".to_string()]));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

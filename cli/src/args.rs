@@ -172,6 +172,8 @@ pub enum NetworkCmd {
         endpoint: String,
         #[command(flatten)]
         addressing: Addressing,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Detach an endpoint from a network
     Disconnect { network: String, endpoint: String },
@@ -214,6 +216,29 @@ pub struct Addressing {
     pub aliases: Vec<String>,
 }
 
+/// `--timeout` and `--no-wait`, shared by `endpoint create` and `network connect`.
+#[derive(Debug, PartialEq, Args)]
+pub struct Wait {
+    /// Seconds to wait for the endpoint's host to realize it before failing with the
+    /// host's reason
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_WAIT_SECS, conflicts_with = "no_wait")]
+    pub timeout: f64,
+    /// Return as soon as the change is committed, without waiting for the host
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `--timeout` when not given.
+pub const DEFAULT_WAIT_SECS: f64 = 10.0;
+
+impl Default for Wait {
+    fn default() -> Wait {
+        Wait { timeout: DEFAULT_WAIT_SECS, no_wait: false }
+    }
+}
+
+impl Eq for Wait {}
+
 #[derive(Debug, PartialEq, Eq, Subcommand)]
 pub enum EndpointCmd {
     /// Create an endpoint on HOST attached to NETWORK
@@ -225,6 +250,8 @@ pub enum EndpointCmd {
         network: String,
         #[command(flatten)]
         addressing: Addressing,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// List endpoints, one row per attachment
     #[command(visible_alias = "list")]
@@ -451,6 +478,7 @@ mod tests {
                 network: "backend".into(),
                 endpoint: "gw".into(),
                 addressing: no_addressing(),
+                wait: Wait::default(),
             })
         );
         assert_eq!(
@@ -465,6 +493,7 @@ mod tests {
                     ip: Some("10.0.2.9".into()),
                     aliases: vec!["a".into(), "b".into()]
                 },
+                wait: Wait::default(),
             })
         );
         assert_eq!(
@@ -490,6 +519,7 @@ mod tests {
                 host: "h1".into(),
                 network: "frontend".into(),
                 addressing: no_addressing(),
+                wait: Wait::default(),
             })
         );
         assert_eq!(
@@ -511,7 +541,25 @@ mod tests {
                 host: "h1".into(),
                 network: "frontend".into(),
                 addressing: Addressing { ip: Some("10.0.1.7".into()), aliases: vec!["web".into()] },
+                wait: Wait::default(),
             })
+        );
+        let create = ["endpoint", "create", "s1", "--host", "h1", "--network", "n"];
+        let with = |extra: &[&str]| command(&[&create[..], extra].concat());
+        assert!(matches!(
+            with(&["--timeout", "2.5"]),
+            Command::Endpoint(EndpointCmd::Create {
+                wait: Wait { timeout: 2.5, no_wait: false },
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(&["--no-wait"]),
+            Command::Endpoint(EndpointCmd::Create { wait: Wait { no_wait: true, .. }, .. })
+        ));
+        assert_eq!(
+            fails(&[&create[..], &["--no-wait", "--timeout", "3"]].concat()),
+            ErrorKind::ArgumentConflict
         );
         assert_eq!(command(&["endpoint", "ls"]), Command::Endpoint(EndpointCmd::Ls));
         assert_eq!(

@@ -259,11 +259,20 @@ fn classify(status: &Status, insecure: bool) -> Option<Miss> {
         let cause = status.source().map(root_cause).unwrap_or_default();
         return Some(Miss::Unanswered(format!("the call failed: {cause}")));
     }
+    // A member that cannot take part (its disk is full) refuses every call before doing
+    // anything: the next member is asked, for writes too.
+    if status.code() == Code::Unavailable && status.message().contains(NOT_SERVING) {
+        return Some(Miss::NotSent(status.message().to_string()));
+    }
     if status.code() == Code::Unavailable {
         return Some(Miss::Unanswered(format!("it answered unavailable: {}", status.message())));
     }
     None
 }
+
+/// What a controller that refuses every call (it cannot write its raft log) says; the
+/// controller's `NOT_SERVING` has the same words.
+pub const NOT_SERVING: &str = "is not serving";
 
 fn refused(err: &(dyn StdError + 'static)) -> bool {
     let mut next = Some(err);

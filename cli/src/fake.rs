@@ -82,6 +82,8 @@ pub fn sample_endpoint(name: &str) -> pb::Endpoint {
                 aliases: vec![],
             },
         ],
+        status: "ready".into(),
+        reason: String::new(),
     }
 }
 
@@ -308,5 +310,12 @@ impl Overlay for Fake {
         _: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::CertificateResponse>, Status> {
         self.answer(pb::CertificateResponse::default).await
+    }
+
+    async fn report_status(
+        &self,
+        _: Request<pb::StatusReport>,
+    ) -> Result<Response<pb::StatusReportResponse>, Status> {
+        self.answer(pb::StatusReportResponse::default).await
     }
 }

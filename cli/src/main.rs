@@ -26,7 +26,7 @@ use overlay_proto::pb;
 
 use crate::args::{
     Addressing, Cli, ClusterCmd, Command, EndpointCmd, Format, HostCmd, MemberCmd, NetworkCmd,
-    NetworkCreate, RouteCmd, CONTROLLER_ENV,
+    NetworkCreate, RouteCmd, Wait, CONTROLLER_ENV,
 };
 use crate::client::{Call, Controllers, Policy};
 use crate::output::{MemberChanged, Removed, Render};
@@ -46,6 +46,8 @@ enum Failure {
     Cert(overlay_pki::PkiError),
     /// A value the model crate does not cover (member ids and addresses) is invalid.
     BadValue(String),
+    /// The change was made, but the endpoint's host did not realize it (in time).
+    NotReady(String),
 }
 
 impl fmt::Display for Failure {
@@ -57,6 +59,7 @@ impl fmt::Display for Failure {
             Failure::Usage(e) => f.write_str(e),
             Failure::Cert(e) => write!(f, "{e}"),
             Failure::BadValue(e) => f.write_str(e),
+            Failure::NotReady(e) => f.write_str(e),
         }
     }
 }
@@ -255,13 +258,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             rpc!(ctl, Write, remove_network, pb::NameRequest { name: name.clone() });
             emit(out, &Removed::Named { kind: "network", name })
         }
-        Command::Network(NetworkCmd::Connect { network, endpoint, addressing }) => {
+        Command::Network(NetworkCmd::Connect { network, endpoint, addressing, wait }) => {
             validate_name(&network)?;
             validate_name(&endpoint)?;
             let (ip, aliases) = addressing_request(addressing)?;
+            let limit = wait_limit(&wait)?;
+            let what = format!("was connected to network {network}");
             let request =
                 pb::ConnectRequest { network, endpoint, ip, aliases, ..Default::default() };
-            emit(out, &rpc!(ctl, Write, connect_network, request))
+            let connected = rpc!(ctl, Write, connect_network, request);
+            emit(out, &wait_ready(&ctl, connected, limit, &what).await?)
         }
         Command::Network(NetworkCmd::Disconnect { network, endpoint }) => {
             validate_name(&network)?;
@@ -270,11 +276,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             emit(out, &rpc!(ctl, Write, disconnect_network, request))
         }
 
-        Command::Endpoint(EndpointCmd::Create { name, host, network, addressing }) => {
+        Command::Endpoint(EndpointCmd::Create { name, host, network, addressing, wait }) => {
             validate_name(&name)?;
             validate_name(&host)?;
             validate_name(&network)?;
             let (ip, aliases) = addressing_request(addressing)?;
+            let limit = wait_limit(&wait)?;
             let request = pb::CreateEndpointRequest {
                 name,
                 host,
@@ -283,7 +290,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 aliases,
                 ..Default::default()
             };
-            emit(out, &rpc!(ctl, Write, create_endpoint, request))
+            let created = rpc!(ctl, Write, create_endpoint, request);
+            emit(out, &wait_ready(&ctl, created, limit, "was created").await?)
         }
         Command::Endpoint(EndpointCmd::Ls) => {
             let list = rpc!(ctl, Read, list_endpoints, pb::ListEndpointsRequest::default());
@@ -342,6 +350,85 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             writeln!(std::io::stdout(), "{text}").map_err(|e| Failure::Output(e.to_string()))
         }
         Command::Cert(_) => unreachable!("cert commands run in main() without a controller"),
+    }
+}
+
+/// How long to wait for an endpoint to become ready; `None`: `--no-wait`.
+fn wait_limit(wait: &Wait) -> Result<Option<std::time::Duration>, Failure> {
+    if wait.no_wait {
+        return Ok(None);
+    }
+    if !(wait.timeout.is_finite() && wait.timeout > 0.0 && wait.timeout <= 86_400.0) {
+        return Err(Failure::Usage(format!(
+            "--timeout {}: must be more than 0 and at most 86400 seconds (or --no-wait)",
+            wait.timeout
+        )));
+    }
+    Ok(Some(std::time::Duration::from_secs_f64(wait.timeout)))
+}
+
+/// Between two looks at a pending endpoint.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Waits until `endpoint` (as the write returned it) is `ready`, looking again every
+/// [`WAIT_POLL`]; fails at once when its host reports it `failed`, and with what it is
+/// still waiting for after `limit`. `what` says what the write did ("was created").
+async fn wait_ready(
+    ctl: &Controllers,
+    mut endpoint: pb::Endpoint,
+    limit: Option<std::time::Duration>,
+    what: &str,
+) -> Result<pb::Endpoint, Failure> {
+    let Some(limit) = limit else { return Ok(endpoint) };
+    let deadline = tokio::time::Instant::now() + limit;
+    let name = endpoint.name.clone();
+    let mut last_error = None;
+    loop {
+        match endpoint.status.as_str() {
+            "ready" => return Ok(endpoint),
+            // A controller from before statuses: nothing to wait for.
+            "" => return Ok(endpoint),
+            "failed" => {
+                return Err(Failure::NotReady(format!(
+                    "endpoint {name} {what}, but host {} cannot realize it: {} (fix that and it is realized by itself, or remove the endpoint with `overlayctl endpoint rm {name}`)",
+                    endpoint.host, endpoint.reason
+                )))
+            }
+            _ => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let why = match last_error {
+                Some(e) => format!("{}; then: {e}", endpoint.reason),
+                None => endpoint.reason.clone(),
+            };
+            return Err(Failure::NotReady(format!(
+                "endpoint {name} {what}, but is not ready after {}: {why}",
+                wait_seconds(limit)
+            )));
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+        let request = pb::NameRequest { name: name.clone() };
+        let read = ctl
+            .call(Call::Read, move |mut client| {
+                let request = request.clone();
+                async move { client.inspect_endpoint(request).await }
+            })
+            .await;
+        match read {
+            Ok(e) => endpoint = e,
+            // Keep waiting (a leader election, a member restarting); said at the end.
+            Err(e) => last_error = Some(e.to_string()),
+        }
+    }
+}
+
+fn wait_seconds(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{s}s")
     }
 }
 

@@ -42,6 +42,10 @@ pub struct NetworkEndpointJson {
 pub struct EndpointJson {
     pub name: String,
     pub host: String,
+    /// `pending` until its host has realized it, `ready`, or `failed` (issue 15).
+    pub status: String,
+    /// Why it failed, or what it waits for while pending; empty when ready.
+    pub reason: String,
     pub attachments: Vec<AttachmentJson>,
 }
 
@@ -136,6 +140,8 @@ impl From<&pb::Endpoint> for EndpointJson {
         EndpointJson {
             name: e.name.clone(),
             host: e.host.clone(),
+            status: status_of(e).to_string(),
+            reason: e.reason.clone(),
             attachments: e
                 .attachments
                 .iter()
@@ -263,39 +269,50 @@ impl Render for pb::Network {
     }
 }
 
+/// The status an endpoint is shown with: a controller from before statuses sends none.
+fn status_of(e: &pb::Endpoint) -> &str {
+    if e.status.is_empty() {
+        "unknown"
+    } else {
+        &e.status
+    }
+}
+
 impl Render for [pb::Endpoint] {
     type Json = Vec<EndpointJson>;
     fn json(&self) -> Self::Json {
         self.iter().map(EndpointJson::from).collect()
     }
-    /// One row per attachment; an endpoint without any still gets a row.
+    /// One row per attachment; an endpoint without any still gets a row. Its status
+    /// is on every row (so `grep` finds it), its reason on the first.
     fn table(&self, _now_ms: i64) -> String {
         let mut rows = Vec::new();
         for e in self {
+            let row = |a: Option<&pb::Attachment>, first: bool| {
+                let dash = || "-".to_string();
+                vec![
+                    cell(&e.name),
+                    cell(&e.host),
+                    cell(status_of(e)),
+                    a.map_or_else(dash, |a| cell(&a.network)),
+                    a.map_or_else(dash, |a| cell(&a.interface)),
+                    a.map_or_else(dash, |a| cell(&a.ip)),
+                    a.map_or_else(dash, |a| cell(&a.mac)),
+                    a.map_or_else(dash, |a| aliases(&a.aliases)),
+                    if first { cell(&e.reason) } else { cell("") },
+                ]
+            };
             if e.attachments.is_empty() {
-                rows.push(vec![
-                    cell(&e.name),
-                    cell(&e.host),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ]);
+                rows.push(row(None, true));
             }
-            for a in &e.attachments {
-                rows.push(vec![
-                    cell(&e.name),
-                    cell(&e.host),
-                    cell(&a.network),
-                    cell(&a.interface),
-                    cell(&a.ip),
-                    cell(&a.mac),
-                    aliases(&a.aliases),
-                ]);
+            for (i, a) in e.attachments.iter().enumerate() {
+                rows.push(row(Some(a), i == 0));
             }
         }
-        table(&["NAME", "HOST", "NETWORK", "INTERFACE", "IP", "MAC", "ALIASES"], &rows)
+        table(
+            &["NAME", "HOST", "STATUS", "NETWORK", "INTERFACE", "IP", "MAC", "ALIASES", "REASON"],
+            &rows,
+        )
     }
 }
 
@@ -706,6 +723,8 @@ mod tests {
         let expected = json!({
             "name": "s1",
             "host": "h1",
+            "status": "ready",
+            "reason": "",
             "attachments": [
                 {"network": "frontend", "interface": "eth0", "ip": "10.0.1.2", "mac": "02:00:00:00:00:01", "aliases": ["web"]},
                 {"network": "backend", "interface": "eth1", "ip": "10.0.2.2", "mac": "02:00:00:00:00:02", "aliases": []},
@@ -858,14 +877,20 @@ s1     h1     eth0        10.0.1.2   02:00:00:00:00:01   web
 
     #[test]
     fn endpoint_table_has_a_row_per_attachment() {
-        let bare = pb::Endpoint { name: "lonely".into(), host: "h2".into(), attachments: vec![] };
+        let bare = pb::Endpoint {
+            name: "lonely".into(),
+            host: "h2".into(),
+            attachments: vec![],
+            status: "failed".into(),
+            reason: "namespace lonely exists and was not created by overlay-agent".into(),
+        };
         assert_eq!(
             [sample_endpoint("s1"), bare].table(0),
             "\
-NAME     HOST   NETWORK    INTERFACE   IP         MAC                 ALIASES
-s1       h1     frontend   eth0        10.0.1.2   02:00:00:00:00:01   web
-s1       h1     backend    eth1        10.0.2.2   02:00:00:00:00:02   -
-lonely   h2     -          -           -          -                   -
+NAME     HOST   STATUS   NETWORK    INTERFACE   IP         MAC                 ALIASES   REASON
+s1       h1     ready    frontend   eth0        10.0.1.2   02:00:00:00:00:01   web       -
+s1       h1     ready    backend    eth1        10.0.2.2   02:00:00:00:00:02   -         -
+lonely   h2     failed   -          -           -          -                   -         namespace lonely exists and was not created by overlay-agent
 "
         );
     }

@@ -109,9 +109,24 @@ pub struct Shared {
     pub status: watch::Sender<NodeStatus>,
     /// Event metrics (proposals, apply latency, snapshots, watch streams).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Why this member takes no part in the cluster now (its raft log cannot be
+    /// written, e.g. a full disk), until it can write again; `None` normally.
+    pub stalled: RwLock<Option<String>>,
 }
 
+/// What a member that takes no part says to every call but `cluster status`; the CLI
+/// then asks another member (see overlayctl's `client::NOT_SERVING`).
+pub const NOT_SERVING: &str = "is not serving";
+
 impl Shared {
+    /// `Some(message)` while this member takes no part (see [`Shared::stalled`]).
+    pub fn not_serving(&self, id: u64) -> Option<String> {
+        let why = self.stalled.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(format!(
+            "controller {id} {NOT_SERVING}: it cannot write its raft log ({why}); it takes part again by itself once it can: ask another member"
+        ))
+    }
+
     pub fn read_state(&self) -> RwLockReadGuard<'_, State> {
         // The driver mutates State only through `apply`, which validates before it
         // changes anything, so a poisoned lock still holds a consistent state.
@@ -132,6 +147,10 @@ pub enum ProposeError {
     NotLeader { leader: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// This member takes no part now (its raft log cannot be written); nothing was
+    /// proposed, so another member may be asked.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 /// Messages to the driver task.
@@ -393,6 +412,7 @@ impl Cluster {
                 Err(ProposeError::Unavailable(msg)) => {
                     return Err(ClusterError::OutcomeUnknown(msg))
                 }
+                Err(ProposeError::Stalled(msg)) => return Err(ClusterError::Unavailable(msg)),
             }
         }
     }
@@ -431,6 +451,9 @@ impl Cluster {
     /// Wait until this member has applied everything committed before the call: reads
     /// after it are linearizable (raft ReadIndex; followers ask the leader).
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        if let Some(why) = self.shared.not_serving(self.id) {
+            return Err(ClusterError::Unavailable(why));
+        }
         let (reply, rx) = oneshot::channel();
         self.driver
             .send(DriverMsg::ReadIndex { reply })
@@ -651,6 +674,12 @@ pub fn encode_propose_reply(reply: ProposeReply) -> pb::ProposeResponse {
             applied: Vec::new(),
             error: msg,
             code: tonic::Code::Unavailable as i32,
+        },
+        // As "not the leader": the forwarding member retries (a new leader is elected).
+        Err(ProposeError::Stalled(msg)) => pb::ProposeResponse {
+            applied: Vec::new(),
+            error: msg,
+            code: tonic::Code::Aborted as i32,
         },
     }
 }

@@ -73,6 +73,9 @@ struct Seen {
 #[derive(Default)]
 pub struct Liveness {
     seen: Mutex<HashMap<String, Seen>>,
+    /// Host -> the catalog revision its kernel reflects, as its agent last reported it
+    /// (issue 15: what makes an endpoint reachable from the other hosts, see `status`).
+    applied: Mutex<HashMap<String, u64>>,
 }
 
 impl Liveness {
@@ -105,6 +108,20 @@ impl Liveness {
 
     fn forget_all(&self) {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// `host`'s kernel reflects catalog `revision` (never goes back: reports may arrive
+    /// out of order through different members).
+    pub fn record_applied(&self, host: &str, revision: u64) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = applied.entry(host.to_string()).or_insert(0);
+        *entry = (*entry).max(revision);
+    }
+
+    /// The revision each host's kernel reflects, as far as this member heard.
+    pub fn applied(&self) -> HashMap<String, u64> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

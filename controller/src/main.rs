@@ -12,6 +12,7 @@ mod liveness;
 mod metrics;
 mod raft;
 mod security;
+mod status;
 mod watch;
 
 use std::sync::{Arc, RwLock};
@@ -113,25 +114,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
         hub: watch::WatchHub::new(revision, WATCH_HISTORY),
         status: status_tx,
         metrics: Arc::default(),
+        stalled: RwLock::default(),
     });
     let (driver_tx, driver_rx) = mpsc::channel(65_536);
     let cluster = Cluster::new(config.id, peers.clone(), shared.clone(), driver_tx);
     let transport = Transport::new(config.id, peers.clone());
+    let driver_config = DriverConfig {
+        id: config.id,
+        snapshot_every: config.snapshot_every,
+        keep_entries: 1_000,
+        fixed_election_ticks: None,
+    };
     let driver = Driver::new(
-        DriverConfig {
-            id: config.id,
-            snapshot_every: config.snapshot_every,
-            keep_entries: 1_000,
-            fixed_election_ticks: None,
-        },
+        driver_config.clone(),
         storage,
         Box::new(transport),
-        shared,
+        shared.clone(),
         membership,
         recovering_until,
     )?;
     let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
-    let mut driver_task = tokio::spawn(driver.run(driver_rx, shutdown_rx.clone()));
+    let member = Member {
+        config: driver_config,
+        dir: config.data_dir.join("raft"),
+        voters: config.peers.keys().copied().collect(),
+        configured: config.peers.clone(),
+        peers: peers.clone(),
+        shared,
+    };
+    let mut driver_task = tokio::spawn(run_member(driver, member, driver_rx, shutdown_rx.clone()));
 
     let liveness = Arc::new(liveness::Liveness::default());
     tokio::spawn(liveness::monitor(cluster.clone(), liveness.clone(), config.host_down_after));
@@ -207,6 +218,65 @@ async fn run(config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     outcome
+}
+
+/// What a member needs to start a new raft driver after a stall.
+struct Member {
+    config: DriverConfig,
+    dir: std::path::PathBuf,
+    voters: Vec<u64>,
+    configured: std::collections::BTreeMap<u64, String>,
+    peers: Peers,
+    shared: Arc<Shared>,
+}
+
+/// Runs raft drivers in turn: when one cannot write its log, the member stalls until it
+/// can (see `raft::stall`), then reopens its storage and starts a new one.
+async fn run_member(
+    first: Driver,
+    m: Member,
+    mut inbox: mpsc::Receiver<cluster::DriverMsg>,
+    mut shutdown: tokio_watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let id = m.config.id;
+    let mut next: anyhow::Result<Driver> = Ok(first);
+    loop {
+        let error = match next {
+            Ok(driver) => match driver.run(&mut inbox, shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        raft::stall::announce(id, &error);
+        let why = error.root_cause().to_string();
+        if !raft::stall::wait_until_writable(id, &m.dir, &why, &m.shared, &mut inbox, &mut shutdown)
+            .await
+        {
+            return Ok(());
+        }
+        next = reopen(&m);
+    }
+}
+
+/// A new driver on what the data dir really holds (the old one may have been ahead).
+fn reopen(m: &Member) -> anyhow::Result<Driver> {
+    let storage = DiskStorage::open(&m.dir, &m.voters)
+        .with_context(|| format!("reopening the raft log in {}", m.dir.display()))?;
+    if let Some(note) = storage.recovery_note() {
+        warn!("raft log recovery: {note}");
+    }
+    let (state, membership) = raft::restore(&storage, &m.configured)?;
+    let revision = state.catalog.revision;
+    {
+        let mut guard = m.shared.state.write().unwrap_or_else(|p| p.into_inner());
+        *guard = state;
+        m.shared.hub.reset(revision);
+    }
+    raft::stall::reset_status(&m.shared, m.config.id);
+    m.peers.set(&membership.addresses);
+    let transport = Transport::new(m.config.id, m.peers.clone());
+    Driver::new(m.config.clone(), storage, Box::new(transport), m.shared.clone(), membership, None)
 }
 
 /// What `/metrics` shows: the event metrics, and the raft status and catalog as they are

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::status::ReportedStatus;
 use crate::types::{Encap, HostStatus};
 
 /// `network create`: everything not given is chosen by `apply`.
@@ -135,6 +136,17 @@ pub enum Command {
         name: String,
         host: String,
     },
+
+    // --- Endpoint status (issue 15). Appended after every older variant, for the same
+    // reason as the container commands above.
+    /// An agent's report of its own host's endpoints, made from the catalog at
+    /// `revision`: entries for endpoints not on `host`, or changed after `revision`, are
+    /// ignored (see `status`). Changes no catalog object and no revision.
+    SetEndpointStatuses {
+        host: String,
+        revision: u64,
+        statuses: Vec<ReportedStatus>,
+    },
 }
 
 impl Command {
@@ -171,5 +183,8 @@ mod tests {
             now_ms: 0,
         };
         assert_eq!(first_byte(&v2), Some(13));
+        let report =
+            Command::SetEndpointStatuses { host: "h".into(), revision: 1, statuses: vec![] };
+        assert_eq!(first_byte(&report), Some(18));
     }
 }

@@ -91,6 +91,9 @@ pub enum ModelError {
     InterfaceInUse { endpoint: String, interface: String, network: String },
     #[error("endpoint {endpoint} is on host {host}, not on host {asked}")]
     EndpointOnOtherHost { endpoint: String, host: String, asked: String },
+    // --- Endpoint status (issue 15) ---
+    #[error("invalid endpoint status {0:?}: expected pending, ready or failed")]
+    InvalidEndpointState(String),
 }
 
 impl ModelError {

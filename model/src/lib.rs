@@ -9,6 +9,7 @@
 //! * [`ipam`]: the per-network address allocator.
 //! * [`state`]: the replicated state machine — `State::apply(command) -> Result<Applied>`
 //!   — and [`Catalog`], the object view watchers replicate.
+//! * [`status`]: endpoint statuses as their hosts report them (kept beside the catalog).
 //!
 //! This crate must never do I/O, read clocks or use randomness: every replica of the
 //! controller applies the same commands and must reach the same bytes.
@@ -19,6 +20,7 @@ pub mod ipam;
 pub mod names;
 pub mod parse;
 pub mod state;
+pub mod status;
 pub mod types;
 pub mod validate;
 
@@ -26,4 +28,5 @@ pub use command::{Command, NetworkSpec};
 pub use error::ModelError;
 pub use ipam::{Ipam, IpamError};
 pub use state::{Applied, Catalog, Change, ClusterMeta, JoinTokenRecord, SnapshotError, State};
+pub use status::{EndpointState, EndpointStatus, ReportedStatus};
 pub use types::{Attachment, Encap, Endpoint, Host, HostStatus, Mac, Network, Route, RouteKey};

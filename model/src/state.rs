@@ -26,22 +26,27 @@ use thiserror::Error;
 
 use crate::ipam::{Ipam, IpamV1};
 use crate::names::validate_name;
+use crate::status::EndpointStatus;
 use crate::types::*;
 use crate::{validate, Command, ModelError, NetworkSpec};
 
 /// Container attachments (CNI, issue 12): interfaces named by the runtime, commands
 /// guarded by the endpoint's host.
 mod containers;
+/// Endpoint statuses (issue 15): agents' reports, reset when an endpoint changes.
+mod statuses;
 
 /// How many names an "in use" error lists before summarising the rest as a count.
 const LISTED_NAMES: usize = 5;
 
 /// First byte of [`State::to_bytes`], so a future layout can still read old snapshots.
-/// Format 4: hosts with `underlay_prefix`, serial allocators (a cursor per network), no
-/// MAC counter (MACs follow addresses), the cluster's meta. Formats 1 to 3 are still read
-/// (see [`legacy`]): all three have lowest-free allocators and a MAC counter, 1 has no
-/// cluster meta, 1 and 2 have hosts without a prefix.
-const SNAPSHOT_FORMAT: u8 = 4;
+/// Format 5: format 4 plus the endpoint statuses (issue 15). Format 4: hosts with
+/// `underlay_prefix`, serial allocators (a cursor per network), no MAC counter (MACs
+/// follow addresses), the cluster's meta. Formats 1 to 4 are still read (see
+/// [`legacy`]): 4 has no statuses (every endpoint starts `pending` until its host
+/// reports), 1 to 3 have lowest-free allocators and a MAC counter, 1 has no cluster
+/// meta, 1 and 2 have hosts without a prefix.
+const SNAPSHOT_FORMAT: u8 = 5;
 
 /// The desired state as watchers see it: plain objects and the revision they reflect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +202,8 @@ pub struct State {
     /// One allocator per network, keyed by network name.
     ipams: BTreeMap<String, Ipam>,
     meta: ClusterMeta,
+    /// Endpoint name -> its status as its host reported it (see [`crate::status`]).
+    statuses: BTreeMap<String, EndpointStatus>,
     index: Index,
 }
 
@@ -225,7 +232,10 @@ impl Default for State {
 /// Equality is over what is replicated; the index is a function of it.
 impl PartialEq for State {
     fn eq(&self, other: &Self) -> bool {
-        self.catalog == other.catalog && self.ipams == other.ipams && self.meta == other.meta
+        self.catalog == other.catalog
+            && self.ipams == other.ipams
+            && self.meta == other.meta
+            && self.statuses == other.statuses
     }
 }
 
@@ -236,6 +246,7 @@ struct StateRef<'a> {
     catalog: &'a Catalog,
     ipams: &'a BTreeMap<String, Ipam>,
     meta: &'a ClusterMeta,
+    statuses: &'a BTreeMap<String, EndpointStatus>,
 }
 
 #[derive(Deserialize)]
@@ -243,19 +254,31 @@ struct StateOwned {
     catalog: Catalog,
     ipams: BTreeMap<String, Ipam>,
     meta: ClusterMeta,
+    statuses: BTreeMap<String, EndpointStatus>,
 }
 
 impl From<StateOwned> for State {
     fn from(owned: StateOwned) -> State {
         let index = Index::build(&owned.catalog);
-        State { catalog: owned.catalog, ipams: owned.ipams, meta: owned.meta, index }
+        State {
+            catalog: owned.catalog,
+            ipams: owned.ipams,
+            meta: owned.meta,
+            statuses: owned.statuses,
+            index,
+        }
     }
 }
 
 impl Serialize for State {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        StateRef { catalog: &self.catalog, ipams: &self.ipams, meta: &self.meta }
-            .serialize(serializer)
+        StateRef {
+            catalog: &self.catalog,
+            ipams: &self.ipams,
+            meta: &self.meta,
+            statuses: &self.statuses,
+        }
+        .serialize(serializer)
     }
 }
 
@@ -398,6 +421,7 @@ impl State {
             catalog: Catalog::default(),
             ipams: BTreeMap::new(),
             meta: ClusterMeta::default(),
+            statuses: BTreeMap::new(),
             index: Index::default(),
         }
     }
@@ -441,9 +465,14 @@ impl State {
             | Command::ConnectAs { .. }
             | Command::DisconnectOn { .. }
             | Command::RemoveEndpointOn { .. } => self.apply_container_command(command)?,
+            Command::SetEndpointStatuses { host, revision, statuses } => {
+                self.set_statuses(host, *revision, statuses);
+                Vec::new()
+            }
         };
         if !changes.is_empty() {
             self.catalog.revision += 1;
+            self.reset_statuses(&changes);
         }
         Ok(Applied { revision: self.catalog.revision, changes })
     }
@@ -474,6 +503,10 @@ impl State {
             3 => {
                 let (v3, rest): (legacy::StateV3, _) = postcard::take_from_bytes(body)?;
                 (State::from(StateOwned::from(v3)), rest)
+            }
+            4 => {
+                let (v4, rest): (legacy::StateV4, _) = postcard::take_from_bytes(body)?;
+                (State::from(StateOwned::from(v4)), rest)
             }
             _ => return Err(SnapshotError::Format(format)),
         };
@@ -1041,6 +1074,26 @@ mod legacy {
         meta: ClusterMeta,
     }
 
+    /// Format 4: today's state without endpoint statuses.
+    #[derive(Deserialize)]
+    pub(super) struct StateV4 {
+        catalog: Catalog,
+        ipams: BTreeMap<String, Ipam>,
+        meta: ClusterMeta,
+    }
+
+    impl From<StateV4> for StateOwned {
+        /// Every endpoint is `pending` until its host reports again.
+        fn from(v4: StateV4) -> StateOwned {
+            StateOwned {
+                catalog: v4.catalog,
+                ipams: v4.ipams,
+                meta: v4.meta,
+                statuses: BTreeMap::new(),
+            }
+        }
+    }
+
     #[derive(Deserialize)]
     pub(super) struct StateV3 {
         catalog: Catalog,
@@ -1071,7 +1124,7 @@ mod legacy {
         fn from(v1: StateV1) -> StateOwned {
             let catalog: Catalog = v1.catalog.into();
             let ipams = upgrade(&catalog, v1.ipams);
-            StateOwned { catalog, ipams, meta: ClusterMeta::default() }
+            StateOwned { catalog, ipams, meta: ClusterMeta::default(), statuses: BTreeMap::new() }
         }
     }
 
@@ -1079,14 +1132,14 @@ mod legacy {
         fn from(v2: StateV2) -> StateOwned {
             let catalog: Catalog = v2.catalog.into();
             let ipams = upgrade(&catalog, v2.ipams);
-            StateOwned { catalog, ipams, meta: v2.meta }
+            StateOwned { catalog, ipams, meta: v2.meta, statuses: BTreeMap::new() }
         }
     }
 
     impl From<StateV3> for StateOwned {
         fn from(v3: StateV3) -> StateOwned {
             let ipams = upgrade(&v3.catalog, v3.ipams);
-            StateOwned { catalog: v3.catalog, ipams, meta: v3.meta }
+            StateOwned { catalog: v3.catalog, ipams, meta: v3.meta, statuses: BTreeMap::new() }
         }
     }
 }

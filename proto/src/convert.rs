@@ -25,6 +25,9 @@ impl From<&Endpoint> for pb::Endpoint {
             name: e.name.clone(),
             host: e.host.clone(),
             attachments: e.attachments.iter().map(pb::Attachment::from).collect(),
+            // Filled by the controller's reads (not part of the desired state).
+            status: String::new(),
+            reason: String::new(),
         }
     }
 }

@@ -303,6 +303,9 @@ pub struct Lab {
     controllers: Vec<Option<Child>>,
     agents: Vec<Option<Child>>,
     namespaces: Vec<String>,
+    /// File systems mounted for a test (e.g. a small tmpfs as a data dir), unmounted by
+    /// `Drop`.
+    mounts: Vec<PathBuf>,
 }
 
 impl Lab {
@@ -333,6 +336,7 @@ impl Lab {
             controllers: vec![],
             agents: vec![],
             namespaces: vec![],
+            mounts: vec![],
         };
         lab.underlay()?;
         lab.issue_certificates()?;
@@ -614,6 +618,27 @@ impl Lab {
     /// `overlayctl --controller URLS ARGS` as admin, inside host `from`'s namespace.
     pub fn ctl_via(&self, from: usize, urls: &str, args: &[&str]) -> Output {
         ctl_in(&self.host_ns(from), urls, &self.admin_args(), args)
+    }
+
+    /// The data dir of the controller on host `i`.
+    pub fn controller_data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("controller{i}"))
+    }
+
+    /// Moves the data dir of the controller on host `i` onto a tmpfs of `size_mib` MiB
+    /// (to run it out of space): SIGKILLs it, copies its files over, starts it again.
+    pub fn controller_on_tmpfs(&mut self, i: usize, size_mib: u32) -> Result<()> {
+        let data = self.controller_data_dir(i);
+        self.kill_controller(i);
+        let aside = self.dir.join(format!("controller{i}.before-tmpfs"));
+        fs::rename(&data, &aside)?;
+        fs::create_dir_all(&data)?;
+        let size = format!("size={size_mib}m");
+        run_ok(&["mount", "-t", "tmpfs", "-o", &size, "tmpfs", &data.display().to_string()])?;
+        self.mounts.push(data.clone());
+        run_ok(&["cp", "-a", &format!("{}/.", aside.display()), &data.display().to_string()])?;
+        fs::remove_dir_all(&aside)?;
+        self.start_controller(i)
     }
 
     pub fn kill_controller(&mut self, i: usize) {
@@ -951,6 +976,7 @@ impl Lab {
 
     /// Leaves everything running and forgets it (for `overlay-lab up`).
     pub fn detach(mut self) {
+        self.mounts.clear();
         self.controllers.clear();
         self.agents.clear();
         self.namespaces.clear();
@@ -984,6 +1010,9 @@ impl Drop for Lab {
             self.kill_controller(i);
         }
         kill_dataplane_daemons(&self.dir);
+        for m in &self.mounts {
+            let _ = run(&["umount", "-l", &m.display().to_string()]);
+        }
         let mut names = self.agent_namespaces();
         if let Ok(dir) = fs::read_dir("/var/run/netns") {
             names.extend(

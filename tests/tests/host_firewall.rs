@@ -8,7 +8,8 @@
 //!   the receiving host's firewall (and counted there), while the very same frame sent
 //!   from a real host's address reaches the endpoint (positive control);
 //! * an agent whose `nft` fails attaches nothing and its host shows `degraded` with
-//!   the reason (said once in its log, not every pass); once nft works it recovers;
+//!   the reason (said once in its log, not every pass); an endpoint created there fails
+//!   its create with that reason and shows `failed`; once nft works it recovers;
 //! * network subnets on the underlay, loopback, link-local, multicast or `0.0.0.0/0`
 //!   are refused with an error naming the value, and nothing changes.
 //!
@@ -300,7 +301,20 @@ fn fail_closed(lab: &mut Lab) -> Result<()> {
     // agent reconciles every second and logs each new revision it reconciles to).
     let d = lab.ep("d");
     let before_create = log().len();
-    lab.ctl_ok(&["endpoint", "create", &d, "--host", "h3", "--network", NET])?;
+    // The create fails with the host's reason (issue 15): the endpoint exists, failed.
+    let out = lab.ctl(&["endpoint", "create", &d, "--host", "h3", "--network", NET]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(!out.status.success(), "create on a host without firewall succeeded");
+    ensure!(
+        err.contains("host firewall cannot be applied") && err.contains("simulated failure"),
+        "create's error: {err}"
+    );
+    let shown = lab.ctl_json(&["endpoint", "inspect", &d])?;
+    ensure!(
+        shown["status"] == "failed"
+            && shown["reason"].as_str().is_some_and(|r| r.contains("host firewall")),
+        "inspect: {shown}"
+    );
     wait_for(T, "h3's agent to reconcile to the new endpoint", || {
         log()[before_create..].contains("reconciling to new desired state").then_some(())
     })?;
@@ -329,6 +343,9 @@ fn fail_closed(lab: &mut Lab) -> Result<()> {
         (h["status"] == "ready" && h["reason"] == "").then_some(())
     })?;
     ensure!(log().contains("host firewall applied"), "recovery not logged:\n{}", log());
+    wait_for(T, "the endpoint to be shown ready", || {
+        (lab.ctl_json(&["endpoint", "inspect", &d]).ok()?["status"] == "ready").then_some(())
+    })?;
 
     // Back to the ordinary agent.
     lab.stop_agent(3);

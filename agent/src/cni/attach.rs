@@ -438,8 +438,10 @@ async fn check(cni: &Arc<Cni>, req: &Request) -> Result<Attached, Failure> {
 }
 
 /// Waits until the endpoint's attachment of `req` is realised in the kernel and its DNS
-/// served, checking after every reconcile pass (and every 200 ms); what is still missing
-/// when `limit` runs out.
+/// served, and the controller shows it `ready` (every other host of its networks knows
+/// it: issue 15), checking after every reconcile pass (and every 200 ms); what is still
+/// missing when `limit` runs out. A controller that cannot tell (unreachable, or older
+/// than endpoint statuses) does not hold the container back once it is realised here.
 async fn wait_realized(
     cni: &Cni,
     endpoint: &str,
@@ -459,10 +461,13 @@ async fn wait_realized(
             None => "the endpoint has not reached this agent's desired state yet".to_string(),
             Some(want) => match observe_netns(endpoint).await {
                 Ok(observed) => match decide::realized(&want, &observed, &served, None) {
-                    Ok(mut attached) => {
-                        attached.host_mac = host_mac(&attached.host_interface).await;
-                        return Ok(attached);
-                    }
+                    Ok(mut attached) => match cluster_ready(cni, endpoint, deadline).await {
+                        Ok(()) => {
+                            attached.host_mac = host_mac(&attached.host_interface).await;
+                            return Ok(attached);
+                        }
+                        Err(why) => why,
+                    },
                     Err(why) => why,
                 },
                 Err(e) => format!("cannot read the container's namespace: {e:#}"),
@@ -475,6 +480,35 @@ async fn wait_realized(
             _ = passes.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+    }
+}
+
+/// Whether the controller shows `endpoint` ready; `Err` says what it waits for. An
+/// answer that cannot be had (no controller in time, or one without statuses) counts
+/// as ready: the container is realised on this host, and the data plane does not depend
+/// on the controllers.
+async fn cluster_ready(cni: &Cni, endpoint: &str, deadline: Instant) -> Result<(), String> {
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+    let request = pb::NameRequest { name: endpoint.to_string() };
+    let asked = tokio::time::timeout(
+        left,
+        call(cni, move |mut c| {
+            let r = timed(request.clone());
+            async move { c.inspect_endpoint(r).await }
+        }),
+    )
+    .await;
+    match asked {
+        Ok(Ok(e)) => match e.status.as_str() {
+            "ready" | "" => Ok(()),
+            "failed" => Err(format!("its host reports it failed: {}", e.reason)),
+            _ => Err(format!("the controller shows it pending: {}", e.reason)),
+        },
+        Ok(Err(f)) => {
+            tracing::debug!(endpoint = %endpoint, "cannot ask the controller for its status: {}", f.message);
+            Ok(())
+        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -25,14 +25,14 @@ pub mod server;
 
 mod attach;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use overlay_model::Catalog;
 use tokio::sync::{watch, Notify};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::desired::HostDesired;
 use crate::identity::Controllers;
@@ -75,9 +75,8 @@ impl Cni {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 // Local state is disposable: keep the bad file for a human, go on without
                 // it (containers attached before are left alone, never torn down).
-                let bad = data_dir.join("cni.json");
-                warn!("ignoring unreadable container records ({e}); kept as cni.json.corrupt");
-                std::fs::rename(&bad, data_dir.join("cni.json.corrupt"))?;
+                // (Records come back from the containers' namespaces' marks: `rebuild`.)
+                crate::store::set_aside(&data_dir.join("cni.json"), &e)?;
                 Registry::open(data_dir)?
             }
             Err(e) => return Err(e),
@@ -100,9 +99,10 @@ impl Cni {
     }
 
     /// Before a pass: leaves containers' endpoints that are not ready (or being
-    /// detached) out of `desired`, and records the mounted namespaces of ready ones as
-    /// the agent's own, so the pass realises them there.
-    pub fn adjust(&self, desired: &mut HostDesired, store: &Store) {
+    /// detached) out of `desired` (returned: they get no status), records the mounted
+    /// namespaces of ready ones as the agent's own, so the pass realises them there,
+    /// and names each container in its endpoint (it goes into the namespace's mark).
+    pub fn adjust(&self, desired: &mut HostDesired, store: &Store) -> BTreeSet<String> {
         let names: BTreeSet<String> = desired.endpoints.keys().cloned().collect();
         let view = registry::loop_view(self.registry().records(), &names, netns::inode);
         for id in &view.forget {
@@ -110,12 +110,60 @@ impl Cni {
                 warn!(container = %id, "cannot forget a detached container: {e}");
             }
         }
+        let mut held = BTreeSet::new();
         for name in &view.hold_back {
-            desired.endpoints.remove(name);
+            if desired.endpoints.remove(name).is_some() {
+                held.insert(name.clone());
+            }
         }
         for name in &view.adopt {
             if let Err(e) = store.record_namespace(name) {
-                warn!(endpoint = %name, "cannot record the container's namespace: {e}");
+                warn!(endpoint = %name, "cannot record the container's namespace (its mark says it is ours all the same): {e}");
+            }
+        }
+        for r in self.registry().records() {
+            if let Some(ed) = desired.endpoints.get_mut(&r.endpoint) {
+                ed.container = Some(r.container_id.clone());
+            }
+        }
+        held
+    }
+
+    /// After a pass: a container's namespace whose mark names the container but which
+    /// has no record (the data dir was lost) gets its record back, so the runtime's DEL
+    /// and CHECK find it. `marks` are the observed marks by namespace.
+    pub fn rebuild(&self, marks: &BTreeMap<String, String>, desired: &HostDesired) {
+        for (name, alias) in marks {
+            let Some(mark) = crate::marks::parse(alias) else { continue };
+            let (true, Some(id)) = (mark.owner.host == self.host, mark.container) else {
+                continue;
+            };
+            let Some(ed) = desired.endpoints.get(name) else { continue };
+            let mut registry = self.registry();
+            if registry.get(&id).is_some() || registry.by_endpoint(name).is_some() {
+                continue;
+            }
+            let Some(inode) = netns::inode(name) else { continue };
+            let record = registry::Record {
+                container_id: id.clone(),
+                endpoint: name.clone(),
+                // Unknown once the record is lost; only the inode is checked.
+                netns: String::new(),
+                inode,
+                interfaces: ed
+                    .interfaces
+                    .iter()
+                    .map(|i| (i.name.clone(), i.network.clone()))
+                    .collect(),
+                phase: registry::Phase::Attached,
+            };
+            match registry.set(&id, Some(record)) {
+                Ok(()) => {
+                    info!(endpoint = %name, container = %id, "container record rebuilt from its namespace's mark")
+                }
+                Err(e) => {
+                    warn!(endpoint = %name, container = %id, "cannot rebuild the container's record: {e}")
+                }
             }
         }
     }

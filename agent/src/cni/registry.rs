@@ -209,9 +209,13 @@ mod tests {
         assert!(Registry::open(&dir).unwrap_err().to_string().contains("cni.json"));
         let _ = std::fs::remove_dir_all(&dir);
 
-        let mut broken =
-            Registry { path: dir.join("missing-dir").join("cni.json"), records: BTreeMap::new() };
+        // Under a file, where no directory can be made.
+        let file =
+            std::env::temp_dir().join(format!("ov-cni-registry-file-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        let mut broken = Registry { path: file.join("cni.json"), records: BTreeMap::new() };
         assert!(broken.set("a", Some(record("a", "web1", 7, Phase::Attached))).is_err());
         assert!(broken.get("a").is_none());
+        let _ = std::fs::remove_file(&file);
     }
 }

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use overlay_model::Mac;
+use std::net::SocketAddr;
+
+use overlay_model::{Catalog, Endpoint, Mac, Network, Route};
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{HostDesired, Uplink, ZERO_MAC};
@@ -57,6 +59,53 @@ pub struct Tables {
     pub hosts: BTreeMap<String, Ipv4Addr>,
 }
 
+// --- DNS through agent restarts (issue 15): the daemon holds every endpoint's DNS
+// server (its sockets inside the endpoint's namespace, and the last records), so name
+// lookups keep working while the agent is stopped, killed, restarted or upgraded.
+
+/// What the endpoints' DNS servers answer from: the catalog's networks, endpoints and
+/// routes at `revision` (hosts are not needed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecords {
+    pub revision: u64,
+    pub networks: Vec<Network>,
+    pub endpoints: Vec<Endpoint>,
+    pub routes: Vec<Route>,
+}
+
+impl DnsRecords {
+    pub fn from_catalog(c: &Catalog) -> DnsRecords {
+        DnsRecords {
+            revision: c.revision,
+            networks: c.networks.values().cloned().collect(),
+            endpoints: c.endpoints.values().cloned().collect(),
+            routes: c.routes.values().cloned().collect(),
+        }
+    }
+
+    pub fn to_catalog(&self) -> Catalog {
+        Catalog {
+            revision: self.revision,
+            networks: self.networks.iter().map(|n| (n.name.clone(), n.clone())).collect(),
+            endpoints: self.endpoints.iter().map(|e| (e.name.clone(), e.clone())).collect(),
+            routes: self.routes.iter().map(|r| (r.key(), r.clone())).collect(),
+            hosts: Default::default(),
+        }
+    }
+}
+
+/// The DNS the daemon serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsTables {
+    /// New records, when the catalog changed since the daemon's (`None`: keep them).
+    pub records: Option<DnsRecords>,
+    /// Where names that are not the overlay's are forwarded.
+    pub upstream: Vec<SocketAddr>,
+    /// The endpoints to serve (127.0.0.11:53 in the namespace of the same name); the
+    /// servers of others are stopped.
+    pub serve: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
@@ -66,15 +115,29 @@ pub enum Request {
     SetTables { tables: Tables },
     /// Stop forwarding and exit (a newer agent build, or other settings).
     Shutdown,
+    /// Serve these endpoints' DNS (issue 15).
+    SetDns { dns: DnsTables },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
-    Hello { pid: u32, settings: DaemonSettings },
+    Hello {
+        pid: u32,
+        settings: DaemonSettings,
+    },
     Applied,
     Bye,
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    /// The records' revision the daemon answers from, the endpoints it serves, and the
+    /// ones whose server could not start, with why.
+    Dns {
+        revision: Option<u64>,
+        served: Vec<String>,
+        failed: Vec<(String, String)>,
+    },
 }
 
 /// The data plane's tables for the TAP-uplink networks of `desired`; `host_names` maps

@@ -9,6 +9,8 @@
 //!   remove endpoints on that host only (the containers its CNI plugin attaches): the
 //!   handlers send those as commands guarded by [`own_host`], so the host is checked
 //!   again, atomically, where the change is applied;
+//! * an `agent` also reports the statuses of its own host's endpoints, and may read
+//!   one endpoint of its own host (a container's, whose CNI ADD waits until it is ready);
 //! * `controller` may use the member-to-member Peer service, and nothing else;
 //! * a caller without a certificate may only join with a token;
 //! * with `--insecure` there are no identities and everything is allowed.
@@ -48,6 +50,17 @@ pub enum Act<'a> {
         endpoint: &'a str,
         host: Option<&'a str>,
     },
+    // --- Endpoint status (issue 15) ---
+    /// Reporting the statuses of `host`'s endpoints.
+    ReportStatus {
+        host: &'a str,
+    },
+    /// Reading `endpoint` (inspect), which is on `host`; `None` when there is no such
+    /// endpoint (the read then fails by itself).
+    ReadEndpoint {
+        endpoint: &'a str,
+        host: Option<&'a str>,
+    },
 }
 
 impl std::fmt::Display for Act<'_> {
@@ -67,6 +80,11 @@ impl std::fmt::Display for Act<'_> {
                 write!(f, "change endpoint {endpoint} on host {host}")
             }
             Act::ChangeEndpoint { endpoint, host: None } => write!(f, "change endpoint {endpoint}"),
+            Act::ReportStatus { host } => write!(f, "report endpoint statuses of host {host}"),
+            Act::ReadEndpoint { endpoint, host: Some(host) } => {
+                write!(f, "read endpoint {endpoint} on host {host}")
+            }
+            Act::ReadEndpoint { endpoint, host: None } => write!(f, "read endpoint {endpoint}"),
         }
     }
 }
@@ -116,11 +134,20 @@ pub fn authorize(caller: &Caller, act: Act<'_>) -> Result<(), String> {
             }
         }
         (Role::Agent, Act::RenewCertificate) => Ok(()),
-        (Role::Agent, Act::ChangeEndpoint { host, .. })
+        (Role::Agent, Act::ChangeEndpoint { host, .. } | Act::ReadEndpoint { host, .. })
             if host.is_none_or(|h| h == cert.name) =>
         {
             Ok(())
         }
+        (Role::Agent, Act::ReportStatus { host }) if host == cert.name => Ok(()),
+        (Role::Agent, Act::ReportStatus { .. }) => denied(&format!(
+            " (its certificate is for host {}: an agent reports only its own host's endpoints)",
+            cert.name
+        )),
+        (Role::Agent, Act::ReadEndpoint { .. }) => denied(&format!(
+            " (its certificate is for host {}: an agent reads only its own host's endpoints)",
+            cert.name
+        )),
         (Role::Agent, Act::Heartbeat { .. } | Act::Watch { .. } | Act::RegisterHost { .. }) => {
             denied(&format!(" (its certificate is for host {})", cert.name))
         }
@@ -236,6 +263,31 @@ mod tests {
         assert!(authorize(&c1, change("web1", Some("c1"))).is_err());
         assert!(authorize(&Caller::Anonymous { remote: None }, change("x", None)).is_err());
         assert_eq!(own_host(&Caller::Insecure { remote: None }), None);
+    }
+
+    /// Issue 15: an agent reports (and reads) its own host's endpoints only.
+    #[test]
+    fn agents_report_statuses_of_their_own_host_only() {
+        let h1 = cert("h1", Some(Role::Agent), &["192.0.2.1"]);
+        assert_eq!(authorize(&h1, Act::ReportStatus { host: "h1" }), Ok(()));
+        assert_eq!(
+            authorize(&h1, Act::ReportStatus { host: "h2" }),
+            Err("agent \"h1\" may not report endpoint statuses of host h2 (its certificate is for host h1: an agent reports only its own host's endpoints)".into())
+        );
+        let read = |endpoint, host| Act::ReadEndpoint { endpoint, host };
+        assert_eq!(authorize(&h1, read("web1", Some("h1"))), Ok(()));
+        assert_eq!(authorize(&h1, read("gone", None)), Ok(()));
+        assert_eq!(
+            authorize(&h1, read("db1", Some("h2"))),
+            Err("agent \"h1\" may not read endpoint db1 on host h2 (its certificate is for host h1: an agent reads only its own host's endpoints)".into())
+        );
+        let admin = cert("ops", Some(Role::Admin), &[]);
+        assert_eq!(authorize(&admin, read("db1", Some("h2"))), Ok(()));
+        assert_eq!(authorize(&admin, Act::ReportStatus { host: "h2" }), Ok(()));
+        let c1 = cert("c1", Some(Role::Controller), &[]);
+        assert!(authorize(&c1, Act::ReportStatus { host: "c1" }).is_err());
+        assert!(authorize(&Caller::Anonymous { remote: None }, Act::ReportStatus { host: "h1" })
+            .is_err());
     }
 
     #[test]

@@ -23,7 +23,20 @@ use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
 use crate::raft::membership::{MemberChange, MembershipError};
 use crate::security::{Signer, WatchLimits, WatchSlot};
+use crate::status::{self, Carriers};
 use crate::watch::{HubEvent, Start};
+
+/// Most entries one status report may carry (far above a host's endpoints).
+const MAX_REPORTED: usize = 100_000;
+
+/// What the leader keeps in memory about each host: last heartbeat, reported problem,
+/// and the catalog revision its kernel reflects.
+#[derive(Default)]
+struct LeaderView {
+    last_seen: HashMap<String, i64>,
+    problems: HashMap<String, String>,
+    applied: HashMap<String, u64>,
+}
 
 /// Changes per watch message while streaming a snapshot.
 const SNAPSHOT_CHUNK: usize = 512;
@@ -47,7 +60,18 @@ fn bad(e: overlay_model::ModelError) -> Status {
 }
 
 impl OverlayApi {
+    /// Refuses every call while this member takes no part (its raft log cannot be
+    /// written): clients and agents then ask another member.
+    #[allow(clippy::result_large_err)]
+    fn serving(&self) -> Result<(), Status> {
+        match self.cluster.shared.not_serving(self.cluster.id) {
+            Some(why) => Err(Status::unavailable(why)),
+            None => Ok(()),
+        }
+    }
+
     async fn read(&self, consistency: i32) -> Result<(), Status> {
+        self.serving()?;
         if consistency == pb::ReadConsistency::Local as i32 {
             return Ok(());
         }
@@ -62,15 +86,18 @@ impl OverlayApi {
         Ok(applied)
     }
 
-    fn endpoint_of(applied: &Applied) -> Result<pb::Endpoint, Status> {
-        applied
+    /// The endpoint a write returned, with its status (`pending`: it just changed).
+    fn endpoint_of(&self, applied: &Applied) -> Result<pb::Endpoint, Status> {
+        let e = applied
             .changes
             .iter()
             .find_map(|c| match c {
-                Change::PutEndpoint(e) => Some(pb::Endpoint::from(e)),
+                Change::PutEndpoint(e) => Some(e),
                 _ => None,
             })
-            .ok_or_else(|| Status::internal("the write applied but returned no endpoint"))
+            .ok_or_else(|| Status::internal("the write applied but returned no endpoint"))?;
+        let state = self.cluster.read_state();
+        Ok(with_status(e, &state, &Carriers::of(&state.catalog), &HashMap::new()))
     }
 
     fn network_pb(&self, name: &str) -> Result<pb::Network, Status> {
@@ -119,10 +146,14 @@ impl OverlayApi {
         })
     }
 
-    /// Last-seen times and reported problems live in the leader's memory; ask it when
-    /// we are not it.
-    async fn last_seen(&self) -> (HashMap<String, i64>, HashMap<String, String>) {
-        let local = || (self.liveness.last_seen_ms(), self.liveness.problems());
+    /// Last-seen times, reported problems and applied revisions live in the leader's
+    /// memory; ask it when we are not it.
+    async fn leader_view(&self) -> LeaderView {
+        let local = || LeaderView {
+            last_seen: self.liveness.last_seen_ms(),
+            problems: self.liveness.problems(),
+            applied: self.liveness.applied(),
+        };
         let status = self.cluster.status();
         if status.role == Role::Leader || status.leader == 0 {
             return local();
@@ -135,7 +166,11 @@ impl OverlayApi {
         match client.last_seen(request).await {
             Ok(resp) => {
                 let r = resp.into_inner();
-                (r.last_seen_ms.into_iter().collect(), r.problems.into_iter().collect())
+                LeaderView {
+                    last_seen: r.last_seen_ms.into_iter().collect(),
+                    problems: r.problems.into_iter().collect(),
+                    applied: r.applied.into_iter().collect(),
+                }
             }
             Err(_) => local(),
         }
@@ -147,6 +182,20 @@ fn aliases(list: &[String]) -> Result<Vec<String>, Status> {
         names::validate_name(a).map_err(bad)?;
     }
     Ok(list.to_vec())
+}
+
+/// `e` as the API shows it: with its status (see [`crate::status`]).
+fn with_status(
+    e: &overlay_model::Endpoint,
+    state: &overlay_model::State,
+    carriers: &Carriers<'_>,
+    applied: &HashMap<String, u64>,
+) -> pb::Endpoint {
+    let shown = status::shown(e, state.endpoint_status(&e.name), &state.catalog, carriers, applied);
+    let mut out = pb::Endpoint::from(e);
+    out.status = shown.state.to_string();
+    out.reason = shown.reason;
+    out
 }
 
 type WatchStream =
@@ -248,7 +297,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
             }
         };
         let applied = self.write(command).await?;
-        Ok(Response::new(Self::endpoint_of(&applied)?))
+        Ok(Response::new(self.endpoint_of(&applied)?))
     }
 
     async fn disconnect_network(
@@ -268,7 +317,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
             None => Command::Disconnect { network: r.network, endpoint: r.endpoint },
         };
         let applied = self.write(command).await?;
-        Ok(Response::new(Self::endpoint_of(&applied)?))
+        Ok(Response::new(self.endpoint_of(&applied)?))
     }
 
     async fn create_endpoint(
@@ -289,7 +338,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         };
         let applied = self.write(command).await?;
         debug!(endpoint = %r.name, host = %r.host, "endpoint created");
-        Ok(Response::new(Self::endpoint_of(&applied)?))
+        Ok(Response::new(self.endpoint_of(&applied)?))
     }
 
     async fn list_endpoints(
@@ -298,27 +347,41 @@ impl pb::overlay_server::Overlay for OverlayApi {
     ) -> Result<Response<pb::EndpointList>, Status> {
         allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
+        let view = self.leader_view().await;
         let state = self.cluster.read_state();
-        Ok(Response::new(pb::EndpointList {
-            endpoints: state.catalog.endpoints.values().map(pb::Endpoint::from).collect(),
-            revision: state.catalog.revision,
-        }))
+        let carriers = Carriers::of(&state.catalog);
+        let endpoints = state
+            .catalog
+            .endpoints
+            .values()
+            .map(|e| with_status(e, &state, &carriers, &view.applied))
+            .collect();
+        Ok(Response::new(pb::EndpointList { endpoints, revision: state.catalog.revision }))
     }
 
     async fn inspect_endpoint(
         &self,
         req: Request<pb::NameRequest>,
     ) -> Result<Response<pb::Endpoint>, Status> {
-        allow(&req, Act::Read)?;
+        let name = req.get_ref().name.clone();
+        let host = self.endpoint_host(&name);
+        allow(&req, Act::ReadEndpoint { endpoint: &name, host: host.as_deref() })?;
         self.read(pb::ReadConsistency::Linearizable as i32).await?;
-        let name = &req.get_ref().name;
+        let view = self.leader_view().await;
         let state = self.cluster.read_state();
         let e = state
             .catalog
             .endpoints
-            .get(name)
+            .get(&name)
             .ok_or_else(|| bad(overlay_model::ModelError::EndpointNotFound(name.clone())))?;
-        Ok(Response::new(e.into()))
+        // An agent may read its own host's endpoints only (checked again on what was read).
+        if let Some(own) = auth::own_host(&Caller::of(&req)) {
+            if own != e.host {
+                return Err(bad(overlay_model::ModelError::EndpointNotFound(name)));
+            }
+        }
+        let carriers = Carriers::of(&state.catalog);
+        Ok(Response::new(with_status(e, &state, &carriers, &view.applied)))
     }
 
     async fn remove_endpoint(
@@ -397,7 +460,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
     ) -> Result<Response<pb::HostList>, Status> {
         allow(&req, Act::Read)?;
         self.read(req.get_ref().consistency).await?;
-        let (last_seen, problems) = self.last_seen().await;
+        let LeaderView { last_seen, problems, .. } = self.leader_view().await;
         let state = self.cluster.read_state();
         let c = &state.catalog;
         let counts = c.endpoint_counts_by_host();
@@ -424,6 +487,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         names::validate_name(&r.name).map_err(bad)?;
         let underlay_ip = parse::ipv4(&r.underlay_ip).map_err(bad)?;
         auth::check(&caller, Act::RegisterHost { host: &r.name, underlay_ip: underlay_ip.into() })?;
+        self.serving()?;
         self.same_cluster(&r.cluster_id)?;
         let underlay_prefix =
             u8::try_from(r.underlay_prefix).ok().filter(|p| *p <= 32).ok_or_else(|| {
@@ -470,6 +534,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let caller = Caller::of(&req);
         let pb::HeartbeatRequest { host, cluster_id, problem } = req.into_inner();
         auth::check(&caller, Act::Heartbeat { host: &host })?;
+        self.serving()?;
         self.same_cluster(&cluster_id)?;
         let status = {
             let state = self.cluster.read_state();
@@ -488,6 +553,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         auth::check(&caller, Act::Watch { host: &r.host })?;
+        self.serving()?;
         self.same_cluster(&r.cluster_id)?;
         let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(16);
@@ -552,7 +618,15 @@ impl pb::overlay_server::Overlay for OverlayApi {
             }
         });
         let answers = futures::future::join_all(asks).await;
-        let leader = status.leader;
+        // A member that knows no leader (an election, or it takes no part: a full disk)
+        // still shows the one another member says leads.
+        let leader = match status.leader {
+            0 => answers
+                .iter()
+                .find(|(m, _)| m.role == Role::Leader.as_str())
+                .map_or(0, |(m, _)| m.id),
+            known => known,
+        };
         // The leader's raft progress says how far each member's log matches.
         let matched: BTreeMap<u64, u64> = answers
             .iter()
@@ -659,6 +733,48 @@ impl pb::overlay_server::Overlay for OverlayApi {
         Ok(Response::new(pb::CertificateResponse { certificate, cluster_id: self.cluster_id() }))
     }
 
+    async fn report_status(
+        &self,
+        req: Request<pb::StatusReport>,
+    ) -> Result<Response<pb::StatusReportResponse>, Status> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        auth::check(&caller, Act::ReportStatus { host: &r.host })?;
+        self.serving()?;
+        names::validate_name(&r.host).map_err(bad)?;
+        if r.statuses.len() > MAX_REPORTED {
+            return Err(Status::invalid_argument(format!(
+                "a status report carries at most {MAX_REPORTED} endpoints, not {}",
+                r.statuses.len()
+            )));
+        }
+        let mut statuses = Vec::with_capacity(r.statuses.len());
+        for s in &r.statuses {
+            names::validate_name(&s.endpoint).map_err(bad)?;
+            statuses.push(overlay_model::ReportedStatus {
+                endpoint: s.endpoint.clone(),
+                state: s.status.parse().map_err(bad)?,
+                reason: overlay_model::status::clean_reason(&s.reason),
+            });
+        }
+        if r.applied_revision > 0 {
+            record_applied(&self.cluster, &self.liveness, &r.host, r.applied_revision).await;
+        }
+        if !statuses.is_empty() {
+            let command = Command::SetEndpointStatuses {
+                host: r.host.clone(),
+                revision: r.revision,
+                statuses,
+            };
+            self.cluster.propose(command).await.map_err(Status::from)?;
+            // So that `wanted` below already counts what this report said.
+            self.read(pb::ReadConsistency::Linearizable as i32).await?;
+            debug!(host = %r.host, revision = r.revision, entries = r.statuses.len(), "endpoint statuses reported");
+        }
+        let wanted = self.cluster.read_state().unreported_on(&r.host);
+        Ok(Response::new(pb::StatusReportResponse { wanted }))
+    }
+
     async fn add_member(
         &self,
         req: Request<pb::AddMemberRequest>,
@@ -748,11 +864,35 @@ pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, probl
             .filter(|p| !p.is_empty())
             .map(|p| HashMap::from([(host.to_string(), p.to_string())]))
             .unwrap_or_default();
-        let mut request =
-            Request::new(pb::HeartbeatBatch { hosts: vec![host.to_string()], problems });
+        let mut request = Request::new(pb::HeartbeatBatch {
+            hosts: vec![host.to_string()],
+            problems,
+            ..Default::default()
+        });
         request.set_timeout(Duration::from_secs(1));
         if client.forward_heartbeats(request).await.is_err() {
             debug!(host, "could not pass a heartbeat to the leader");
+        }
+    }
+}
+
+/// Records the revision `host`'s kernel reflects where the leader keeps it: here if we
+/// lead, else with the leader (as a heartbeat batch that carries no heartbeat).
+async fn record_applied(cluster: &Cluster, liveness: &Liveness, host: &str, revision: u64) {
+    let status = cluster.status();
+    if status.role == Role::Leader || status.leader == 0 {
+        liveness.record_applied(host, revision);
+        return;
+    }
+    if let Some(mut client) = cluster.peers.client(status.leader) {
+        let batch = pb::HeartbeatBatch {
+            applied: HashMap::from([(host.to_string(), revision)]),
+            ..Default::default()
+        };
+        let mut request = Request::new(batch);
+        request.set_timeout(Duration::from_secs(1));
+        if client.forward_heartbeats(request).await.is_err() {
+            debug!(host, "could not pass an applied revision to the leader");
         }
     }
 }

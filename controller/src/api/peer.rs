@@ -135,6 +135,9 @@ impl pb::peer_server::Peer for PeerApi {
         for host in &batch.hosts {
             self.liveness.record(host, batch.problems.get(host).map(String::as_str));
         }
+        for (host, revision) in &batch.applied {
+            self.liveness.record_applied(host, *revision);
+        }
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -145,6 +148,7 @@ impl pb::peer_server::Peer for PeerApi {
         Ok(Response::new(pb::LastSeenResponse {
             last_seen_ms: self.liveness.last_seen_ms().into_iter().collect(),
             problems: self.liveness.problems().into_iter().collect(),
+            applied: self.liveness.applied().into_iter().collect(),
         }))
     }
 

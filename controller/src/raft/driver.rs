@@ -157,10 +157,12 @@ impl Driver {
     }
 
     /// Runs until `shutdown` flips or the inbox closes. An error means the log could not
-    /// be persisted: the member must stop rather than acknowledge writes it may lose.
+    /// be persisted: this driver must stop rather than acknowledge writes it may lose
+    /// (the caller keeps the inbox, and the member stalls until it can write again: see
+    /// [`super::stall`]).
     pub async fn run(
         mut self,
-        mut inbox: mpsc::Receiver<DriverMsg>,
+        inbox: &mut mpsc::Receiver<DriverMsg>,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(TICK);

@@ -8,6 +8,7 @@ pub mod proposal;
 mod sim;
 pub mod slog_bridge;
 pub mod snapshot;
+pub mod stall;
 pub mod storage;
 pub mod transport;
 

@@ -221,6 +221,7 @@ impl Sim {
             hub: WatchHub::new(revision, 1000),
             status: watch::channel(NodeStatus::initial(id, recovering_until.is_some())).0,
             metrics: Arc::default(),
+            stalled: RwLock::default(),
         });
         let outbox = SimOutbox::default();
         let config = DriverConfig {
