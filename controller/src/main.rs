@@ -107,10 +107,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (status_tx, _) =
         tokio_watch::channel(NodeStatus::initial(config.id, recovering_until.is_some()));
-    let revision = state.catalog.revision;
     let shared = Arc::new(Shared {
+        hub: watch::WatchHub::new(&state.catalog, WATCH_HISTORY),
         state: RwLock::new(state),
-        hub: watch::WatchHub::new(revision, WATCH_HISTORY),
         status: status_tx,
         metrics: Arc::default(),
     });
@@ -151,14 +150,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let overlay = pb::overlay_server::OverlayServer::new(api::overlay::OverlayApi {
+    let api = Arc::new(api::overlay::OverlayApi {
         cluster: cluster.clone(),
         liveness: liveness.clone(),
         signer: tls.signer.map(Arc::new),
         watches: Arc::default(),
-    })
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    });
+    // Watch streams are served from shared pre-encoded frames (api::watch).
+    let overlay = api::watch::WithWatch::new(
+        pb::overlay_server::OverlayServer::from_arc(api.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        api,
+    );
     // Refuses every caller but controllers before a (possibly huge) message is read.
     let peer = tonic::service::interceptor::InterceptedService::new(
         pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })

@@ -11,8 +11,6 @@ use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
 use overlay_pki::token;
 use overlay_proto::convert;
 use overlay_proto::pb;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -22,11 +20,7 @@ use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
 use crate::raft::membership::{MemberChange, MembershipError};
-use crate::security::{Signer, WatchLimits, WatchSlot};
-use crate::watch::{HubEvent, Start};
-
-/// Changes per watch message while streaming a snapshot.
-const SNAPSHOT_CHUNK: usize = 512;
+use crate::security::{Signer, WatchLimits};
 
 pub struct OverlayApi {
     pub cluster: Cluster,
@@ -98,7 +92,7 @@ impl OverlayApi {
     /// Refuses a caller whose state belongs to another cluster (a reinitialised cluster,
     /// another cluster's backup): mixing the two would corrupt both.
     #[allow(clippy::result_large_err)]
-    fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
+    pub(crate) fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
         let ours = self.cluster_id();
         if theirs.is_empty() || ours.is_empty() || theirs.eq_ignore_ascii_case(&ours) {
             return Ok(());
@@ -484,22 +478,14 @@ impl pb::overlay_server::Overlay for OverlayApi {
 
     type WatchStream = WatchStream;
 
+    /// The server answers Watch in `super::watch::WithWatch` (pre-encoded frames); this
+    /// serves the same frames decoded, for a server built without it.
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let caller = Caller::of(&req);
-        let r = req.into_inner();
-        auth::check(&caller, Act::Watch { host: &r.host })?;
-        self.same_cluster(&r.cluster_id)?;
-        let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
-        let (tx, rx) = mpsc::channel(16);
-        let cluster = self.cluster.clone();
-        let open = cluster.shared.metrics.watch_opened();
-        tokio::spawn(async move {
-            let _open = open;
-            debug!(host = %r.host, from = r.from_revision, "watch started");
-            serve_watch(cluster, r.from_revision, tx, slot).await;
-            debug!(host = %r.host, "watch ended");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        use tokio_stream::StreamExt;
+        let frames = super::watch::open(self, req)?;
+        let messages = frames
+            .map(|f| f.and_then(|f| f.to_message().map_err(|e| Status::internal(e.to_string()))));
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn cluster_status(
@@ -753,105 +739,6 @@ pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, probl
         request.set_timeout(Duration::from_secs(1));
         if client.forward_heartbeats(request).await.is_err() {
             debug!(host, "could not pass a heartbeat to the leader");
-        }
-    }
-}
-
-fn snapshot_messages(catalog: &overlay_model::Catalog, cluster_id: &str) -> Vec<pb::WatchResponse> {
-    let changes: Vec<pb::Change> =
-        catalog.snapshot_changes().iter().map(pb::Change::from).collect();
-    let mut chunks: Vec<Vec<pb::Change>> =
-        changes.chunks(SNAPSHOT_CHUNK).map(|c| c.to_vec()).collect();
-    if chunks.is_empty() {
-        chunks.push(Vec::new());
-    }
-    let last = chunks.len() - 1;
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, changes)| pb::WatchResponse {
-            revision: catalog.revision,
-            reset: i == 0,
-            snapshot_done: i == last,
-            changes,
-            cluster_id: cluster_id.to_string(),
-        })
-        .collect()
-}
-
-fn change_message(applied: &Applied, cluster_id: &str) -> pb::WatchResponse {
-    pb::WatchResponse {
-        revision: applied.revision,
-        reset: false,
-        snapshot_done: false,
-        changes: applied.changes.iter().map(pb::Change::from).collect(),
-        cluster_id: cluster_id.to_string(),
-    }
-}
-
-/// Streams one watcher: a starting point, then live changes in revision order. Falls
-/// back to a fresh snapshot whenever it lagged behind or the state was reset. Ends when
-/// the watcher goes away (releasing its `slot`), even while nothing changes.
-async fn serve_watch(
-    cluster: Cluster,
-    mut from: u64,
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
-    _slot: WatchSlot,
-) {
-    loop {
-        let (start, mut rx, cluster_id) = {
-            let state = cluster.read_state();
-            let cluster_id = state.meta().cluster_id.clone().unwrap_or_default();
-            let (start, rx) = cluster.shared.hub.subscribe(from, &state);
-            (start, rx, cluster_id)
-        };
-        match start {
-            Start::Snapshot(catalog) => {
-                for msg in snapshot_messages(&catalog, &cluster_id) {
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                }
-                from = catalog.revision;
-            }
-            Start::Replay(list) => {
-                for applied in list {
-                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
-                        return;
-                    }
-                    from = applied.revision;
-                }
-            }
-        }
-        // Live changes until the stream ends or we must start over.
-        loop {
-            let event = tokio::select! {
-                _ = tx.closed() => return,
-                event = rx.recv() => event,
-            };
-            match event {
-                Ok(HubEvent::Applied(applied)) => {
-                    if applied.revision <= from {
-                        continue;
-                    }
-                    if applied.revision != from + 1 {
-                        break; // a gap: cannot happen by construction, but never send one
-                    }
-                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
-                        return;
-                    }
-                    from = applied.revision;
-                }
-                Ok(HubEvent::Reset) => {
-                    from = 0;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    from = 0;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
         }
     }
 }
