@@ -192,7 +192,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         info!(revision = c.revision, "loaded persisted desired state");
     }
     let (tx, mut rx) = watch::channel(persisted.clone().map(Arc::new));
-    let replica = Replica::new(persisted.unwrap_or_default());
+    let replica = Replica::new(persisted.unwrap_or_default(), &cfg.name);
     let watch_task = tokio::spawn(
         run_watch(me.clone(), controllers.clone(), store.clone(), replica, tx).in_current_span(),
     );

@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Body bytes per snapshot chunk of a network's (or the hosts') objects.
 pub const CHUNK_BYTES: usize = 32 * 1024;
 /// A frame's body is cut after this many bytes (a pre-built chunk is never cut).
-pub const FRAME_BYTES: usize = 64 * 1024;
+pub const FRAME_BYTES: usize = 32 * 1024;
 
 /// `WatchResponse` field numbers (see proto/overlay.proto).
 const REVISION: u32 = 1;

@@ -92,7 +92,7 @@ impl HostView {
         for change in &event.changes {
             let s = &change.scope;
             if s.everyone
-                || s.hosts.iter().any(|h| *h == me)
+                || s.hosts.contains(&me)
                 || s.networks.iter().any(|n| self.carried.contains(n))
             {
                 out.push(Piece::Record(&change.record));
