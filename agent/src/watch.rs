@@ -168,43 +168,116 @@ fn new_backoff() -> Backoff {
     Backoff::new(MIN_BACKOFF, MAX_BACKOFF)
 }
 
+/// Where a watch stream's messages go: the agent's replica and store
+/// ([`run_watch`]), or a simulated agent's counters (`overlay-sim`).
+pub trait WatchSink: Send {
+    /// The revision to resume from (0: start with a snapshot).
+    fn revision(&self) -> u64;
+    /// Applies messages received together, in order.
+    fn apply_batch(&mut self, batch: &[pb::WatchResponse]) -> Result<(), String>;
+    /// The stream broke: forget a half-received snapshot.
+    fn interrupted(&mut self);
+}
+
+/// The agent's sink: the replica, persisted in `store` and published on `tx` once per
+/// batch.
+struct AgentSink {
+    replica: Replica,
+    store: Store,
+    tx: watch::Sender<Option<Arc<Catalog>>>,
+    published: u64,
+}
+
+impl WatchSink for AgentSink {
+    fn revision(&self) -> u64 {
+        self.replica.catalog.revision
+    }
+
+    fn apply_batch(&mut self, batch: &[pb::WatchResponse]) -> Result<(), String> {
+        let mut replaced = false;
+        let mut changes = Vec::new();
+        for msg in batch {
+            match self.replica.apply(msg)? {
+                Update::None => {}
+                Update::Replaced => {
+                    replaced = true;
+                    changes.clear();
+                }
+                Update::Changed(c) => changes.extend(c),
+            }
+        }
+        // A progress message only moves the revision: published (the applied revision
+        // is reported), not persisted (resuming from an older one costs nothing).
+        let catalog = &self.replica.catalog;
+        let changed = replaced || !changes.is_empty();
+        if changed {
+            let persisted = (!replaced).then_some(changes.as_slice());
+            if let Err(e) = self.store.persist_catalog(catalog, persisted) {
+                warn!("cannot persist desired state: {e}");
+            }
+        }
+        if changed || catalog.revision > self.published {
+            debug!(revision = catalog.revision, messages = batch.len(), "catalog updated");
+            self.published = catalog.revision;
+            self.tx.send_replace(Some(Arc::new(catalog.clone())));
+        }
+        Ok(())
+    }
+
+    fn interrupted(&mut self) {
+        self.replica.abort_snapshot();
+    }
+}
+
 /// Watches forever (until the task is dropped), publishing each consistent catalog on
 /// `tx` and persisting it in `store`.
 pub async fn run_watch(
     me: Identity,
     controllers: Controllers,
     store: Store,
-    mut replica: Replica,
+    replica: Replica,
     tx: watch::Sender<Option<Arc<Catalog>>>,
+) {
+    let published = replica.catalog.revision;
+    let mut sink = AgentSink { replica, store: store.clone(), tx, published };
+    watch_forever(&me.name, &controllers, &store, &mut sink).await
+}
+
+/// Watches as host `name` forever, feeding `sink`: connects to the controller URLs in
+/// turn, resumes from the sink's revision, and moves on to the next URL with jittered
+/// backoff on any error.
+pub async fn watch_forever(
+    name: &str,
+    controllers: &Controllers,
+    store: &Store,
+    sink: &mut impl WatchSink,
 ) {
     let mut backoff = new_backoff();
     let mut next = 0usize;
     loop {
         let url = &controllers.urls[next % controllers.urls.len()];
         next += 1;
-        match watch_once(&me, &controllers, url, &store, &mut replica, &tx, &mut backoff).await {
+        match watch_once(name, controllers, url, store, sink, &mut backoff).await {
             Ok(()) => info!(controller = %url, "watch stream ended; reconnecting"),
             Err(e) => warn!(controller = %url, "watch: {e}"),
         }
-        replica.abort_snapshot();
+        sink.interrupted();
         backoff.wait().await;
     }
 }
 
 async fn watch_once(
-    me: &Identity,
+    name: &str,
     controllers: &Controllers,
     url: &str,
     store: &Store,
-    replica: &mut Replica,
-    tx: &watch::Sender<Option<Arc<Catalog>>>,
+    sink: &mut impl WatchSink,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     let mut client = controllers.connect(url).await?;
-    let from = replica.catalog.revision;
-    let mut published = from;
+    let from = sink.revision();
     let cluster_id = store.cluster_id().unwrap_or_default();
-    let req = pb::WatchRequest { host: me.name.clone(), from_revision: from, cluster_id };
+    let req = pb::WatchRequest { host: name.to_string(), from_revision: from, cluster_id };
     let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
         .await
         .map_err(|_| format!("{url}: watch call timed out"))?
@@ -237,33 +310,12 @@ async fn watch_once(
                 }
             }
         }
-        let mut replaced = false;
-        let mut changes = Vec::new();
-        for msg in &batch {
-            adopt_cluster_id(store, &msg.cluster_id)?;
-            match replica.apply(msg)? {
-                Update::None => {}
-                Update::Replaced => {
-                    replaced = true;
-                    changes.clear();
-                }
-                Update::Changed(c) => changes.extend(c),
-            }
+        let ids: std::collections::BTreeSet<&str> =
+            batch.iter().map(|m| m.cluster_id.as_str()).collect();
+        for id in ids {
+            adopt_cluster_id(store, id)?;
         }
-        // A progress message only moves the revision: published (the applied revision
-        // is reported), not persisted (resuming from an older one costs nothing).
-        let changed = replaced || !changes.is_empty();
-        if changed {
-            let persisted = (!replaced).then_some(changes.as_slice());
-            if let Err(e) = store.persist_catalog(&replica.catalog, persisted) {
-                warn!("cannot persist desired state: {e}");
-            }
-        }
-        if changed || replica.catalog.revision > published {
-            debug!(revision = replica.catalog.revision, messages = batch.len(), "catalog updated");
-            published = replica.catalog.revision;
-            tx.send_replace(Some(Arc::new(replica.catalog.clone())));
-        }
+        sink.apply_batch(&batch)?;
         if let Some(end) = end {
             return end;
         }
