@@ -159,8 +159,9 @@ async fn serve(
                 view
             }
         };
-        // The newest revision this watcher has been told nothing about.
-        let mut pending: Option<u64> = None;
+        // The newest revision this watcher has been told nothing about (a replay of
+        // events that did not concern it leaves one).
+        let mut pending: Option<u64> = (from > out.sent).then_some(from);
         // Live changes until the stream ends or we must start over.
         loop {
             let progress_at = pending.map(|_| out.sent_at + PROGRESS_INTERVAL);

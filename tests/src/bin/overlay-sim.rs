@@ -352,6 +352,10 @@ fn raise_fd_limit() {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The simulated agents log as the agent does; quiet unless RUST_LOG says otherwise.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -706,6 +710,12 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let settled = t.elapsed().as_secs_f64();
+        for (i, a) in shared.agents.iter().enumerate() {
+            let r = a.revision.load(Ordering::Relaxed);
+            if r < target {
+                eprintln!("  agent h{i} still at revision {r} (target {target})");
+            }
+        }
         let after: usize = shared.agents.iter().map(|a| a.snapshots.load(Ordering::Relaxed)).sum();
         let hosts = any_member(&cl, 0, |mut c| async move {
             c.list_hosts(pb::ListHostsRequest { consistency: 0 }).await
