@@ -227,7 +227,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let mut last_revision = None;
     let mut reconciler = Reconciler::new();
     let mut arp_table = ArpTableWatch::default();
+    let mut last_content: Option<Arc<Catalog>> = None;
     loop {
+        let mut woken_by_catalog = false;
         tokio::select! {
             _ = &mut shutdown => break,
             _ = async {
@@ -239,7 +241,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 overlay_ops::notify::notify("WATCHDOG=1");
                 continue;
             }
-            r = rx.changed() => if r.is_err() { break },
+            r = rx.changed() => {
+                if r.is_err() { break }
+                woken_by_catalog = true;
+            }
             _ = tick.tick() => {}
             // A renewed certificate: the data plane's QUIC endpoint must present it.
             Ok(()) = renewed.changed() => {
@@ -249,6 +254,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
+        // A progress message moves only the revision: nothing to reconcile until the
+        // next tick (issue 14: idle hosts hear of every revision).
+        if woken_by_catalog && last_content.as_ref().is_some_and(|c| same_content(c, &catalog)) {
+            last_content = Some(catalog);
+            continue;
+        }
+        last_content = Some(catalog.clone());
         let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard, cni: &cni };
         let state = PassState {
             dns: &mut dns,
@@ -298,6 +310,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         task.abort();
     }
     Ok(())
+}
+
+/// Whether two catalogs hold the same objects (whatever their revisions).
+fn same_content(a: &Catalog, b: &Catalog) -> bool {
+    a.hosts == b.hosts
+        && a.networks == b.networks
+        && a.endpoints == b.endpoints
+        && a.routes == b.routes
 }
 
 /// The data-plane daemon's settings: a daemon started by another build of the agent or
