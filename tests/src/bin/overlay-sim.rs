@@ -534,7 +534,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
                 Err(e) => return Err(e),
             }
             let n = created.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % 10_000 == 0 {
+            if n.is_multiple_of(10_000) {
                 eprintln!("  {n} endpoints");
             }
             Ok(())
@@ -653,13 +653,13 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             .collect();
         let until = Instant::now() + Duration::from_secs(30);
         loop {
-            let seen = shared.probes.lock().unwrap_or_else(|p| p.into_inner());
-            let got: Vec<f64> = who
-                .iter()
-                .filter_map(|i| seen.get(&(*i, name.clone())))
-                .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0)
-                .collect();
-            drop(seen);
+            let got: Vec<f64> = {
+                let seen = shared.probes.lock().unwrap_or_else(|p| p.into_inner());
+                who.iter()
+                    .filter_map(|i| seen.get(&(*i, name.clone())))
+                    .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0)
+                    .collect()
+            };
             if got.len() == who.len() || Instant::now() > until {
                 missing += who.len() - got.len();
                 slowest.push(got.iter().cloned().fold(0.0, f64::max));
