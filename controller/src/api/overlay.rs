@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use overlay_model::types::DEFAULT_UNDERLAY_MTU;
 use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
 use overlay_pki::token;
 use overlay_proto::convert;
@@ -426,6 +427,29 @@ impl pb::overlay_server::Overlay for OverlayApi {
                     r.underlay_prefix
                 )))
             })?;
+        // An agent registers at every start and reconnect: when it is already registered
+        // as it says and ready, that is only a sign of life, not a write every watcher
+        // would hear about (1,000 agents restarting at once would be 1,000 revisions
+        // sent to 1,000 watchers).
+        let unchanged = self.cluster.read_state().catalog.hosts.get(&r.name).is_some_and(|h| {
+            h.underlay_ip == underlay_ip
+                && h.underlay_prefix == underlay_prefix
+                && h.underlay_mtu
+                    == if r.underlay_mtu == 0 { DEFAULT_UNDERLAY_MTU } else { r.underlay_mtu }
+                && h.status == overlay_model::HostStatus::Ready
+        });
+        if unchanged {
+            heartbeat(&self.cluster, &self.liveness, &r.name, None).await;
+            let state = self.cluster.read_state();
+            if let Some(host) = state.catalog.hosts.get(&r.name) {
+                debug!(host = %r.name, "host registered again, unchanged");
+                return Ok(Response::new(convert::host(
+                    host,
+                    state.catalog.endpoints_on_host(&r.name) as u32,
+                    0,
+                )));
+            }
+        }
         let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
         self.write(Command::RegisterHost {
             name: r.name.clone(),
