@@ -185,8 +185,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         Ok(c) => c,
         // Local state is disposable: set aside, rebuilt from the controllers.
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            if let Err(aside) = crate::store::set_aside(&store.dir().join("desired.json"), &e) {
-                warn!("ignoring unreadable persisted desired state ({e}); cannot set it aside: {aside}");
+            // The file and the log after it go together: either may be the damaged one.
+            for file in [crate::journal::CATALOG_FILE, crate::journal::LOG_FILE] {
+                let path = store.dir().join(file);
+                if !path.exists() {
+                    continue;
+                }
+                if let Err(aside) = crate::store::set_aside(&path, &e) {
+                    warn!("ignoring unreadable persisted desired state ({e}); cannot set {file} aside: {aside}");
+                }
             }
             None
         }
@@ -206,7 +213,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         info!(revision = c.revision, "loaded persisted desired state");
     }
     let (tx, mut rx) = watch::channel(persisted.clone().map(Arc::new));
-    let replica = Replica::new(persisted.unwrap_or_default());
+    let replica = Replica::new(persisted.unwrap_or_default(), &cfg.name);
     let watch_task = tokio::spawn(
         run_watch(me.clone(), controllers.clone(), store.clone(), replica, tx).in_current_span(),
     );
@@ -247,7 +254,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let mut applied_revision = 0u64;
     let mut reconciler = Reconciler::new();
     let mut arp_table = ArpTableWatch::default();
+    let mut last_content: Option<Arc<Catalog>> = None;
     loop {
+        let mut woken_by_catalog = false;
         tokio::select! {
             _ = &mut shutdown => break,
             _ = async {
@@ -259,7 +268,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 overlay_ops::notify::notify("WATCHDOG=1");
                 continue;
             }
-            r = rx.changed() => if r.is_err() { break },
+            r = rx.changed() => {
+                if r.is_err() { break }
+                woken_by_catalog = true;
+            }
             _ = tick.tick() => {}
             // A renewed certificate: the data plane's QUIC endpoint must present it.
             Ok(()) = renewed.changed() => {
@@ -269,6 +281,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
+        // A progress message moves only the revision: nothing to reconcile until the
+        // next tick (issue 14: idle hosts hear of every revision).
+        if woken_by_catalog && last_content.as_ref().is_some_and(|c| same_content(c, &catalog)) {
+            last_content = Some(catalog);
+            continue;
+        }
+        last_content = Some(catalog.clone());
         let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard, cni: &cni };
         let state = PassState {
             dns: &mut dns,
@@ -321,6 +340,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         task.abort();
     }
     Ok(())
+}
+
+/// Whether two catalogs hold the same objects (whatever their revisions).
+fn same_content(a: &Catalog, b: &Catalog) -> bool {
+    a.hosts == b.hosts
+        && a.networks == b.networks
+        && a.endpoints == b.endpoints
+        && a.routes == b.routes
 }
 
 /// The data-plane daemon's settings: a daemon started by another build of the agent or

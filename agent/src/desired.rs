@@ -315,6 +315,16 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
     let carried: BTreeSet<&str> =
         local_eps.iter().flat_map(|e| e.attachments.iter().map(|a| a.network.as_str())).collect();
 
+    // Every carried network's endpoints in one pass over the catalog (not one per
+    // network).
+    let mut members: BTreeMap<&str, Vec<(&overlay_model::Endpoint, &Attachment)>> = BTreeMap::new();
+    for ep in catalog.endpoints.values() {
+        for att in &ep.attachments {
+            if carried.contains(att.network.as_str()) {
+                members.entry(att.network.as_str()).or_default().push((ep, att));
+            }
+        }
+    }
     for name in &carried {
         let Some(net) = catalog.networks.get(*name) else { continue };
         if let Err(e) = check_network(net, &local.name, &underlays) {
@@ -331,7 +341,7 @@ pub fn desired_for_host(catalog: &Catalog, local: &LocalHost) -> HostDesired {
         };
         let mut fdb = BTreeSet::new();
         let mut neigh = BTreeMap::new();
-        for (ep, att) in catalog.endpoints_in(name) {
+        for &(ep, att) in members.get(name).map(Vec::as_slice).unwrap_or_default() {
             if ep.host == local.name {
                 continue;
             }

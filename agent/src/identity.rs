@@ -194,7 +194,8 @@ where
     F: FnMut(OverlayClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         for url in &controllers.urls {
             let client = match controllers.connect(url).await {
@@ -213,8 +214,7 @@ where
                 Err(_) => warn!(controller = %url, "{what}: no answer within {RPC_TIMEOUT:?}"),
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff.wait().await;
     }
 }
 

@@ -9,9 +9,10 @@
 //!   ARP, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
 //! * [`reconcile`]: observe/plan/apply passes, with per-action backoff and reporting;
-//!   [`store`]: what survives restarts.
+//!   [`store`] (+ [`journal`]): what survives restarts.
 //! * [`identity`]: the agent's certificate (checked, or joined with a token and renewed).
-//! * [`watch`]: register, heartbeat, and the controller's desired-state stream.
+//! * [`watch`]: register, heartbeat, and the controller's desired-state stream (with
+//!   [`backoff`]: jittered retry delays).
 //! * [`dns`]: one embedded DNS server per local endpoint.
 //! * [`dataplane`]: the daemon that carries `--encap udp` networks in user space (it
 //!   outlives agent restarts), and the agent's client of it.
@@ -26,6 +27,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod backoff;
 pub mod cni;
 pub mod dataplane;
 pub mod desired;
@@ -33,6 +35,7 @@ pub mod dns;
 pub mod firewall;
 pub mod garp;
 pub mod identity;
+pub mod journal;
 pub mod marks;
 pub mod metrics;
 pub mod netns;

@@ -1,7 +1,8 @@
 //! What the agent keeps in `--data-dir`:
 //!
-//! * `desired.json`: the last catalog it received, so a restart with every controller
-//!   down rebuilds the same kernel state;
+//! * `desired.json` + `desired.log`: the last catalog it received, so a restart with
+//!   every controller down rebuilds the same kernel state (persisted incrementally, see
+//!   [`crate::journal`]);
 //! * `namespaces.json`: the namespaces it created or took over: a cache of the marks in
 //!   the kernel (see [`crate::marks`]), which say the same and survive this file.
 //!
@@ -18,7 +19,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use overlay_model::{Catalog, Endpoint, Host, Network, Route};
+use overlay_model::{Catalog, Change, Endpoint, Host, Network, Route};
 use serde::{Deserialize, Serialize};
 
 /// The catalog as JSON can hold it (route keys are tuples, so lists instead of maps).
@@ -112,26 +113,46 @@ impl Store {
         self.dir.join("namespaces.json")
     }
 
-    /// The persisted catalog; `Ok(None)` when there is none yet.
+    /// The persisted catalog (`desired.json` and the log after it); `Ok(None)` when
+    /// there is none yet.
     pub fn load_catalog(&self) -> io::Result<Option<Catalog>> {
-        match fs::read(self.catalog_path()) {
+        let mut catalog = match fs::read(self.catalog_path()) {
             Ok(bytes) => serde_json::from_slice::<Persisted>(&bytes)
-                .map(|p| Some(p.into_catalog()))
+                .map(Persisted::into_catalog)
                 .map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: {e}", self.catalog_path().display()),
-                    )
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.catalog_path().display()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        crate::journal::replay(&self.dir, &mut catalog)?;
+        Ok(Some(catalog))
     }
 
+    /// Rewrites the whole catalog (and empties the log).
     pub fn save_catalog(&self, catalog: &Catalog) -> io::Result<()> {
         let bytes =
             serde_json::to_vec(&Persisted::from_catalog(catalog)).map_err(io::Error::other)?;
-        write_atomic(&self.catalog_path(), &bytes)
+        write_atomic(&self.catalog_path(), &bytes)?;
+        crate::journal::clear(&self.dir)
+    }
+
+    /// Persists `catalog` after a batch that made `changes` to it: one appended line,
+    /// or a rewrite when the log has grown larger than the catalog. `None`: the catalog
+    /// was replaced (a snapshot), rewrite it.
+    pub fn persist_catalog(&self, catalog: &Catalog, changes: Option<&[Change]>) -> io::Result<()> {
+        let Some(changes) = changes else { return self.save_catalog(catalog) };
+        if !self.catalog_path().exists() {
+            return self.save_catalog(catalog);
+        }
+        let log_bytes = crate::journal::append(&self.dir, catalog.revision, changes)?;
+        if crate::journal::should_compact(&self.dir, log_bytes) {
+            self.save_catalog(catalog)?;
+        }
+        Ok(())
     }
 
     pub fn cluster_id_path(&self) -> PathBuf {
@@ -215,7 +236,17 @@ mod tests {
         assert_eq!(store.load_catalog().unwrap(), None);
         let cat = crate::desired::tests::catalog();
         store.save_catalog(&cat).unwrap();
-        assert_eq!(store.load_catalog().unwrap(), Some(cat));
+        assert_eq!(store.load_catalog().unwrap(), Some(cat.clone()));
+        // Incremental: the log on top of the file.
+        let mut next = cat.clone();
+        let gone = Change::DeleteEndpoint("db".into());
+        next.apply_change(&gone);
+        next.revision += 1;
+        store.persist_catalog(&next, Some(&[gone])).unwrap();
+        assert_eq!(store.load_catalog().unwrap(), Some(next.clone()));
+        store.persist_catalog(&next, None).unwrap();
+        assert!(!dir.join(crate::journal::LOG_FILE).exists(), "a rewrite empties the log");
+        assert_eq!(store.load_catalog().unwrap(), Some(next));
         store.record_namespace("b").unwrap();
         store.record_namespace("a").unwrap();
         store.forget_namespace("b").unwrap();

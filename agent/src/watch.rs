@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use overlay_model::{Catalog, Change};
 use overlay_proto::pb;
 use overlay_proto::pb::overlay_client::OverlayClient;
@@ -25,14 +26,17 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::identity::Controllers;
 use crate::store::Store;
 
-/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`] (with jitter).
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most watch messages applied before one save and publish.
+const MAX_BATCH: usize = 10_000;
 
 /// Who this agent is, as it tells the controller.
 #[derive(Debug, Clone)]
@@ -45,20 +49,38 @@ pub struct Identity {
 }
 
 /// The local copy of the desired state, fed by watch responses.
+///
+/// The controller sends this host what it needs (see the controller's `api::watch`):
+/// every host, the networks it carries with their endpoints and routes, its own
+/// endpoints. When the host stops carrying a network it receives `DeleteNetwork`, and
+/// the replica drops what it no longer has a reason to keep ([`collect_garbage`]).
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
     pub catalog: Catalog,
+    /// This host's name: its own endpoints are always kept.
+    me: String,
     /// The snapshot being received, if one is in progress.
     staging: Option<Catalog>,
 }
 
+/// What one message did to the replica's catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing visible yet (a snapshot in progress, or nothing new).
+    None,
+    /// Replaced by a complete snapshot.
+    Replaced,
+    /// These changes, garbage collection included, were applied in order.
+    Changed(Vec<Change>),
+}
+
 impl Replica {
-    pub fn new(catalog: Catalog) -> Replica {
-        Replica { catalog, staging: None }
+    pub fn new(catalog: Catalog, me: &str) -> Replica {
+        Replica { catalog, me: me.to_string(), staging: None }
     }
 
-    /// Applies one message; returns true when `catalog` changed and is consistent.
-    pub fn apply(&mut self, msg: &pb::WatchResponse) -> Result<bool, String> {
+    /// Applies one message.
+    pub fn apply(&mut self, msg: &pb::WatchResponse) -> Result<Update, String> {
         let changes = msg
             .changes
             .iter()
@@ -73,16 +95,19 @@ impl Replica {
             staging.revision = msg.revision;
             if msg.snapshot_done {
                 self.catalog = self.staging.take().unwrap_or_default();
-                return Ok(true);
+                return Ok(Update::Replaced);
             }
-            return Ok(false);
+            return Ok(Update::None);
         }
         if msg.revision <= self.catalog.revision && changes.is_empty() {
-            return Ok(false);
+            return Ok(Update::None);
         }
         changes.iter().for_each(|c| self.catalog.apply_change(c));
-        self.catalog.revision = msg.revision;
-        Ok(true)
+        let mut applied = changes;
+        let garbage = collect_garbage(&mut self.catalog, &self.me, &applied);
+        applied.extend(garbage);
+        self.catalog.revision = self.catalog.revision.max(msg.revision);
+        Ok(Update::Changed(applied))
     }
 
     /// Drops a half-received snapshot (the stream broke in the middle of it).
@@ -91,18 +116,116 @@ impl Replica {
     }
 }
 
-struct Backoff(Duration);
+/// After `changes` were applied to `catalog`, drops what host `me` has no reason to
+/// keep: another host's endpoint attached to no network the catalog has, and the routes
+/// of a network it no longer has. Returns the deletions, in the order made. Looks only at
+/// what `changes` touched (the whole catalog only when a network went away).
+pub fn collect_garbage(catalog: &mut Catalog, me: &str, changes: &[Change]) -> Vec<Change> {
+    let dropped: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::DeleteNetwork(n) if !catalog.networks.contains_key(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut candidates: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::PutEndpoint(e) => Some(e.name.clone()),
+            _ => None,
+        })
+        .collect();
+    if !dropped.is_empty() {
+        candidates.extend(
+            catalog
+                .endpoints
+                .values()
+                .filter(|e| e.attachments.iter().any(|a| dropped.contains(&a.network.as_str())))
+                .map(|e| e.name.clone()),
+        );
+    }
+    let mut out = Vec::new();
+    for name in candidates {
+        let keep = catalog.endpoints.get(&name).is_none_or(|e| {
+            e.host == me || e.attachments.iter().any(|a| catalog.networks.contains_key(&a.network))
+        });
+        if !keep {
+            catalog.endpoints.remove(&name);
+            out.push(Change::DeleteEndpoint(name));
+        }
+    }
+    for network in dropped {
+        let keys: Vec<_> = catalog.routes_in(network).map(|r| r.key()).collect();
+        for key in keys {
+            catalog.routes.remove(&key);
+            out.push(Change::DeleteRoute(key));
+        }
+    }
+    out
+}
 
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff(MIN_BACKOFF)
+fn new_backoff() -> Backoff {
+    Backoff::new(MIN_BACKOFF, MAX_BACKOFF)
+}
+
+/// Where a watch stream's messages go: the agent's replica and store
+/// ([`run_watch`]), or a simulated agent's counters (`overlay-sim`).
+pub trait WatchSink: Send {
+    /// The revision to resume from (0: start with a snapshot).
+    fn revision(&self) -> u64;
+    /// Applies messages received together, in order.
+    fn apply_batch(&mut self, batch: &[pb::WatchResponse]) -> Result<(), String>;
+    /// The stream broke: forget a half-received snapshot.
+    fn interrupted(&mut self);
+}
+
+/// The agent's sink: the replica, persisted in `store` and published on `tx` once per
+/// batch.
+struct AgentSink {
+    replica: Replica,
+    store: Store,
+    tx: watch::Sender<Option<Arc<Catalog>>>,
+    published: u64,
+}
+
+impl WatchSink for AgentSink {
+    fn revision(&self) -> u64 {
+        self.replica.catalog.revision
     }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+
+    fn apply_batch(&mut self, batch: &[pb::WatchResponse]) -> Result<(), String> {
+        let mut replaced = false;
+        let mut changes = Vec::new();
+        for msg in batch {
+            match self.replica.apply(msg)? {
+                Update::None => {}
+                Update::Replaced => {
+                    replaced = true;
+                    changes.clear();
+                }
+                Update::Changed(c) => changes.extend(c),
+            }
+        }
+        // A progress message only moves the revision: published (the applied revision
+        // is reported), not persisted (resuming from an older one costs nothing).
+        let catalog = &self.replica.catalog;
+        let changed = replaced || !changes.is_empty();
+        if changed {
+            let persisted = (!replaced).then_some(changes.as_slice());
+            if let Err(e) = self.store.persist_catalog(catalog, persisted) {
+                warn!("cannot persist desired state: {e}");
+            }
+        }
+        if changed || catalog.revision > self.published {
+            debug!(revision = catalog.revision, messages = batch.len(), "catalog updated");
+            self.published = catalog.revision;
+            self.tx.send_replace(Some(Arc::new(catalog.clone())));
+        }
+        Ok(())
     }
-    fn reset(&mut self) {
-        self.0 = MIN_BACKOFF;
+
+    fn interrupted(&mut self) {
+        self.replica.abort_snapshot();
     }
 }
 
@@ -112,54 +235,91 @@ pub async fn run_watch(
     me: Identity,
     controllers: Controllers,
     store: Store,
-    mut replica: Replica,
+    replica: Replica,
     tx: watch::Sender<Option<Arc<Catalog>>>,
 ) {
-    let mut backoff = Backoff::new();
+    let published = replica.catalog.revision;
+    let mut sink = AgentSink { replica, store: store.clone(), tx, published };
+    watch_forever(&me.name, &controllers, &store, &mut sink).await
+}
+
+/// Watches as host `name` forever, feeding `sink`: connects to the controller URLs in
+/// turn, resumes from the sink's revision, and moves on to the next URL with jittered
+/// backoff on any error.
+pub async fn watch_forever(
+    name: &str,
+    controllers: &Controllers,
+    store: &Store,
+    sink: &mut impl WatchSink,
+) {
+    let mut backoff = new_backoff();
     let mut next = 0usize;
     loop {
         let url = &controllers.urls[next % controllers.urls.len()];
         next += 1;
-        match watch_once(&me, &controllers, url, &store, &mut replica, &tx, &mut backoff).await {
+        match watch_once(name, controllers, url, store, sink, &mut backoff).await {
             Ok(()) => info!(controller = %url, "watch stream ended; reconnecting"),
             Err(e) => warn!(controller = %url, "watch: {e}"),
         }
-        replica.abort_snapshot();
+        sink.interrupted();
         backoff.wait().await;
     }
 }
 
 async fn watch_once(
-    me: &Identity,
+    name: &str,
     controllers: &Controllers,
     url: &str,
     store: &Store,
-    replica: &mut Replica,
-    tx: &watch::Sender<Option<Arc<Catalog>>>,
+    sink: &mut impl WatchSink,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     let mut client = controllers.connect(url).await?;
-    let from = replica.catalog.revision;
+    let from = sink.revision();
     let cluster_id = store.cluster_id().unwrap_or_default();
-    let req = pb::WatchRequest { host: me.name.clone(), from_revision: from, cluster_id };
+    let req = pb::WatchRequest { host: name.to_string(), from_revision: from, cluster_id };
     let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
         .await
         .map_err(|_| format!("{url}: watch call timed out"))?
         .map_err(|s| format!("{url}: {}", s.message()))?
         .into_inner();
     info!(controller = %url, from_revision = from, "watching desired state");
-    while let Some(msg) = stream.message().await.map_err(|s| format!("{url}: {}", s.message()))? {
+    loop {
+        let Some(first) = stream.message().await.map_err(|s| format!("{url}: {}", s.message()))?
+        else {
+            return Ok(());
+        };
         backoff.reset();
-        adopt_cluster_id(store, &msg.cluster_id)?;
-        if replica.apply(&msg)? {
-            debug!(revision = replica.catalog.revision, "catalog updated");
-            if let Err(e) = store.save_catalog(&replica.catalog) {
-                warn!("cannot persist desired state: {e}");
+        // Everything already received is applied before saving and publishing once:
+        // an agent catching up on thousands of revisions does that work once, not per
+        // revision. (`message` is cancel-safe, so polling it once and dropping it loses
+        // nothing.)
+        let mut batch = vec![first];
+        let mut end: Option<Result<(), String>> = None;
+        while batch.len() < MAX_BATCH {
+            match stream.message().now_or_never() {
+                None => break,
+                Some(Ok(Some(m))) => batch.push(m),
+                Some(Ok(None)) => {
+                    end = Some(Ok(()));
+                    break;
+                }
+                Some(Err(s)) => {
+                    end = Some(Err(format!("{url}: {}", s.message())));
+                    break;
+                }
             }
-            tx.send_replace(Some(Arc::new(replica.catalog.clone())));
+        }
+        let ids: std::collections::BTreeSet<&str> =
+            batch.iter().map(|m| m.cluster_id.as_str()).collect();
+        for id in ids {
+            adopt_cluster_id(store, id)?;
+        }
+        sink.apply_batch(&batch)?;
+        if let Some(end) = end {
+            return end;
         }
     }
-    Ok(())
 }
 
 /// Remembers the cluster this agent belongs to the first time a controller names it;
@@ -191,7 +351,7 @@ pub async fn run_heartbeat(
     store: Store,
     mut problem: watch::Receiver<Option<String>>,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = new_backoff();
     let mut next = 0usize;
     loop {
         let url = &controllers.urls[next % controllers.urls.len()];
@@ -280,26 +440,38 @@ mod tests {
         }
     }
 
+    fn changed(u: Update) -> bool {
+        u != Update::None
+    }
+
     #[test]
     fn snapshot_then_incremental() {
         let cat = crate::desired::tests::catalog();
         let changes = cat.snapshot_changes();
         let (first, rest) = changes.split_at(3);
-        let mut r = Replica::new(Catalog::default());
-        assert!(!r.apply(&msg(7, true, false, first.to_vec())).unwrap());
+        let mut r = Replica::new(Catalog::default(), "h1");
+        assert_eq!(r.apply(&msg(7, true, false, first.to_vec())).unwrap(), Update::None);
         assert_eq!(r.catalog, Catalog::default(), "half a snapshot is never published");
-        assert!(r.apply(&msg(7, false, true, rest.to_vec())).unwrap());
+        assert_eq!(r.apply(&msg(7, false, true, rest.to_vec())).unwrap(), Update::Replaced);
         assert_eq!(r.catalog, cat);
 
-        assert!(r.apply(&msg(8, false, false, vec![Change::DeleteEndpoint("db".into())])).unwrap());
+        let gone = Change::DeleteEndpoint("db".into());
+        assert_eq!(
+            r.apply(&msg(8, false, false, vec![gone.clone()])).unwrap(),
+            Update::Changed(vec![gone])
+        );
         assert_eq!(r.catalog.revision, 8);
         assert!(!r.catalog.endpoints.contains_key("db"));
+        // A progress message moves the revision only.
+        assert_eq!(r.apply(&msg(12, false, false, vec![])).unwrap(), Update::Changed(vec![]));
+        assert_eq!(r.catalog.revision, 12);
+        assert_eq!(r.apply(&msg(12, false, false, vec![])).unwrap(), Update::None);
 
         // A new snapshot replaces everything (objects deleted meanwhile disappear).
         let mut smaller = cat.clone();
         smaller.endpoints.clear();
         smaller.routes.clear();
-        assert!(r.apply(&msg(20, true, true, smaller.snapshot_changes())).unwrap());
+        assert!(changed(r.apply(&msg(20, true, true, smaller.snapshot_changes())).unwrap()));
         assert!(r.catalog.endpoints.is_empty());
         assert_eq!(r.catalog.revision, 20);
     }
@@ -307,12 +479,51 @@ mod tests {
     #[test]
     fn a_broken_snapshot_keeps_the_old_catalog() {
         let cat = crate::desired::tests::catalog();
-        let mut r = Replica::new(cat.clone());
-        assert!(!r.apply(&msg(9, true, false, vec![])).unwrap());
+        let mut r = Replica::new(cat.clone(), "h1");
+        assert!(!changed(r.apply(&msg(9, true, false, vec![])).unwrap()));
         r.abort_snapshot();
         assert_eq!(r.catalog, cat);
-        assert!(r
-            .apply(&msg(10, false, false, vec![Change::DeleteEndpoint("db".into())]))
-            .unwrap());
+        assert!(changed(
+            r.apply(&msg(10, false, false, vec![Change::DeleteEndpoint("db".into())])).unwrap()
+        ));
+    }
+
+    #[test]
+    fn what_the_host_no_longer_needs_is_dropped() {
+        use crate::desired::tests::ep;
+        let mut cat = crate::desired::tests::catalog();
+        // Two networks; endpoint "both" is in both, "x" only in front, "mine" is ours
+        // and bare.
+        for e in [
+            ep("both", "h2", &[("front", "10.1.0.50", 50), ("back", "10.2.0.50", 51)]),
+            ep("x", "h2", &[("front", "10.1.0.51", 52)]),
+            ep("mine", "h1", &[]),
+        ] {
+            cat.endpoints.insert(e.name.clone(), e);
+        }
+        let before = cat.clone();
+        let drop_front = Change::DeleteNetwork("front".into());
+        cat.apply_change(&drop_front);
+        let garbage = collect_garbage(&mut cat, "h1", &[drop_front]);
+        // Everything only in front goes, routes of front too; "both" stays (back), and
+        // this host's own endpoints always stay.
+        assert!(cat.endpoints.contains_key("both") && cat.endpoints.contains_key("mine"));
+        assert!(!cat.endpoints.contains_key("x"));
+        assert!(cat.endpoints.values().all(|e| e.host == "h1"
+            || e.attachments.iter().any(|a| cat.networks.contains_key(&a.network))));
+        assert!(cat.routes.keys().all(|(n, _)| n != "front"));
+        assert!(garbage.contains(&Change::DeleteEndpoint("x".into())));
+        // Replaying what was applied gives the same catalog (the journal relies on it).
+        let mut replayed = before;
+        replayed.apply_change(&Change::DeleteNetwork("front".into()));
+        garbage.iter().for_each(|c| replayed.apply_change(c));
+        assert_eq!(replayed, cat);
+        // An endpoint of another host that leaves the last network this host has goes.
+        let moved = ep("both", "h2", &[("elsewhere", "10.9.0.50", 53)]);
+        cat.apply_change(&Change::PutEndpoint(moved.clone()));
+        assert_eq!(
+            collect_garbage(&mut cat, "h1", &[Change::PutEndpoint(moved)]),
+            [Change::DeleteEndpoint("both".into())]
+        );
     }
 }

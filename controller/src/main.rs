@@ -108,10 +108,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (status_tx, _) =
         tokio_watch::channel(NodeStatus::initial(config.id, recovering_until.is_some()));
-    let revision = state.catalog.revision;
     let shared = Arc::new(Shared {
+        hub: watch::WatchHub::new(&state.catalog, WATCH_HISTORY),
         state: RwLock::new(state),
-        hub: watch::WatchHub::new(revision, WATCH_HISTORY),
         status: status_tx,
         metrics: Arc::default(),
         stalled: RwLock::default(),
@@ -162,14 +161,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let overlay = pb::overlay_server::OverlayServer::new(api::overlay::OverlayApi {
+    let api = Arc::new(api::overlay::OverlayApi {
         cluster: cluster.clone(),
         liveness: liveness.clone(),
         signer: tls.signer.map(Arc::new),
         watches: Arc::default(),
-    })
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    });
+    // Watch streams are served from shared pre-encoded frames (api::watch).
+    let overlay = api::watch::WithWatch::new(
+        pb::overlay_server::OverlayServer::from_arc(api.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        api,
+    );
     // Refuses every caller but controllers before a (possibly huge) message is read.
     let peer = tonic::service::interceptor::InterceptedService::new(
         pb::peer_server::PeerServer::new(api::peer::PeerApi { cluster: cluster.clone(), liveness })
@@ -267,11 +271,10 @@ fn reopen(m: &Member) -> anyhow::Result<Driver> {
         warn!("raft log recovery: {note}");
     }
     let (state, membership) = raft::restore(&storage, &m.configured)?;
-    let revision = state.catalog.revision;
     {
         let mut guard = m.shared.state.write().unwrap_or_else(|p| p.into_inner());
         *guard = state;
-        m.shared.hub.reset(revision);
+        m.shared.hub.reset(&guard.catalog);
     }
     raft::stall::reset_status(&m.shared, m.config.id);
     m.peers.set(&membership.addresses);

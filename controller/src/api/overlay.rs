@@ -7,12 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use overlay_model::types::DEFAULT_UNDERLAY_MTU;
 use overlay_model::{names, parse, Applied, Change, Command, Encap, NetworkSpec};
 use overlay_pki::token;
 use overlay_proto::convert;
 use overlay_proto::pb;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -22,9 +21,8 @@ use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
 use crate::liveness::Liveness;
 use crate::raft::membership::{MemberChange, MembershipError};
-use crate::security::{Signer, WatchLimits, WatchSlot};
+use crate::security::{Signer, WatchLimits};
 use crate::status::{self, Carriers};
-use crate::watch::{HubEvent, Start};
 
 /// Most entries one status report may carry (far above a host's endpoints).
 const MAX_REPORTED: usize = 100_000;
@@ -37,9 +35,6 @@ struct LeaderView {
     problems: HashMap<String, String>,
     applied: HashMap<String, u64>,
 }
-
-/// Changes per watch message while streaming a snapshot.
-const SNAPSHOT_CHUNK: usize = 512;
 
 pub struct OverlayApi {
     pub cluster: Cluster,
@@ -63,7 +58,7 @@ impl OverlayApi {
     /// Refuses every call while this member takes no part (its raft log cannot be
     /// written): clients and agents then ask another member.
     #[allow(clippy::result_large_err)]
-    fn serving(&self) -> Result<(), Status> {
+    pub(super) fn serving(&self) -> Result<(), Status> {
         match self.cluster.shared.not_serving(self.cluster.id) {
             Some(why) => Err(Status::unavailable(why)),
             None => Ok(()),
@@ -125,7 +120,7 @@ impl OverlayApi {
     /// Refuses a caller whose state belongs to another cluster (a reinitialised cluster,
     /// another cluster's backup): mixing the two would corrupt both.
     #[allow(clippy::result_large_err)]
-    fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
+    pub(crate) fn same_cluster(&self, theirs: &str) -> Result<(), Status> {
         let ours = self.cluster_id();
         if theirs.is_empty() || ours.is_empty() || theirs.eq_ignore_ascii_case(&ours) {
             return Ok(());
@@ -496,6 +491,29 @@ impl pb::overlay_server::Overlay for OverlayApi {
                     r.underlay_prefix
                 )))
             })?;
+        // An agent registers at every start and reconnect: when it is already registered
+        // as it says and ready, that is only a sign of life, not a write every watcher
+        // would hear about (1,000 agents restarting at once would be 1,000 revisions
+        // sent to 1,000 watchers).
+        let unchanged = self.cluster.read_state().catalog.hosts.get(&r.name).is_some_and(|h| {
+            h.underlay_ip == underlay_ip
+                && h.underlay_prefix == underlay_prefix
+                && h.underlay_mtu
+                    == if r.underlay_mtu == 0 { DEFAULT_UNDERLAY_MTU } else { r.underlay_mtu }
+                && h.status == overlay_model::HostStatus::Ready
+        });
+        if unchanged {
+            heartbeat(&self.cluster, &self.liveness, &r.name, None).await;
+            let state = self.cluster.read_state();
+            if let Some(host) = state.catalog.hosts.get(&r.name) {
+                debug!(host = %r.name, "host registered again, unchanged");
+                return Ok(Response::new(convert::host(
+                    host,
+                    state.catalog.endpoints_on_host(&r.name) as u32,
+                    0,
+                )));
+            }
+        }
         let now_ms = crate::liveness::unix_ms(std::time::SystemTime::now()) as u64;
         self.write(Command::RegisterHost {
             name: r.name.clone(),
@@ -549,23 +567,14 @@ impl pb::overlay_server::Overlay for OverlayApi {
 
     type WatchStream = WatchStream;
 
+    /// The server answers Watch in `super::watch::WithWatch` (pre-encoded frames); this
+    /// serves the same frames decoded, for a server built without it.
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let caller = Caller::of(&req);
-        let r = req.into_inner();
-        auth::check(&caller, Act::Watch { host: &r.host })?;
-        self.serving()?;
-        self.same_cluster(&r.cluster_id)?;
-        let slot = self.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
-        let (tx, rx) = mpsc::channel(16);
-        let cluster = self.cluster.clone();
-        let open = cluster.shared.metrics.watch_opened();
-        tokio::spawn(async move {
-            let _open = open;
-            debug!(host = %r.host, from = r.from_revision, "watch started");
-            serve_watch(cluster, r.from_revision, tx, slot).await;
-            debug!(host = %r.host, "watch ended");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        use tokio_stream::StreamExt;
+        let frames = super::watch::open(self, req)?;
+        let messages = frames
+            .map(|f| f.and_then(|f| f.to_message().map_err(|e| Status::internal(e.to_string()))));
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn cluster_status(
@@ -893,105 +902,6 @@ async fn record_applied(cluster: &Cluster, liveness: &Liveness, host: &str, revi
         request.set_timeout(Duration::from_secs(1));
         if client.forward_heartbeats(request).await.is_err() {
             debug!(host, "could not pass an applied revision to the leader");
-        }
-    }
-}
-
-fn snapshot_messages(catalog: &overlay_model::Catalog, cluster_id: &str) -> Vec<pb::WatchResponse> {
-    let changes: Vec<pb::Change> =
-        catalog.snapshot_changes().iter().map(pb::Change::from).collect();
-    let mut chunks: Vec<Vec<pb::Change>> =
-        changes.chunks(SNAPSHOT_CHUNK).map(|c| c.to_vec()).collect();
-    if chunks.is_empty() {
-        chunks.push(Vec::new());
-    }
-    let last = chunks.len() - 1;
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, changes)| pb::WatchResponse {
-            revision: catalog.revision,
-            reset: i == 0,
-            snapshot_done: i == last,
-            changes,
-            cluster_id: cluster_id.to_string(),
-        })
-        .collect()
-}
-
-fn change_message(applied: &Applied, cluster_id: &str) -> pb::WatchResponse {
-    pb::WatchResponse {
-        revision: applied.revision,
-        reset: false,
-        snapshot_done: false,
-        changes: applied.changes.iter().map(pb::Change::from).collect(),
-        cluster_id: cluster_id.to_string(),
-    }
-}
-
-/// Streams one watcher: a starting point, then live changes in revision order. Falls
-/// back to a fresh snapshot whenever it lagged behind or the state was reset. Ends when
-/// the watcher goes away (releasing its `slot`), even while nothing changes.
-async fn serve_watch(
-    cluster: Cluster,
-    mut from: u64,
-    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
-    _slot: WatchSlot,
-) {
-    loop {
-        let (start, mut rx, cluster_id) = {
-            let state = cluster.read_state();
-            let cluster_id = state.meta().cluster_id.clone().unwrap_or_default();
-            let (start, rx) = cluster.shared.hub.subscribe(from, &state);
-            (start, rx, cluster_id)
-        };
-        match start {
-            Start::Snapshot(catalog) => {
-                for msg in snapshot_messages(&catalog, &cluster_id) {
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                }
-                from = catalog.revision;
-            }
-            Start::Replay(list) => {
-                for applied in list {
-                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
-                        return;
-                    }
-                    from = applied.revision;
-                }
-            }
-        }
-        // Live changes until the stream ends or we must start over.
-        loop {
-            let event = tokio::select! {
-                _ = tx.closed() => return,
-                event = rx.recv() => event,
-            };
-            match event {
-                Ok(HubEvent::Applied(applied)) => {
-                    if applied.revision <= from {
-                        continue;
-                    }
-                    if applied.revision != from + 1 {
-                        break; // a gap: cannot happen by construction, but never send one
-                    }
-                    if tx.send(Ok(change_message(&applied, &cluster_id))).await.is_err() {
-                        return;
-                    }
-                    from = applied.revision;
-                }
-                Ok(HubEvent::Reset) => {
-                    from = 0;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    from = 0;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
         }
     }
 }

@@ -383,7 +383,7 @@ impl Driver {
         {
             let mut guard = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
             *guard = state;
-            self.shared.hub.reset(revision);
+            self.shared.hub.reset(&guard.catalog);
         }
         self.applied = meta.index;
         self.last_snapshot = meta.index;
@@ -428,7 +428,7 @@ impl Driver {
             let result = state.apply(&p.command);
             if let Ok(applied) = &result {
                 if !applied.changes.is_empty() {
-                    self.shared.hub.publish(applied.clone());
+                    self.shared.hub.publish(applied);
                 }
             }
             if p.origin == self.config.id && p.incarnation == self.incarnation {

@@ -215,10 +215,9 @@ impl Sim {
 
     fn boot(&mut self, id: u64, storage: DiskStorage, recovering_until: Option<u64>) {
         let (state, membership) = super::restore(&storage, &self.configured()).expect("restore");
-        let revision = state.catalog.revision;
         let shared = Arc::new(Shared {
+            hub: WatchHub::new(&state.catalog, 1000),
             state: RwLock::new(state),
-            hub: WatchHub::new(revision, 1000),
             status: watch::channel(NodeStatus::initial(id, recovering_until.is_some())).0,
             metrics: Arc::default(),
             stalled: RwLock::default(),

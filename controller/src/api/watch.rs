@@ -1,0 +1,283 @@
+//! Serving the Watch method: one task per stream, feeding shared pre-encoded frames
+//! (see `crate::watch`) through a small bounded channel, so a stream's memory is a few
+//! frames of references whatever the catalog's size, and a watcher that cannot keep up
+//! falls behind the hub's broadcast and is sent a fresh snapshot instead of a growing
+//! queue.
+//!
+//! [`WithWatch`] sits in front of the generated `OverlayServer` and answers the Watch
+//! path itself with [`WatchCodec`], which writes [`Frame`]s as they are (clients decode
+//! them with the generated types: the bytes are the same). Every other path goes to the
+//! generated server. The trait method (`OverlayApi::watch`) serves the same frames
+//! decoded, for callers that build the generated server alone.
+//!
+//! Per-host contract (see `watch::view`): a host receives every host, the networks it
+//! carries and their endpoints and routes, its own endpoints; when it starts carrying a
+//! network it gets that network's objects, when it stops it gets `DeleteNetwork`. Every
+//! message carries the revision; objects may already reflect later revisions than the
+//! message's, never earlier ones. When nothing relevant happened for a host, it gets a
+//! progress message (no changes, the newest revision) at most every
+//! [`PROGRESS_INTERVAL`], so its applied revision keeps up with the cluster's.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use overlay_grpc::Caller;
+use overlay_proto::pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status};
+use tracing::debug;
+
+use super::auth::{self, Act};
+use super::overlay::OverlayApi;
+use crate::cluster::{Cluster, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
+use crate::security::WatchSlot;
+use crate::watch::{frames, progress, Event, Frame, HostView, HubEvent, Piece, Start, WatchCodec};
+
+/// The gRPC path served here.
+pub const WATCH_PATH: &str = "/overlay.v1.Overlay/Watch";
+/// Frames a stream may have queued before its task waits for the client.
+const STREAM_BUFFER: usize = 4;
+/// The shortest time between two progress messages to one host.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+pub type FrameStream = ReceiverStream<Result<Frame, Status>>;
+
+/// Checks the caller and starts the stream's task.
+#[allow(clippy::result_large_err)]
+pub fn open(api: &OverlayApi, req: Request<pb::WatchRequest>) -> Result<FrameStream, Status> {
+    let caller = Caller::of(&req);
+    let r = req.into_inner();
+    auth::check(&caller, Act::Watch { host: &r.host })?;
+    api.serving()?;
+    api.same_cluster(&r.cluster_id)?;
+    let slot = api.watches.acquire(&caller).map_err(Status::resource_exhausted)?;
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let cluster = api.cluster.clone();
+    let open = cluster.shared.metrics.watch_opened();
+    // An empty host (admins only: an agent must name its own) watches everything.
+    let host = (!r.host.is_empty()).then(|| r.host.clone());
+    tokio::spawn(async move {
+        let _open = open;
+        debug!(host = %r.host, from = r.from_revision, "watch started");
+        serve(cluster, host, r.from_revision, tx, slot).await;
+        debug!(host = %r.host, "watch ended");
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+/// One stream's sending side, with what progress messages need.
+struct Sender {
+    tx: mpsc::Sender<Result<Frame, Status>>,
+    cluster_id: Arc<str>,
+    /// Revision of the last frame sent.
+    sent: u64,
+    sent_at: Instant,
+}
+
+impl Sender {
+    async fn send(&mut self, frame: Frame) -> Result<(), ()> {
+        let revision = frame.revision;
+        self.tx.send(Ok(frame)).await.map_err(|_| ())?;
+        self.sent = self.sent.max(revision);
+        self.sent_at = Instant::now();
+        Ok(())
+    }
+
+    async fn send_all(&mut self, list: Vec<Frame>) -> Result<(), ()> {
+        for f in list {
+            self.send(f).await?;
+        }
+        Ok(())
+    }
+
+    /// What `view` receives of `event`, as frames (none when nothing concerns it).
+    fn event_frames(&self, cluster: &Cluster, view: &mut HostView, event: &Event) -> Vec<Frame> {
+        let pieces = view.filter(event);
+        let mut bodies = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Record(b) => bodies.push(b.clone()),
+                Piece::Network(n) => {
+                    if let Some(content) = cluster.shared.hub.network(n) {
+                        bodies.extend(content.chunks().iter().cloned());
+                    }
+                }
+                Piece::Dropped(n) => bodies.push(crate::watch::record(
+                    &overlay_model::Change::DeleteNetwork(n.to_string()),
+                )),
+            }
+        }
+        frames(event.revision, &self.cluster_id, bodies, false)
+    }
+}
+
+/// Streams one watcher: a starting point, then live changes in revision order, and
+/// progress messages while nothing concerns it. Falls back to a fresh snapshot whenever
+/// it lagged behind or the state was reset. Ends when the watcher goes away (releasing
+/// its `slot`), even while nothing changes.
+async fn serve(
+    cluster: Cluster,
+    host: Option<String>,
+    mut from: u64,
+    tx: mpsc::Sender<Result<Frame, Status>>,
+    _slot: WatchSlot,
+) {
+    let mut out = Sender { tx, cluster_id: Arc::from(""), sent: 0, sent_at: Instant::now() };
+    loop {
+        let cluster_id = cluster.read_state().meta().cluster_id.clone().unwrap_or_default();
+        out.cluster_id = Arc::from(cluster_id.as_str());
+        let (start, mut rx) = cluster.shared.hub.subscribe(host.as_deref(), from);
+        let mut view = match start {
+            Start::Snapshot { revision, view, parts } => {
+                // Encoded (or found encoded) here, outside every lock.
+                let list = frames(revision, &out.cluster_id, parts.bodies(), true);
+                drop(parts);
+                if out.send_all(list).await.is_err() {
+                    return;
+                }
+                from = revision;
+                view
+            }
+            Start::Replay { mut view, events } => {
+                for event in events {
+                    if event.revision <= from {
+                        // The watcher has it (from another member): only follow the view.
+                        view.filter(&event);
+                        continue;
+                    }
+                    let list = out.event_frames(&cluster, &mut view, &event);
+                    if out.send_all(list).await.is_err() {
+                        return;
+                    }
+                    from = event.revision;
+                }
+                view
+            }
+        };
+        // The newest revision this watcher has been told nothing about (a replay of
+        // events that did not concern it leaves one).
+        let mut pending: Option<u64> = (from > out.sent).then_some(from);
+        // Live changes until the stream ends or we must start over.
+        loop {
+            let progress_at = pending.map(|_| out.sent_at + PROGRESS_INTERVAL);
+            let event = tokio::select! {
+                _ = out.tx.closed() => return,
+                event = rx.recv() => event,
+                _ = sleep_until(progress_at) => {
+                    if let Some(revision) = pending.take() {
+                        if revision > out.sent {
+                            let frame = progress(revision, &out.cluster_id);
+                            if out.send(frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            match event {
+                Ok(HubEvent::Applied(event)) => {
+                    if event.revision <= from {
+                        view.filter(&event);
+                        continue;
+                    }
+                    if event.revision != from + 1 {
+                        from = 0;
+                        break; // a gap: cannot happen by construction, but never send one
+                    }
+                    let list = out.event_frames(&cluster, &mut view, &event);
+                    from = event.revision;
+                    if list.is_empty() {
+                        pending = Some(event.revision);
+                        continue;
+                    }
+                    pending = None;
+                    if out.send_all(list).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(HubEvent::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    from = 0;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The generated `OverlayServer` with the Watch path served by [`open`] with
+/// [`WatchCodec`].
+#[derive(Clone)]
+pub struct WithWatch<S> {
+    inner: S,
+    api: Arc<OverlayApi>,
+}
+
+impl<S> WithWatch<S> {
+    pub fn new(inner: S, api: Arc<OverlayApi>) -> WithWatch<S> {
+        WithWatch { inner, api }
+    }
+}
+
+impl<S> tonic::server::NamedService for WithWatch<S> {
+    const NAME: &'static str = pb::overlay_server::SERVICE_NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower_service::Service<http::Request<tonic::body::Body>> for WithWatch<S>
+where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Send,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != WATCH_PATH {
+            return Box::pin(self.inner.call(req));
+        }
+        let api = self.api.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(MAX_MESSAGE_BYTES));
+            Ok(grpc.server_streaming(WatchSvc(api), req).await)
+        })
+    }
+}
+
+struct WatchSvc(Arc<OverlayApi>);
+
+impl tonic::server::ServerStreamingService<pb::WatchRequest> for WatchSvc {
+    type Response = Frame;
+    type ResponseStream = FrameStream;
+    type Future = BoxFuture<Result<tonic::Response<FrameStream>, Status>>;
+
+    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { open(&api, request).map(tonic::Response::new) })
+    }
+}
