@@ -203,10 +203,12 @@ mod tests {
         let want = Mark { owner: full.clone(), container: Some("abc".into()) };
         assert_eq!(parse(&both), Some(want));
         // Another lab's (another cluster's) h1 is not this h1.
-        let other = parse(&format(&owner("h1", Some(&C.replace('0', "f"))), None)).unwrap();
+        let other = parse(&format(&owner("h1", Some(&C.replace('0', "f"))), None))
+            .expect("a mark with another cluster parses");
         assert!(!owned_by(&other, &full));
-        assert!(owned_by(&parse(&both).unwrap(), &full));
-        assert!(!owned_by(&parse(&both).unwrap(), &h1));
+        let both = parse(&both).expect("a full mark parses");
+        assert!(owned_by(&both, &full));
+        assert!(!owned_by(&both, &h1));
         // An ID that cannot be carried is left out, the namespace is marked all the same.
         assert_eq!(format(&h1, Some("a b")), plain);
         assert_eq!(format(&h1, Some(&"x".repeat(250))), plain);
