@@ -56,6 +56,14 @@ fn is_root() -> bool {
 }
 
 /// Runs one reconcile pass with `ns` as the host namespace.
+/// A cluster id (32 hex digits) for the test that keeps its state in `dir`.
+fn test_cluster_id(dir: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    format!("{:032x}", h.finish())
+}
+
 fn pass_as(ns: &str, catalog: &Catalog, host: &str, ip: Ipv4Addr, dir: &std::path::Path) -> Pass {
     pass_with(ns, catalog, host, ip, dir, Reconciler::new()).0
 }
@@ -85,7 +93,10 @@ fn pass_with(
         rt.block_on(async {
             let store = Store::open(&dir).unwrap();
             let nl = Nl::current().unwrap();
-            let desired = desired_for_host(&catalog, &local);
+            let mut desired = desired_for_host(&catalog, &local);
+            // Tests run in parallel with the same host names, and namespaces are global:
+            // a cluster id of this test's own keeps each test's marks its own.
+            desired.owner.cluster = Some(test_cluster_id(&dir));
             let pass = reconciler.pass(&nl, &store, &desired).await.unwrap();
             (pass, reconciler)
         })
