@@ -22,7 +22,7 @@
 //! the mark is never touched, and an endpoint wanting its name is `failed` with the
 //! reason (see [`crate::status`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use overlay_model::names::is_dns_label;
 use tracing::{info, warn};
@@ -137,9 +137,17 @@ pub struct Claimer {
 }
 
 impl Claimer {
-    /// Records as ours every namespace under `/run/netns` that is not in `store`'s record
-    /// and carries `owner`'s mark; returns their names.
-    pub async fn claim(&mut self, store: &Store, owner: &Owner) -> Vec<String> {
+    /// Records as ours every namespace under `/run/netns` that is not in `store`'s record,
+    /// carries `owner`'s mark and is named as one of this host's `endpoints`; returns
+    /// their names. Only endpoint names: a container's namespace is mounted under the
+    /// runtime's own name too (podman's `netns-UUID`), with the same mark, and that
+    /// mount is the runtime's, never ours to delete.
+    pub async fn claim(
+        &mut self,
+        store: &Store,
+        owner: &Owner,
+        endpoints: &BTreeSet<&str>,
+    ) -> Vec<String> {
         let recorded = match store.owned_namespaces() {
             Ok(r) => r,
             Err(e) => {
@@ -150,7 +158,10 @@ impl Claimer {
         let existing = netns::list();
         self.seen.retain(|name, _| existing.contains(name));
         let mut claimed = Vec::new();
-        for name in existing.iter().filter(|n| !recorded.contains(*n) && is_dns_label(n)) {
+        let candidates = existing.iter().filter(|n| {
+            endpoints.contains(n.as_str()) && !recorded.contains(*n) && is_dns_label(n)
+        });
+        for name in candidates {
             let Some(inode) = netns::inode(name) else { continue };
             let mark = match self.seen.get(name) {
                 Some((seen, mark)) if *seen == inode => mark.clone(),

@@ -307,7 +307,8 @@ impl Reconciler {
     /// new remote endpoint needs), then the full [`plan`].
     pub async fn pass(&mut self, host: &Nl, store: &Store, desired: &HostDesired) -> Result<Pass> {
         // Local state is disposable: what the record lost, the kernel's marks tell.
-        self.claimer.claim(store, &desired.owner).await;
+        let endpoints = desired.endpoints.keys().map(String::as_str).collect();
+        self.claimer.claim(store, &desired.owner, &endpoints).await;
         let observed = async {
             let mut links = observe_host_links(host).await?;
             // Stage 1: peers' forwarding and announcements, from the host's devices.

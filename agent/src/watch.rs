@@ -50,10 +50,10 @@ pub struct Identity {
 
 /// The local copy of the desired state, fed by watch responses.
 ///
-/// The controller sends this host what it needs (see the controller's `api::watch`):
-/// every host, the networks it carries with their endpoints and routes, its own
-/// endpoints. When the host stops carrying a network it receives `DeleteNetwork`, and
-/// the replica drops what it no longer has a reason to keep ([`collect_garbage`]).
+/// The controller sends the whole catalog (see the controller's `api::watch`). When a
+/// network goes away (deleted, or, from a server that narrows streams per host, no
+/// longer carried here) the replica drops what it no longer has a reason to keep
+/// ([`collect_garbage`]).
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
     pub catalog: Catalog,

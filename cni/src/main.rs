@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use overlay_cni::plugin::{self, Step};
 use overlay_cni::protocol::{self, Reply, Request, MAX_LINE};
@@ -17,6 +17,10 @@ use overlay_cni::spec::{code, CniError};
 /// this; it only guards against an agent that hangs.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a socket with no agent behind it (missing, or refusing: the agent is
+/// restarting, e.g. upgraded by systemd) is tried again before giving up.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
 /// A network configuration is a few hundred bytes; this is plenty.
 const MAX_STDIN: u64 = 1024 * 1024;
 
@@ -73,9 +77,32 @@ fn fail(e: &CniError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Connects to the agent, waiting up to [`CONNECT_PATIENCE`] for one that is
+/// (re)starting.
+fn connect(socket: &str) -> Result<UnixStream, String> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        let e = match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let no_agent = matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        );
+        if !no_agent {
+            return Err(format!("connecting: {e}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("connecting: {e} (for {}s)", CONNECT_PATIENCE.as_secs()));
+        }
+        std::thread::sleep(CONNECT_RETRY);
+    }
+}
+
 /// One request, one reply.
 fn exchange(socket: &str, request: &Request) -> Result<Reply, String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connecting: {e}"))?;
+    let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(SEND_TIMEOUT)).map_err(|e| e.to_string())?;
     let line = protocol::encode(request).map_err(|e| format!("encoding the request: {e}"))?;

@@ -10,12 +10,11 @@
 //! generated server. The trait method (`OverlayApi::watch`) serves the same frames
 //! decoded, for callers that build the generated server alone.
 //!
-//! Per-host contract (see `watch::view`): a host receives every host, the networks it
-//! carries and their endpoints and routes, its own endpoints; when it starts carrying a
-//! network it gets that network's objects, when it stops it gets `DeleteNetwork`. Every
+//! Contract: every watcher receives the whole catalog (see [`open`] for why agents do
+//! too; `watch::view` can narrow a stream to one host's needs, unused for now). Every
 //! message carries the revision; objects may already reflect later revisions than the
-//! message's, never earlier ones. When nothing relevant happened for a host, it gets a
-//! progress message (no changes, the newest revision) at most every
+//! message's, never earlier ones. When nothing relevant happened for a watcher, it gets
+//! a progress message (no changes, the newest revision) at most every
 //! [`PROGRESS_INTERVAL`], so its applied revision keeps up with the cluster's.
 
 use std::convert::Infallible;
@@ -60,8 +59,12 @@ pub fn open(api: &OverlayApi, req: Request<pb::WatchRequest>) -> Result<FrameStr
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let cluster = api.cluster.clone();
     let open = cluster.shared.metrics.watch_opened();
-    // An empty host (admins only: an agent must name its own) watches everything.
-    let host = (!r.host.is_empty()).then(|| r.host.clone());
+    // Every watcher receives the whole catalog, agents included: SPEC's DNS answers
+    // NXDOMAIN (never forwards) for every overlay name, and CNI checks networks by name,
+    // so every host needs every network and endpoint, not only those it carries. The
+    // per-host filter (`watch::view`, a named host) stays unused until names travel
+    // apart from the objects.
+    let host: Option<String> = None;
     tokio::spawn(async move {
         let _open = open;
         debug!(host = %r.host, from = r.from_revision, "watch started");
