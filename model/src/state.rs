@@ -33,6 +33,8 @@ use crate::{validate, Command, ModelError, NetworkSpec};
 /// Container attachments (CNI, issue 12): interfaces named by the runtime, commands
 /// guarded by the endpoint's host.
 mod containers;
+#[cfg(test)]
+mod fixtures;
 /// Endpoint statuses (issue 15): agents' reports, reset when an endpoint changes.
 mod statuses;
 

@@ -108,34 +108,13 @@ impl State {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::{Encap, NetworkSpec};
+    use crate::state::fixtures::state_with;
 
     fn state() -> State {
-        let mut s = State::new();
-        for (name, underlay) in [("h1", "192.0.2.1"), ("h2", "192.0.2.2")] {
-            s.apply(&Command::RegisterHost {
-                name: name.into(),
-                underlay_ip: underlay.parse().unwrap(),
-                underlay_prefix: 24,
-                underlay_mtu: 1500,
-                now_ms: 1,
-            })
-            .unwrap();
-        }
-        for (name, subnet) in [("web", "10.0.1.0/24"), ("db", "10.0.2.0/24")] {
-            s.apply(&Command::CreateNetwork(NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().unwrap(),
-                gateway: None,
-                vni: None,
-                mtu: None,
-                encap: Encap::Vxlan,
-                encrypted: false,
-                internal: false,
-            }))
-            .unwrap();
-        }
-        s
+        state_with(
+            &[("h1", "192.0.2.1"), ("h2", "192.0.2.2")],
+            &[("web", "10.0.1.0/24"), ("db", "10.0.2.0/24")],
+        )
     }
 
     fn create(name: &str, host: &str, network: &str, interface: &str) -> Command {

@@ -72,35 +72,15 @@ impl State {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use crate::state::fixtures::state_with;
     use crate::status::{EndpointState, ReportedStatus};
-    use crate::{Command, Encap, NetworkSpec, State};
+    use crate::{Command, State};
 
     fn setup() -> State {
-        let mut s = State::new();
-        for (name, ip) in [("h1", "192.0.2.1"), ("h2", "192.0.2.2")] {
-            s.apply(&Command::RegisterHost {
-                name: name.into(),
-                underlay_ip: ip.parse().unwrap(),
-                underlay_prefix: 24,
-                underlay_mtu: 1500,
-                now_ms: 0,
-            })
-            .unwrap();
-        }
-        for (name, subnet) in [("front", "10.0.1.0/24"), ("back", "10.0.2.0/24")] {
-            s.apply(&Command::CreateNetwork(NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().unwrap(),
-                gateway: None,
-                vni: None,
-                mtu: None,
-                encap: Encap::Vxlan,
-                encrypted: false,
-                internal: false,
-            }))
-            .unwrap();
-        }
-        s
+        state_with(
+            &[("h1", "192.0.2.1"), ("h2", "192.0.2.2")],
+            &[("front", "10.0.1.0/24"), ("back", "10.0.2.0/24")],
+        )
     }
 
     fn create(s: &mut State, name: &str, host: &str) -> u64 {

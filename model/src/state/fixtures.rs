@@ -1,0 +1,36 @@
+//! Test fixtures shared by the state machine's test modules.
+
+#![allow(clippy::unwrap_used)]
+
+use super::State;
+use crate::{Command, Encap, NetworkSpec};
+
+/// A state with these hosts (name, underlay IP in a /24) registered and these networks
+/// (name, subnet) created with every default.
+pub fn state_with(hosts: &[(&str, &str)], networks: &[(&str, &str)]) -> State {
+    let mut s = State::new();
+    for (name, ip) in hosts {
+        s.apply(&Command::RegisterHost {
+            name: (*name).into(),
+            underlay_ip: ip.parse().unwrap(),
+            underlay_prefix: 24,
+            underlay_mtu: 1500,
+            now_ms: 1,
+        })
+        .unwrap();
+    }
+    for (name, subnet) in networks {
+        s.apply(&Command::CreateNetwork(NetworkSpec {
+            name: (*name).into(),
+            subnet: subnet.parse().unwrap(),
+            gateway: None,
+            vni: None,
+            mtu: None,
+            encap: Encap::Vxlan,
+            encrypted: false,
+            internal: false,
+        }))
+        .unwrap();
+    }
+    s
+}
