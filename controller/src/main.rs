@@ -145,6 +145,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let liveness = Arc::new(liveness::Liveness::default());
     tokio::spawn(liveness::monitor(cluster.clone(), liveness.clone(), config.host_down_after));
+    tokio::spawn(liveness::forward(cluster.clone(), liveness.clone()));
     tokio::spawn(name_the_cluster(cluster.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -19,7 +19,7 @@ use overlay_grpc::Caller;
 
 use super::auth::{self, Act};
 use crate::cluster::{Cluster, ClusterError, Role};
-use crate::liveness::Liveness;
+use crate::liveness::{Heard, Liveness};
 use crate::raft::membership::{MemberChange, MembershipError};
 use crate::security::{Signer, WatchLimits};
 use crate::status::{self, Carriers};
@@ -503,7 +503,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 && h.status == overlay_model::HostStatus::Ready
         });
         if unchanged {
-            heartbeat(&self.cluster, &self.liveness, &r.name, None).await;
+            heartbeat(&self.cluster, &self.liveness, &r.name, None);
             let state = self.cluster.read_state();
             if let Some(host) = state.catalog.hosts.get(&r.name) {
                 debug!(host = %r.name, "host registered again, unchanged");
@@ -525,7 +525,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
         .await?;
         // Registration counts as a sign of life for the liveness monitor (the problem,
         // if any, comes with the next heartbeat).
-        heartbeat(&self.cluster, &self.liveness, &r.name, None).await;
+        heartbeat(&self.cluster, &self.liveness, &r.name, None);
         let state = self.cluster.read_state();
         let host = state
             .catalog
@@ -561,7 +561,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 None => return Err(bad(overlay_model::ModelError::HostNotFound(host))),
             }
         };
-        heartbeat(&self.cluster, &self.liveness, &host, Some(&problem)).await;
+        heartbeat(&self.cluster, &self.liveness, &host, Some(&problem));
         Ok(Response::new(pb::HeartbeatResponse { status, cluster_id: self.cluster_id() }))
     }
 
@@ -767,7 +767,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
             });
         }
         if r.applied_revision > 0 {
-            record_applied(&self.cluster, &self.liveness, &r.host, r.applied_revision).await;
+            record_applied(&self.cluster, &self.liveness, &r.host, r.applied_revision);
         }
         if !statuses.is_empty() {
             let command = Command::SetEndpointStatuses {
@@ -862,46 +862,11 @@ impl OverlayApi {
 
 /// Records a heartbeat (with the problem the host reports, if any) where the liveness
 /// monitor runs: here if we lead, else the leader.
-pub async fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, problem: Option<&str>) {
-    let status = cluster.status();
-    if status.role == Role::Leader || status.leader == 0 {
-        liveness.record(host, problem);
-        return;
-    }
-    if let Some(mut client) = cluster.peers.client(status.leader) {
-        let problems = problem
-            .filter(|p| !p.is_empty())
-            .map(|p| HashMap::from([(host.to_string(), p.to_string())]))
-            .unwrap_or_default();
-        let mut request = Request::new(pb::HeartbeatBatch {
-            hosts: vec![host.to_string()],
-            problems,
-            ..Default::default()
-        });
-        request.set_timeout(Duration::from_secs(1));
-        if client.forward_heartbeats(request).await.is_err() {
-            debug!(host, "could not pass a heartbeat to the leader");
-        }
-    }
+pub fn heartbeat(cluster: &Cluster, liveness: &Liveness, host: &str, problem: Option<&str>) {
+    crate::liveness::heard(cluster, liveness, Heard::Heartbeat { host, problem });
 }
 
-/// Records the revision `host`'s kernel reflects where the leader keeps it: here if we
-/// lead, else with the leader (as a heartbeat batch that carries no heartbeat).
-async fn record_applied(cluster: &Cluster, liveness: &Liveness, host: &str, revision: u64) {
-    let status = cluster.status();
-    if status.role == Role::Leader || status.leader == 0 {
-        liveness.record_applied(host, revision);
-        return;
-    }
-    if let Some(mut client) = cluster.peers.client(status.leader) {
-        let batch = pb::HeartbeatBatch {
-            applied: HashMap::from([(host.to_string(), revision)]),
-            ..Default::default()
-        };
-        let mut request = Request::new(batch);
-        request.set_timeout(Duration::from_secs(1));
-        if client.forward_heartbeats(request).await.is_err() {
-            debug!(host, "could not pass an applied revision to the leader");
-        }
-    }
+/// Records the revision `host`'s kernel reflects where the leader keeps it.
+fn record_applied(cluster: &Cluster, liveness: &Liveness, host: &str, revision: u64) {
+    crate::liveness::heard(cluster, liveness, Heard::Applied { host, revision });
 }

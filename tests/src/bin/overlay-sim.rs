@@ -15,11 +15,11 @@
 //! * setup: hosts, networks, endpoints created (admin, 64 concurrent calls), and rate;
 //! * each member's RSS after setup, peak RSS (VmHWM) over the run, and CPU;
 //! * sync from scratch: from starting every agent until each has its whole snapshot
-//!   (the endpoints of every network it carries);
+//!   (every endpoint: each stream carries the whole catalog);
 //! * steady state for `--steady-secs` (heartbeats every second, keepalives): each
 //!   member's CPU as a share of one core;
-//! * `--changes` endpoint creates, one at a time: from the call until each agent that
-//!   carries the network has the endpoint, p50/p99/max over all (change, agent) pairs,
+//! * `--changes` endpoint creates, one at a time: from the call until every agent has
+//!   the endpoint, p50/p99/max over all (change, agent) pairs,
 //!   and the slowest agent per change;
 //! * `--restart 1`: the leader is stopped (SIGTERM) and started again; time until every
 //!   agent has applied a change made after it is back, and how many hosts were shown
@@ -28,7 +28,7 @@
 //! Everything lives under a temporary directory `ovsim-*` (removed at the end) and on
 //! 127.0.0.1; host underlay addresses (100.64.x.x) are data only, never contacted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -97,22 +97,10 @@ impl Topology {
         (k, (self.first_host(k) + i % self.opts.span) % self.opts.agents)
     }
 
-    /// Networks host h carries and the endpoints it should receive.
-    fn expected(&self) -> Vec<(HashSet<usize>, usize)> {
-        let mut size = vec![0usize; self.opts.networks];
-        let mut carried = vec![HashSet::new(); self.opts.agents];
-        for j in 0..self.opts.endpoints {
-            let (k, h) = self.place(j);
-            size[k] += 1;
-            carried[h].insert(k);
-        }
-        carried
-            .into_iter()
-            .map(|nets| {
-                let n = nets.iter().map(|k| size[*k]).sum();
-                (nets, n)
-            })
-            .collect()
+    /// The endpoints each host should receive: every one (every watch stream carries
+    /// the whole catalog: DNS answers for every overlay name).
+    fn expected(&self) -> Vec<usize> {
+        vec![self.opts.endpoints; self.opts.agents]
     }
 }
 
@@ -591,8 +579,8 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             .agents
             .iter()
             .zip(&expected)
-            .filter(|(a, (_, n))| {
-                a.synced.load(Ordering::Relaxed) && a.endpoints.load(Ordering::Relaxed) >= *n
+            .filter(|(a, n)| {
+                a.synced.load(Ordering::Relaxed) && a.endpoints.load(Ordering::Relaxed) >= **n
             })
             .count()
     };
@@ -611,7 +599,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     let sync_secs = sync_start.elapsed().as_secs_f64();
     let cpu1 = cpu_of(&cluster.members);
     let sim1 = self_cpu();
-    let received: usize = expected.iter().map(|(_, n)| n).sum();
+    let received: usize = expected.iter().sum();
     eprintln!("all agents synced in {sync_secs:.1} s; steady state for {} s…", o.steady_secs);
 
     // Steady state: heartbeats and keepalives only.
@@ -644,13 +632,8 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             async move { cc.create_endpoint(req).await }
         })
         .await?;
-        // Who must see it: the carriers of network k.
-        let who: Vec<usize> = expected
-            .iter()
-            .enumerate()
-            .filter(|(_, (nets, _))| nets.contains(&k))
-            .map(|(i, _)| i)
-            .collect();
+        // Who must see it: every agent (every stream carries the whole catalog).
+        let who: Vec<usize> = (0..o.agents).collect();
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let got: Vec<f64> = {
