@@ -24,7 +24,7 @@ use bytes::Bytes;
 use overlay_model::{Applied, Catalog, Change, Endpoint, Host, Network, Route, RouteKey};
 use tokio::sync::broadcast;
 
-pub use encode::{frames, progress, record, Chunks, Frame, WatchCodec};
+pub use encode::{frames, live_frames, progress, record, Chunks, Frame, WatchCodec};
 pub use view::{Event, EventChange, HostView, Piece, Scope};
 
 /// Events a lagging watcher may be behind before it starts over from a snapshot.

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use overlay_grpc::Caller;
 use overlay_proto::pb;
 use tokio::sync::{broadcast, mpsc};
@@ -36,12 +37,16 @@ use super::auth::{self, Act};
 use super::overlay::OverlayApi;
 use crate::cluster::{Cluster, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use crate::security::WatchSlot;
-use crate::watch::{frames, progress, Event, Frame, HostView, HubEvent, Piece, Start, WatchCodec};
+use crate::watch::{
+    frames, live_frames, progress, Event, Frame, HostView, HubEvent, Piece, Start, WatchCodec,
+};
 
 /// The gRPC path served here.
 pub const WATCH_PATH: &str = "/overlay.v1.Overlay/Watch";
 /// Frames a stream may have queued before its task waits for the client.
 const STREAM_BUFFER: usize = 4;
+/// Revisions waiting for a stream are sent together up to about this many bytes.
+const COALESCE_BYTES: usize = 256 * 1024;
 /// The shortest time between two progress messages to one host.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -99,8 +104,9 @@ impl Sender {
         Ok(())
     }
 
-    /// What `view` receives of `event`, as frames (none when nothing concerns it).
-    fn event_frames(&self, cluster: &Cluster, view: &mut HostView, event: &Event) -> Vec<Frame> {
+    /// What `view` receives of `event`, as encoded change records (none when nothing
+    /// concerns it).
+    fn event_bodies(&self, cluster: &Cluster, view: &mut HostView, event: &Event) -> Vec<Bytes> {
         let pieces = view.filter(event);
         let mut bodies = Vec::new();
         for p in pieces {
@@ -116,7 +122,7 @@ impl Sender {
                 )),
             }
         }
-        frames(event.revision, &self.cluster_id, bodies, false)
+        bodies
     }
 }
 
@@ -148,17 +154,24 @@ async fn serve(
                 view
             }
             Start::Replay { mut view, events } => {
+                let before = from;
+                let mut bodies = Vec::new();
                 for event in events {
                     if event.revision <= from {
                         // The watcher has it (from another member): only follow the view.
                         view.filter(&event);
                         continue;
                     }
-                    let list = out.event_frames(&cluster, &mut view, &event);
-                    if out.send_all(list).await.is_err() {
-                        return;
-                    }
+                    bodies.extend(out.event_bodies(&cluster, &mut view, &event));
                     from = event.revision;
+                }
+                if !bodies.is_empty()
+                    && out
+                        .send_all(live_frames(before, from, &out.cluster_id, bodies))
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
                 view
             }
@@ -166,22 +179,28 @@ async fn serve(
         // The newest revision this watcher has been told nothing about (a replay of
         // events that did not concern it leaves one).
         let mut pending: Option<u64> = (from > out.sent).then_some(from);
+        // An event taken while coalescing that must be handled on its own.
+        let mut deferred: Option<Result<HubEvent, broadcast::error::RecvError>> = None;
         // Live changes until the stream ends or we must start over.
         loop {
             let progress_at = pending.map(|_| out.sent_at + PROGRESS_INTERVAL);
-            let event = tokio::select! {
-                _ = out.tx.closed() => return,
-                event = rx.recv() => event,
-                _ = sleep_until(progress_at) => {
-                    if let Some(revision) = pending.take() {
-                        if revision > out.sent {
-                            let frame = progress(revision, &out.cluster_id);
-                            if out.send(frame).await.is_err() {
-                                return;
+            let event = if let Some(event) = deferred.take() {
+                event
+            } else {
+                tokio::select! {
+                    _ = out.tx.closed() => return,
+                    event = rx.recv() => event,
+                    _ = sleep_until(progress_at) => {
+                        if let Some(revision) = pending.take() {
+                            if revision > out.sent {
+                                let frame = progress(revision, &out.cluster_id);
+                                if out.send(frame).await.is_err() {
+                                    return;
+                                }
                             }
                         }
+                        continue;
                     }
-                    continue;
                 }
             };
             match event {
@@ -194,13 +213,42 @@ async fn serve(
                         from = 0;
                         break; // a gap: cannot happen by construction, but never send one
                     }
-                    let list = out.event_frames(&cluster, &mut view, &event);
+                    let before = from;
+                    let mut bodies = out.event_bodies(&cluster, &mut view, &event);
                     from = event.revision;
-                    if list.is_empty() {
-                        pending = Some(event.revision);
+                    // What else is already waiting goes out with it: a stream that fell
+                    // behind (its client was slow, or a burst of writes) catches up in a
+                    // few full frames instead of one small frame per revision.
+                    let mut size: usize = bodies.iter().map(Bytes::len).sum();
+                    while size < COALESCE_BYTES {
+                        match rx.try_recv() {
+                            Ok(HubEvent::Applied(next)) if next.revision == from + 1 => {
+                                let more = out.event_bodies(&cluster, &mut view, &next);
+                                size += more.iter().map(Bytes::len).sum::<usize>();
+                                bodies.extend(more);
+                                from = next.revision;
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Ok(other) => {
+                                deferred = Some(Ok(other));
+                                break;
+                            }
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                deferred = Some(Err(broadcast::error::RecvError::Lagged(n)));
+                                break;
+                            }
+                            Err(broadcast::error::TryRecvError::Closed) => {
+                                deferred = Some(Err(broadcast::error::RecvError::Closed));
+                                break;
+                            }
+                        }
+                    }
+                    if bodies.is_empty() {
+                        pending = Some(from);
                         continue;
                     }
                     pending = None;
+                    let list = live_frames(before, from, &out.cluster_id, bodies);
                     if out.send_all(list).await.is_err() {
                         return;
                     }

@@ -159,6 +159,25 @@ pub fn frames(
 }
 
 /// A progress message: no changes, the revision the watcher is now at.
+/// The frames of the changes of the revisions after `before` up to `after`. Only the
+/// last frame carries `after`; any before it carry `before`, the revision the watcher
+/// already has whole, so a stream cut between them resumes from a revision it has
+/// completely (what it applied of the rest comes again, and applying twice changes
+/// nothing).
+pub fn live_frames(
+    before: u64,
+    after: u64,
+    cluster_id: &Arc<str>,
+    bodies: impl IntoIterator<Item = Bytes>,
+) -> Vec<Frame> {
+    let mut out = frames(after, cluster_id, bodies, false);
+    let last = out.len().saturating_sub(1);
+    for f in &mut out[..last] {
+        f.revision = before;
+    }
+    out
+}
+
 pub fn progress(revision: u64, cluster_id: &Arc<str>) -> Frame {
     Frame { revision, cluster_id: cluster_id.clone(), ..Frame::default() }
 }
@@ -233,6 +252,21 @@ mod tests {
             status_changed_ms: 0,
             underlay_prefix: 24,
         })
+    }
+
+    #[test]
+    fn live_frames_carry_the_new_revision_on_the_last_frame_only() {
+        let id: Arc<str> = Arc::from("c");
+        let changes: Vec<Change> = (0..3000).map(host).collect();
+        let list = live_frames(7, 12, &id, chunks(changes.iter().map(record)).iter().cloned());
+        assert!(list.len() > 1);
+        let (last, rest) = list.split_last().unwrap();
+        assert_eq!(last.revision, 12);
+        assert!(rest.iter().all(|f| f.revision == 7 && !f.reset && !f.snapshot_done));
+        let one = live_frames(7, 8, &id, [record(&changes[0])]);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].revision, 8);
+        assert!(live_frames(7, 8, &id, std::iter::empty()).is_empty());
     }
 
     #[test]
