@@ -724,7 +724,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     };
     println!();
     println!(
-        "overlay-sim: {} agents, {} endpoints in {} networks (each carried by {} hosts), 3 members, TLS; load {load_start} → {load_end}",
+        "overlay-sim: {} agents, {} endpoints in {} networks (each with endpoints on {} hosts), 3 members, TLS; load {load_start} → {load_end}",
         o.agents, o.endpoints, o.networks, o.span
     );
     println!();
@@ -759,7 +759,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     );
     if !lat.is_empty() {
         println!(
-            "| change → every carrier of its network ({} changes, {} deliveries), p50 / p99 / max | **{:.0} / {:.0} / {:.0} ms** |",
+            "| change → every agent ({} changes, {} deliveries), p50 / p99 / max | **{:.0} / {:.0} / {:.0} ms** |",
             o.changes,
             lat.len(),
             pct(&lat, 50.0),
@@ -767,7 +767,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             lat.last().copied().unwrap_or(0.0)
         );
         println!(
-            "| same, slowest carrier per change, p50 / max | {:.0} / {:.0} ms |",
+            "| same, slowest agent per change, p50 / max | {:.0} / {:.0} ms |",
             pct(&slowest, 50.0),
             slowest.last().copied().unwrap_or(0.0)
         );
