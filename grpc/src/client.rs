@@ -33,10 +33,6 @@ pub enum DialError {
     TlsWithoutCredentials { url: String },
 }
 
-/// HTTP/2 flow-control windows this side grants (see [`Dialer::endpoint`]).
-const STREAM_WINDOW: u32 = 512 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
-
 /// How this process dials controllers: TLS with the project's settings, or plaintext
 /// when (and only when) it runs with `--insecure`. Clones share the TLS settings.
 #[derive(Clone)]
@@ -125,14 +121,8 @@ impl Dialer {
     /// [`connect`](Self::connect) or [`connect_lazy`](Self::connect_lazy).
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, DialError> {
         let url = self.normalize(url)?;
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| DialError::BadUrl { url, reason: e.to_string() })?;
-        // HTTP/2's default 64 KiB windows make a controller streaming a large snapshot
-        // wait for this side's window updates every 64 KiB; a busy client (an agent
-        // reconciling, or a thousand watchers in one process) then stalls the sender.
-        Ok(endpoint
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW)))
+        Endpoint::from_shared(url.clone())
+            .map_err(|e| DialError::BadUrl { url, reason: e.to_string() })
     }
 
     pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
