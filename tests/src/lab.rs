@@ -360,6 +360,24 @@ impl Lab {
         format!("{}sw", self.id)
     }
 
+    /// One more namespace `<lab>SUFFIX` on the underlay switch, at `ip`/24 (a stranger
+    /// on the hosts' network; removed with the lab, whose namespaces share its prefix).
+    pub fn add_underlay_ns(&self, suffix: &str, ip: &str) -> Result<String> {
+        let ns = format!("{}{suffix}", self.id);
+        let sw = self.switch_ns();
+        let peer = format!("p{suffix}");
+        run_ok(&["ip", "netns", "add", &ns])?;
+        run_ok(&[
+            "ip", "link", "add", "ul0", "netns", &ns, "type", "veth", "peer", "name", &peer,
+            "netns", &sw,
+        ])?;
+        run_ok(&["ip", "-n", &sw, "link", "set", &peer, "master", "sw0", "up"])?;
+        run_ok(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "ul0"])?;
+        run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "up"])?;
+        run_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     pub fn host_ns(&self, i: usize) -> String {
         format!("{}h{i}", self.id)
     }
@@ -871,6 +889,18 @@ impl Lab {
     }
 
     /// `overlayctl -o json ARGS`, parsed.
+    /// Endpoint `name`'s (ip, mac) in `network`, from `endpoint inspect`.
+    pub fn attachment(&self, name: &str, network: &str) -> Result<(String, String)> {
+        let v = self.ctl_json(&["endpoint", "inspect", name])?;
+        let a = v["attachments"]
+            .as_array()
+            .context("attachments")?
+            .iter()
+            .find(|a| a["network"] == network)
+            .with_context(|| format!("{name} not in {network}"))?;
+        Ok((a["ip"].as_str().context("ip")?.into(), a["mac"].as_str().context("mac")?.into()))
+    }
+
     pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = vec!["-o", "json"];
         all.extend_from_slice(args);

@@ -43,18 +43,6 @@ fn create_network(lab: &Lab, name: &str, subnet: &str) -> Result<()> {
     lab.ctl_ok(&args).map(drop)
 }
 
-/// Endpoint `name`'s (ip, mac) in `network`.
-fn attachment(lab: &Lab, name: &str, network: &str) -> Result<(String, String)> {
-    let v = lab.ctl_json(&["endpoint", "inspect", name])?;
-    let a = v["attachments"]
-        .as_array()
-        .context("attachments")?
-        .iter()
-        .find(|a| a["network"] == network)
-        .with_context(|| format!("{name} not in {network}"))?;
-    Ok((a["ip"].as_str().context("ip")?.into(), a["mac"].as_str().context("mac")?.into()))
-}
-
 /// Makes `ns`'s ARP slow to heal: one request per resolution, 30 s apart, and reachable
 /// entries trusted for a minute.
 fn stretch_arp(lab: &Lab, ns: &str) -> Result<()> {
@@ -95,7 +83,7 @@ fn setup(lab: &mut Lab) -> Result<()> {
 fn freed_and_reused(lab: &mut Lab) -> Result<()> {
     let p1 = lab.ep("p1");
     let x1 = lab.endpoint("x1", 2, NET, &[])?;
-    let (x1_ip, x1_mac) = attachment(lab, &x1, NET)?;
+    let (x1_ip, x1_mac) = lab.attachment(&x1, NET)?;
     lab.ping_ok(&p1, &x1_ip, T)?;
     ensure!(cached_mac(lab, &p1, &x1_ip).as_deref() == Some(x1_mac.as_str()), "p1 caches x1");
 
@@ -122,19 +110,19 @@ fn freed_and_reused(lab: &mut Lab) -> Result<()> {
 
     // Serial: the next endpoint does not get the freed address.
     let x2 = lab.endpoint("x2", 3, NET, &[])?;
-    let (x2_ip, _) = attachment(lab, &x2, NET)?;
+    let (x2_ip, _) = lab.attachment(&x2, NET)?;
     ensure!(x2_ip != x1_ip, "the freed {x1_ip} was handed out again at once");
     // Asked for by name, on another host: reachable at once from p1, whose cache still
     // holds the old holder's entry (the MAC follows the address: it is the same).
     let x3 = lab.endpoint("x3", 3, NET, &["--ip", &x1_ip])?;
-    let (_, x3_mac) = attachment(lab, &x3, NET)?;
+    let (_, x3_mac) = lab.attachment(&x3, NET)?;
     ensure!(x3_mac == x1_mac, "the MAC follows the address: {x3_mac} vs {x1_mac}");
     lab.ping_ok(&p1, &x1_ip, AT_ONCE)?;
     ensure!(cached_mac(lab, &p1, &x1_ip) == Some(x3_mac), "p1's cache for {x1_ip}");
 
     // Connected again: eth0 comes back with a fresh address; then removed.
     lab.ctl_ok(&["network", "connect", NET, &x1])?;
-    let (again, _) = attachment(lab, &x1, NET)?;
+    let (again, _) = lab.attachment(&x1, NET)?;
     ensure!(again != x1_ip, "x1 got its old address back while others were free");
     lab.wait_addr(&x1, &again)?;
     lab.ping_ok(&p1, &again, T)?;
@@ -209,7 +197,7 @@ fn multicast_and_broadcast(lab: &mut Lab) -> Result<()> {
     let group = Ipv4Addr::new(239, 255, 7, 1);
     let join = |ns: &str, net: &str, port: u16| -> Result<UdpSocket> {
         let s = listener(ns, port)?;
-        let (ip, _) = attachment(lab, ns, net)?;
+        let (ip, _) = lab.attachment(ns, net)?;
         s.join_multicast_v4(&group, &ip.parse()?)?;
         Ok(s)
     };

@@ -56,14 +56,7 @@ fn answer_count(out: &str) -> Option<u32> {
 }
 
 fn ip_in(lab: &Lab, name: &str, network: &str) -> Result<String> {
-    let v = lab.ctl_json(&["endpoint", "inspect", name])?;
-    let a = v["attachments"]
-        .as_array()
-        .context("attachments")?
-        .iter()
-        .find(|a| a["network"] == network)
-        .with_context(|| format!("{name} not in {network}"))?;
-    Ok(a["ip"].as_str().context("ip")?.to_string())
+    Ok(lab.attachment(name, network)?.0)
 }
 
 /// Networks `dna` (a1@h1, a2@h2 aliases web+pool, a3@h3 alias pool, gw@h3), `dnb`

@@ -91,18 +91,6 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Endpoint `name`'s (ip, mac) in `network`.
-fn attachment(lab: &Lab, name: &str, network: &str) -> Result<(String, String)> {
-    let v = lab.ctl_json(&["endpoint", "inspect", name])?;
-    let a = v["attachments"]
-        .as_array()
-        .context("attachments")?
-        .iter()
-        .find(|a| a["network"] == network)
-        .with_context(|| format!("{name} not in {network}"))?;
-    Ok((a["ip"].as_str().context("ip")?.into(), a["mac"].as_str().context("mac")?.into()))
-}
-
 fn vni(lab: &Lab, network: &str) -> Result<u32> {
     let vni = lab.ctl_json(&["network", "inspect", network])?["vni"].as_u64().context("vni")?;
     u32::try_from(vni).context("vni out of range")
@@ -120,9 +108,9 @@ fn tutorial(lab: &mut Lab) -> Result<()> {
     lab.ctl_ok(&["network", "connect", "backend", &gw])?;
     lab.ctl_ok(&["route", "add", "frontend", "10.0.2.0/24", "--via", &gw])?;
     lab.ctl_ok(&["route", "add", "backend", "10.0.1.0/24", "--via", &gw])?;
-    let (s1_ip, _) = attachment(lab, &s1, "frontend")?;
-    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
-    let (b1_ip, _) = attachment(lab, &b1, "backend")?;
+    let (s1_ip, _) = lab.attachment(&s1, "frontend")?;
+    let (s2_ip, _) = lab.attachment(&s2, "frontend")?;
+    let (b1_ip, _) = lab.attachment(&b1, "backend")?;
 
     // Same network, different hosts, both ways.
     lab.ping_ok(&s1, &s2_ip, T)?;
@@ -164,7 +152,7 @@ fn tutorial(lab: &mut Lab) -> Result<()> {
     // remote endpoint of frontend, and vice versa.
     create_network(lab, "other", "10.0.3.0/24", &[])?;
     let o1 = lab.endpoint("o1", 1, "other", &[])?;
-    let (o1_ip, _) = attachment(lab, &o1, "other")?;
+    let (o1_ip, _) = lab.attachment(&o1, "other")?;
     ensure!(!lab.ping(&o1, &s1_ip), "other -> frontend on the same host must fail");
     ensure!(!lab.ping(&o1, &s2_ip), "other -> frontend on another host must fail");
     ensure!(!lab.ping(&s1, &o1_ip), "frontend -> other must fail");
@@ -229,7 +217,7 @@ fn internal_is_cut_off(lab: &mut Lab) -> Result<()> {
     create_network(lab, "vault", "10.0.4.0/24", &["--internal"])?;
     let v1 = lab.endpoint("v1", 1, "vault", &[])?;
     let v2 = lab.endpoint("v2", 2, "vault", &[])?;
-    let (v2_ip, _) = attachment(lab, &v2, "vault")?;
+    let (v2_ip, _) = lab.attachment(&v2, "vault")?;
     lab.ping_ok(&v1, &v2_ip, T)?;
     let routes = lab.ip_json(&v1, &["route", "show", "default"])?;
     ensure!(
@@ -262,7 +250,7 @@ fn mtu_edge(lab: &mut Lab) -> Result<()> {
     let mtu = lab.ctl_json(&["network", "inspect", "frontend"])?["mtu"].as_u64().context("mtu")?;
     ensure!(mtu == expected_mtu("frontend"), "frontend mtu {mtu} (underlay 1500 - overhead)");
     let s1 = lab.ep("s1");
-    let (s2_ip, _) = attachment(lab, &lab.ep("s2"), "frontend")?;
+    let (s2_ip, _) = lab.attachment(&lab.ep("s2"), "frontend")?;
     let payload = (mtu - 28).to_string();
     let o = lab.exec(&s1, &["ping", "-M", "do", "-c", "1", "-W", "2", "-s", &payload, &s2_ip]);
     ensure!(o.status.success(), "DF ping of {mtu} bytes failed: {}", stdout(&o));
@@ -281,7 +269,7 @@ fn mtu_edge(lab: &mut Lab) -> Result<()> {
 fn drift_repair(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
     let s2 = lab.ep("s2");
-    let (s2_ip, s2_mac) = attachment(lab, &s2, "frontend")?;
+    let (s2_ip, s2_mac) = lab.attachment(&s2, "frontend")?;
     let h1 = lab.host_ns(1);
     if is_tap("frontend") {
         return tap_drift_repair(lab, &s1, &s2_ip);
@@ -329,7 +317,7 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
     create_network(lab, "temp", "10.0.5.0/24", &[])?;
     let t1 = lab.endpoint("t1", 1, "temp", &[])?;
     let t3 = lab.endpoint("t3", 3, "temp", &[])?;
-    let (t3_ip, t3_mac) = attachment(lab, &t3, "temp")?;
+    let (t3_ip, t3_mac) = lab.attachment(&t3, "temp")?;
     lab.ping_ok(&t1, &t3_ip, T)?;
     let vni = vni(lab, "temp")?;
     lab.ctl_ok(&["endpoint", "rm", &t3])?;
@@ -384,7 +372,7 @@ fn endpoint_rm(lab: &mut Lab) -> Result<()> {
 fn agent_restart(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
     let s2 = lab.ep("s2");
-    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
+    let (s2_ip, _) = lab.attachment(&s2, "frontend")?;
     let h2 = lab.host_ns(2);
     let veth = veth_name(&s2, "eth0");
     let before = lab.ip_json(&h2, &["link", "show", &veth])?[0]["ifindex"].clone();
@@ -453,7 +441,7 @@ fn host_status(lab: &Lab, name: &str) -> Option<String> {
 /// of a continuous ping from another host to that endpoint.
 fn agent_sigkill(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
-    let (s2_ip, _) = attachment(lab, &lab.ep("s2"), "frontend")?;
+    let (s2_ip, _) = lab.attachment(&lab.ep("s2"), "frontend")?;
     lab.ping_ok(&s1, &s2_ip, T)?;
     // 160 packets at 50 ms: about 8 s, covering kill, restart and the first reconciles.
     let ping = start_ping(&s1, &s2_ip, 160)?;
@@ -477,7 +465,7 @@ fn agent_sigkill(lab: &mut Lab) -> Result<()> {
 /// writes work again once a new leader is elected. The member is restarted afterwards.
 fn leader_sigkill(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
-    let (s2_ip, _) = attachment(lab, &lab.ep("s2"), "frontend")?;
+    let (s2_ip, _) = lab.attachment(&lab.ep("s2"), "frontend")?;
     let leader = wait_for(T, "a controller leader", || {
         lab.ctl_json(&["cluster", "status"]).ok()?["leader"].as_u64()
     })? as usize;
@@ -515,7 +503,7 @@ fn controller_down(lab: &mut Lab) -> Result<()> {
     let late = wait_for(T, "endpoint create with member 1 down", || {
         lab.endpoint("late", 3, "frontend", &[]).ok()
     })?;
-    let (late_ip, _) = attachment(lab, &late, "frontend")?;
+    let (late_ip, _) = lab.attachment(&late, "frontend")?;
     lab.ping_ok(&lab.ep("s1"), &late_ip, T)?;
     lab.start_controller(1)?;
     Ok(())
@@ -526,7 +514,7 @@ fn controller_down(lab: &mut Lab) -> Result<()> {
 fn restart_without_controllers(lab: &mut Lab) -> Result<()> {
     let s1 = lab.ep("s1");
     let s2 = lab.ep("s2");
-    let (s2_ip, _) = attachment(lab, &s2, "frontend")?;
+    let (s2_ip, _) = lab.attachment(&s2, "frontend")?;
     for i in 1..=3 {
         lab.kill_controller(i);
     }

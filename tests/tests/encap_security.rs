@@ -93,22 +93,6 @@ fn drain(sink: &UdpSocket, window: Duration) -> Vec<Vec<u8>> {
     got
 }
 
-/// One more namespace on the underlay switch, at [`ROGUE_IP`]; removed with the lab.
-fn add_rogue(lab: &Lab) -> Result<String> {
-    let ns = format!("{}rogue", lab.id);
-    let sw = lab.switch_ns();
-    run_ok(&["ip", "netns", "add", &ns])?;
-    run_ok(&[
-        "ip", "link", "add", "ul0", "netns", &ns, "type", "veth", "peer", "name", "prg", "netns",
-        &sw,
-    ])?;
-    run_ok(&["ip", "-n", &sw, "link", "set", "prg", "master", "sw0", "up"])?;
-    run_ok(&["ip", "-n", &ns, "addr", "add", &format!("{ROGUE_IP}/24"), "dev", "ul0"])?;
-    run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "up"])?;
-    run_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-    Ok(ns)
-}
-
 /// h2's data-plane counters as the daemon last wrote them.
 fn counters(lab: &Lab) -> Result<serde_json::Value> {
     let path = lab.agent_data_dir(2).join("dataplane-counters.json");
@@ -304,7 +288,7 @@ fn encap_security() {
     let result = (|| -> Result<()> {
         let plain = setup_net(&lab, "plain", "10.0.21.0/24", &[])?;
         let secret = setup_net(&lab, "secret", "10.0.22.0/24", &["--encrypted"])?;
-        let rogue = add_rogue(&lab)?;
+        let rogue = lab.add_underlay_ns("rogue", ROGUE_IP)?;
         plain_injection(&lab, &plain, &rogue, Stopper::Firewall).context("plain injection")?;
         register_rogue(&lab).context("registering the rogue")?;
         plain_injection(&lab, &plain, &rogue, Stopper::Dataplane)

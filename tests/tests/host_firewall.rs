@@ -194,22 +194,6 @@ fn send_from(ns: &str, from: &str, to: SocketAddr, datagram: &[u8], count: usize
     Ok(())
 }
 
-/// One more namespace on the underlay switch at [`ROGUE_IP`] (removed with the lab).
-fn add_rogue(lab: &Lab) -> Result<String> {
-    let ns = format!("{}rogue", lab.id);
-    let sw = lab.switch_ns();
-    run_ok(&["ip", "netns", "add", &ns])?;
-    run_ok(&[
-        "ip", "link", "add", "ul0", "netns", &ns, "type", "veth", "peer", "name", "prg", "netns",
-        &sw,
-    ])?;
-    run_ok(&["ip", "-n", &sw, "link", "set", "prg", "master", "sw0", "up"])?;
-    run_ok(&["ip", "-n", &ns, "addr", "add", &format!("{ROGUE_IP}/24"), "dev", "ul0"])?;
-    run_ok(&["ip", "-n", &ns, "link", "set", "ul0", "up"])?;
-    run_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-    Ok(ns)
-}
-
 fn forged_vxlan(lab: &mut Lab) -> Result<()> {
     let b = lab.ep("b");
     let (b_ip, b_mac) = attachment(lab, &b)?;
@@ -227,7 +211,7 @@ fn forged_vxlan(lab: &mut Lab) -> Result<()> {
 
     // The same frame from an underlay address that is no host's: dropped, and counted
     // by h2's firewall.
-    let rogue = add_rogue(lab)?;
+    let rogue = lab.add_underlay_ns("rogue", ROGUE_IP)?;
     let counted = || lab.nft_rule_packets(2, "input", &["@hosts", "saddr"]).unwrap_or(0);
     let before = counted();
     send_from(&rogue, ROGUE_IP, h2, &forged, 20)?;
