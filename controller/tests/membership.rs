@@ -14,58 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client_for, create_endpoint_request, timed, Cluster};
-use overlay_grpc::Dialer;
+use common::{create_endpoint_request, timed, write_load, Cluster, WriteLoad};
 use overlay_proto::pb;
 use tonic::Code;
 
 const QUIET: [&str; 2] = ["--host-down-after-ms", "600000"];
 const ELECTION: Duration = Duration::from_secs(15);
 const CONVERGE: Duration = Duration::from_secs(30);
-
-/// What the writer saw: acknowledged names, and every failed attempt.
-#[derive(Default)]
-struct Load {
-    acked: Vec<String>,
-    failures: Vec<String>,
-    /// Longest time between two acknowledgements.
-    longest_gap: Duration,
-}
-
-/// Creates endpoints one after another through the members in `urls` (shared, so the
-/// test can change the list), until `stop`. A failed write is recorded and not retried
-/// (its outcome may be unknown); the next write goes to the next member.
-fn writer(
-    dialer: Dialer,
-    urls: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    load: Arc<Mutex<Load>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        let mut last_ack = Instant::now();
-        while !stop.load(Ordering::SeqCst) {
-            n += 1;
-            let list = urls.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let url = &list[n as usize % list.len()];
-            let name = format!("load{n}");
-            let mut client = client_for(&dialer, url);
-            match timed(client.create_endpoint(create_endpoint_request(&name, "h1", "net"))).await {
-                Ok(_) => {
-                    let mut l = load.lock().unwrap_or_else(|p| p.into_inner());
-                    l.acked.push(name);
-                    l.longest_gap = l.longest_gap.max(last_ack.elapsed());
-                    last_ack = Instant::now();
-                }
-                Err(s) => {
-                    let failure = format!("{name} via {url}: {:?} {}", s.code(), s.message());
-                    load.lock().unwrap_or_else(|p| p.into_inner()).failures.push(failure);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    })
-}
 
 async fn setup(cluster: &Cluster) {
     cluster.wait_leader(ELECTION).await;
@@ -129,8 +84,9 @@ async fn a_member_joins_and_members_leave_under_write_load() {
     setup(&cluster).await;
     let urls = Arc::new(Mutex::new(cluster.urls()));
     let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Mutex::new(Load::default()));
-    let task = writer(cluster.dialer().clone(), urls.clone(), stop.clone(), load.clone());
+    let load = Arc::new(Mutex::new(WriteLoad::default()));
+    let task =
+        write_load(cluster.dialer().clone(), urls.clone(), "load", stop.clone(), load.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Member 4 starts first and waits quietly to be added; then it is added.
@@ -195,8 +151,9 @@ async fn replacing_a_sigkilled_member_fails_no_write() {
     let alive: Vec<u64> = cluster.ids().into_iter().filter(|&id| id != dead).collect();
     let urls = Arc::new(Mutex::new(alive.iter().map(|&id| cluster.url(id)).collect::<Vec<_>>()));
     let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Mutex::new(Load::default()));
-    let task = writer(cluster.dialer().clone(), urls.clone(), stop.clone(), load.clone());
+    let load = Arc::new(Mutex::new(WriteLoad::default()));
+    let task =
+        write_load(cluster.dialer().clone(), urls.clone(), "load", stop.clone(), load.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     cluster.kill(dead);

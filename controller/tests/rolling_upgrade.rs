@@ -17,47 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client_for, create_endpoint_request, timed, Cluster, BIN};
+use common::{write_load, Cluster, WriteLoad, BIN};
 
 const QUIET: [&str; 2] = ["--host-down-after-ms", "600000"];
 const ELECTION: Duration = Duration::from_secs(15);
 const CONVERGE: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
-struct Load {
-    acked: Vec<String>,
-    failures: Vec<String>,
-}
-
-/// Creates endpoints one after another, each through the next member in turn, until
-/// `stop`. A failed write is recorded and not retried (its outcome may be unknown).
-fn writer(
-    cluster: &Cluster,
-    stop: Arc<AtomicBool>,
-    load: Arc<Mutex<Load>>,
-) -> tokio::task::JoinHandle<()> {
-    let dialer = cluster.dialer().clone();
-    let urls = cluster.urls();
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        while !stop.load(Ordering::SeqCst) {
-            n += 1;
-            let url = &urls[n as usize % urls.len()];
-            let name = format!("w{n}");
-            let mut client = client_for(&dialer, url);
-            match timed(client.create_endpoint(create_endpoint_request(&name, "h1", "net"))).await {
-                Ok(_) => load.lock().unwrap_or_else(|p| p.into_inner()).acked.push(name),
-                Err(s) => {
-                    let failure = format!("{name} via {url}: {:?} {}", s.code(), s.message());
-                    load.lock().unwrap_or_else(|p| p.into_inner()).failures.push(failure);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    })
-}
-
-fn acked(load: &Mutex<Load>) -> usize {
+fn acked(load: &Mutex<WriteLoad>) -> usize {
     load.lock().unwrap_or_else(|p| p.into_inner()).acked.len()
 }
 
@@ -89,8 +55,9 @@ async fn rolling_upgrade_under_write_load_loses_no_acknowledged_write() {
     std::fs::copy(BIN, &next).expect("copy the binary");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Mutex::new(Load::default()));
-    let task = writer(&cluster, stop.clone(), load.clone());
+    let load = Arc::new(Mutex::new(WriteLoad::default()));
+    let urls = Arc::new(Mutex::new(cluster.urls()));
+    let task = write_load(cluster.dialer().clone(), urls, "w", stop.clone(), load.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Followers first, the leader last (leadership moves once, at the end), as the

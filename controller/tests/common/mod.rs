@@ -543,3 +543,49 @@ pub fn create_endpoint_request(name: &str, host: &str, network: &str) -> pb::Cre
         ..Default::default()
     }
 }
+
+/// What a [`write_load`] saw: acknowledged names, and every failed attempt.
+#[derive(Default)]
+pub struct WriteLoad {
+    pub acked: Vec<String>,
+    pub failures: Vec<String>,
+    /// Longest time between two acknowledgements.
+    pub longest_gap: std::time::Duration,
+}
+
+/// Creates endpoints `PREFIX1`, `PREFIX2`, … on host h1 in network `net`, one after
+/// another through the members in `urls` in turn (shared, so a test can change the
+/// list), until `stop`. A failed write is recorded and not retried (its outcome may be
+/// unknown); the next write goes to the next member.
+pub fn write_load(
+    dialer: Dialer,
+    urls: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    prefix: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    load: std::sync::Arc<std::sync::Mutex<WriteLoad>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        let mut last_ack = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            n += 1;
+            let list = urls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let url = &list[n as usize % list.len()];
+            let name = format!("{prefix}{n}");
+            let mut client = client_for(&dialer, url);
+            match timed(client.create_endpoint(create_endpoint_request(&name, "h1", "net"))).await {
+                Ok(_) => {
+                    let mut l = load.lock().unwrap_or_else(|p| p.into_inner());
+                    l.acked.push(name);
+                    l.longest_gap = l.longest_gap.max(last_ack.elapsed());
+                    last_ack = Instant::now();
+                }
+                Err(s) => {
+                    let failure = format!("{name} via {url}: {:?} {}", s.code(), s.message());
+                    load.lock().unwrap_or_else(|p| p.into_inner()).failures.push(failure);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
