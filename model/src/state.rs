@@ -1149,6 +1149,7 @@ mod legacy {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::fixtures::spec;
     use super::*;
 
     fn net(s: &str) -> Ipv4Network {
@@ -1161,19 +1162,6 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn spec(name: &str, subnet: &str) -> NetworkSpec {
-        NetworkSpec {
-            name: name.into(),
-            subnet: net(subnet),
-            gateway: None,
-            vni: None,
-            mtu: None,
-            encap: Encap::Vxlan,
-            encrypted: false,
-            internal: false,
-        }
     }
 
     fn create_network(name: &str, subnet: &str) -> Command {

@@ -20,17 +20,21 @@ pub fn state_with(hosts: &[(&str, &str)], networks: &[(&str, &str)]) -> State {
         .unwrap();
     }
     for (name, subnet) in networks {
-        s.apply(&Command::CreateNetwork(NetworkSpec {
-            name: (*name).into(),
-            subnet: subnet.parse().unwrap(),
-            gateway: None,
-            vni: None,
-            mtu: None,
-            encap: Encap::Vxlan,
-            encrypted: false,
-            internal: false,
-        }))
-        .unwrap();
+        s.apply(&Command::CreateNetwork(spec(name, subnet))).unwrap();
     }
     s
+}
+
+/// `network create NAME --subnet SUBNET` with every other setting left to `apply`.
+pub fn spec(name: &str, subnet: &str) -> NetworkSpec {
+    NetworkSpec {
+        name: name.into(),
+        subnet: subnet.parse().unwrap(),
+        gateway: None,
+        vni: None,
+        mtu: None,
+        encap: Encap::Vxlan,
+        encrypted: false,
+        internal: false,
+    }
 }
