@@ -348,6 +348,7 @@ fn same_content(a: &Catalog, b: &Catalog) -> bool {
         && a.networks == b.networks
         && a.endpoints == b.endpoints
         && a.routes == b.routes
+        && a.names == b.names
 }
 
 /// The data-plane daemon's settings: a daemon started by another build of the agent or

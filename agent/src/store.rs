@@ -19,7 +19,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use overlay_model::{Catalog, Change, Endpoint, Host, Network, Route};
+use overlay_model::{Catalog, Change, Endpoint, Host, NameEntry, Network, Route};
 use serde::{Deserialize, Serialize};
 
 /// The catalog as JSON can hold it (route keys are tuples, so lists instead of maps).
@@ -30,6 +30,9 @@ struct Persisted {
     endpoints: Vec<Endpoint>,
     routes: Vec<Route>,
     hosts: Vec<Host>,
+    /// Endpoints known by name only (absent from files of older agents).
+    #[serde(default)]
+    names: Vec<NameEntry>,
 }
 
 impl Persisted {
@@ -40,6 +43,11 @@ impl Persisted {
             endpoints: c.endpoints.values().cloned().collect(),
             routes: c.routes.values().cloned().collect(),
             hosts: c.hosts.values().cloned().collect(),
+            names: c
+                .names
+                .iter()
+                .map(|(name, aliases)| NameEntry { name: name.clone(), aliases: aliases.clone() })
+                .collect(),
         }
     }
 
@@ -50,6 +58,7 @@ impl Persisted {
             endpoints: self.endpoints.into_iter().map(|e| (e.name.clone(), e)).collect(),
             routes: self.routes.into_iter().map(|r| (r.key(), r)).collect(),
             hosts: self.hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
+            names: self.names.into_iter().map(|e| (e.name, e.aliases)).collect(),
         }
     }
 }
@@ -244,6 +253,13 @@ mod tests {
         next.revision += 1;
         store.persist_catalog(&next, Some(&[gone])).unwrap();
         assert_eq!(store.load_catalog().unwrap(), Some(next.clone()));
+        // Endpoints known by name only, through the log and through a rewrite.
+        let named = Change::PutNames(vec![NameEntry { name: "far".into(), aliases: vec![] }]);
+        next.apply_change(&named);
+        next.revision += 1;
+        store.persist_catalog(&next, Some(&[named])).unwrap();
+        assert_eq!(store.load_catalog().unwrap(), Some(next.clone()));
+        assert!(next.names.contains_key("far"));
         store.persist_catalog(&next, None).unwrap();
         assert!(!dir.join(crate::journal::LOG_FILE).exists(), "a rewrite empties the log");
         assert_eq!(store.load_catalog().unwrap(), Some(next));

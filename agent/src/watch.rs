@@ -50,10 +50,10 @@ pub struct Identity {
 
 /// The local copy of the desired state, fed by watch responses.
 ///
-/// The controller sends the whole catalog (see the controller's `api::watch`). When a
-/// network goes away (deleted, or, from a server that narrows streams per host, no
-/// longer carried here) the replica drops what it no longer has a reason to keep
-/// ([`collect_garbage`]).
+/// The controller sends what this host needs: every host and network, whole the
+/// endpoints and routes of the networks it wants, every other endpoint by name (see the
+/// proto's `WatchResponse`). When a network is deleted the replica drops what it no
+/// longer has a reason to keep ([`collect_garbage`]).
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
     pub catalog: Catalog,
@@ -277,7 +277,14 @@ async fn watch_once(
     let mut client = controllers.connect(url).await?;
     let from = sink.revision();
     let cluster_id = store.cluster_id().unwrap_or_default();
-    let req = pb::WatchRequest { host: name.to_string(), from_revision: from, cluster_id };
+    // Per host: whole objects for the networks this host wants, every other endpoint by
+    // name (the replica keeps those in `Catalog::names`, for DNS).
+    let req = pb::WatchRequest {
+        host: name.to_string(),
+        from_revision: from,
+        cluster_id,
+        per_host: true,
+    };
     let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
         .await
         .map_err(|_| format!("{url}: watch call timed out"))?

@@ -2,6 +2,12 @@
 //! history of applied revisions, and a broadcast of new ones, from which each agent's
 //! Watch stream is served (see `api::watch`).
 //!
+//! A stream narrowed to one host (issue 14: 1,000 hosts × 100,000 endpoints) carries
+//! every host and network, whole endpoints and routes only for the networks the host
+//! *wants* ([`Mirror::wanted_by`]: those its endpoints are attached to, and those their
+//! routes lead into, for DNS across gateways), and every other endpoint by name only
+//! (`Change::PutNames`, packed: DNS must answer NXDOMAIN for every overlay name).
+//!
 //! Memory is O(catalog + watchers), not O(watchers × catalog): the mirror holds each
 //! network's objects behind an `Arc` ([`NetContent`]) whose encoded form is built once
 //! per version of the network and shared by every stream that sends it; each applied
@@ -21,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use overlay_model::{Applied, Catalog, Change, Endpoint, Host, Network, Route, RouteKey};
+use overlay_model::{
+    Applied, Catalog, Change, Endpoint, Host, NameEntry, Network, Route, RouteKey,
+};
 use tokio::sync::broadcast;
 
 pub use encode::{frames, live_frames, progress, record, Chunks, Frame, WatchCodec};
@@ -37,14 +45,34 @@ pub enum HubEvent {
     Reset,
 }
 
+/// Packed names per `PutNames` record, so no record outgrows a chunk.
+const NAMES_PER_RECORD: usize = 1000;
+
+/// `entries` as `PutNames` records of at most [`NAMES_PER_RECORD`] each.
+pub fn names_records(entries: impl IntoIterator<Item = NameEntry>) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut batch = Vec::new();
+    for e in entries {
+        batch.push(e);
+        if batch.len() == NAMES_PER_RECORD {
+            out.push(record(&Change::PutNames(std::mem::take(&mut batch))));
+        }
+    }
+    if !batch.is_empty() {
+        out.push(record(&Change::PutNames(batch)));
+    }
+    out
+}
+
 /// One network's objects as of some revision: immutable once shared (the mirror
-/// copies it on write), with its encoded form built on first use.
+/// copies it on write), with its encoded forms built on first use.
 #[derive(Debug, Clone)]
 pub struct NetContent {
     network: Network,
     endpoints: BTreeMap<String, Arc<Endpoint>>,
     routes: BTreeMap<RouteKey, Route>,
     encoded: OnceLock<Chunks>,
+    named: OnceLock<Chunks>,
 }
 
 impl NetContent {
@@ -54,7 +82,34 @@ impl NetContent {
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
             encoded: OnceLock::new(),
+            named: OnceLock::new(),
         }
+    }
+
+    /// What a host that does not want this network gets: `PutNetwork`, and its
+    /// endpoints by name (encoded once per version of this network).
+    pub fn names_chunks(&self) -> Chunks {
+        self.named
+            .get_or_init(|| {
+                let net = record(&Change::PutNetwork(self.network.clone()));
+                let names = names_records(self.endpoints.values().map(|e| NameEntry::of(e)));
+                encode::chunks(std::iter::once(net).chain(names))
+            })
+            .clone()
+    }
+
+    /// What a host that stops wanting this network gets (`wanted`: what it still
+    /// wants; `me`: its name): the endpoints it keeps no reason to hold whole, by name,
+    /// and the network's routes deleted.
+    pub fn release(&self, me: &str, wanted: &BTreeSet<String>) -> Vec<Bytes> {
+        let downgraded = self
+            .endpoints
+            .values()
+            .filter(|e| e.host != me && !e.attachments.iter().any(|a| wanted.contains(&a.network)))
+            .map(|e| NameEntry::of(e));
+        let mut out = names_records(downgraded);
+        out.extend(self.routes.keys().map(|k| record(&Change::DeleteRoute(k.clone()))));
+        out
     }
 
     /// `PutNetwork`, `PutEndpoint` for each attached endpoint, `PutRoute` for each
@@ -92,6 +147,7 @@ impl HostsContent {
 fn edit_net(net: &mut Arc<NetContent>) -> &mut NetContent {
     let n = Arc::make_mut(net);
     n.encoded = OnceLock::new();
+    n.named = OnceLock::new();
     n
 }
 
@@ -105,19 +161,30 @@ fn edit_hosts(hosts: &mut Arc<HostsContent>) -> &mut HostsContent {
 /// encoded (or found encoded) after it is released.
 pub struct SnapshotParts {
     pub hosts: Arc<HostsContent>,
+    /// Networks the watcher does not want: sent with their endpoints' names only.
+    pub named: Vec<Arc<NetContent>>,
+    /// Networks sent whole.
     pub networks: Vec<Arc<NetContent>>,
     /// The watcher's endpoints with no attachment (no network carries them).
     pub bare: Vec<Arc<Endpoint>>,
+    /// Other hosts' endpoints with no attachment, by name.
+    pub bare_names: Vec<NameEntry>,
 }
 
 impl SnapshotParts {
-    /// The bodies to send, in order: hosts, networks (with their endpoints and
+    /// The bodies to send, in order: hosts, networks known by names (before the whole
+    /// ones: a name replaces a whole endpoint, and an endpoint attached to a wanted and
+    /// an unwanted network must end up whole), whole networks (with their endpoints and
     /// routes), bare endpoints.
     pub fn bodies(&self) -> Vec<Bytes> {
         let mut out: Vec<Bytes> = self.hosts.chunks().to_vec();
+        for n in &self.named {
+            out.extend(n.names_chunks().iter().cloned());
+        }
         for n in &self.networks {
             out.extend(n.chunks().iter().cloned());
         }
+        out.extend(names_records(self.bare_names.iter().cloned()));
         out.extend(self.bare.iter().map(|e| record(&Change::PutEndpoint((**e).clone()))));
         out
     }
@@ -141,6 +208,8 @@ struct Mirror {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
     /// Host -> network -> how many of the host's endpoints are attached to it.
     carried: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Network -> the hosts with an endpoint attached to it.
+    carriers: BTreeMap<String, BTreeSet<String>>,
     /// Host -> its endpoints with no attachment.
     bare: BTreeMap<String, BTreeSet<String>>,
 }
@@ -165,8 +234,42 @@ impl Mirror {
         m
     }
 
-    fn carried_by(&self, host: &str) -> BTreeSet<String> {
-        self.carried.get(host).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    /// The networks `host` needs whole: those its endpoints are attached to, and those
+    /// whose subnets the routes of these lead into (DNS answers `NAME.NETWORK` across
+    /// a gateway).
+    fn wanted_by(&self, host: &str) -> BTreeSet<String> {
+        let carried: BTreeSet<String> =
+            self.carried.get(host).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        let mut wanted = carried.clone();
+        for name in &carried {
+            let Some(net) = self.networks.get(name) else { continue };
+            for route in net.routes.values() {
+                wanted.extend(
+                    self.networks
+                        .iter()
+                        .filter(|(_, m)| m.network.subnet.overlaps(route.destination))
+                        .map(|(m, _)| m.clone()),
+                );
+            }
+        }
+        wanted
+    }
+
+    /// Hosts whose wanted networks a change to a route of `network` may change.
+    fn carriers_of(&self, network: &str) -> Vec<String> {
+        self.carriers.get(network).map(|h| h.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Hosts whose wanted networks a network appearing, changing or going away may
+    /// change: carriers of networks with routes (few; routes are rare).
+    fn route_carriers(&self) -> Vec<String> {
+        let mut hosts = BTreeSet::new();
+        for (name, net) in &self.networks {
+            if !net.routes.is_empty() {
+                hosts.extend(self.carriers.get(name).into_iter().flatten().cloned());
+            }
+        }
+        hosts.into_iter().collect()
     }
 
     fn link(&mut self, e: &Arc<Endpoint>) {
@@ -183,6 +286,7 @@ impl Mirror {
                 .or_default()
                 .entry(a.network.clone())
                 .or_default() += 1;
+            self.carriers.entry(a.network.clone()).or_default().insert(e.host.clone());
         }
     }
 
@@ -202,6 +306,12 @@ impl Mirror {
                     *count = count.saturating_sub(1);
                     if *count == 0 {
                         nets.remove(&a.network);
+                        if let Some(hosts) = self.carriers.get_mut(&a.network) {
+                            hosts.remove(&e.host);
+                            if hosts.is_empty() {
+                                self.carriers.remove(&a.network);
+                            }
+                        }
                     }
                 }
                 if nets.is_empty() {
@@ -213,20 +323,32 @@ impl Mirror {
 
     /// Applies one revision and says what it means to watchers.
     fn apply(&mut self, applied: &Applied) -> Event {
-        // What the hosts touched carried before, to find who starts or stops carrying.
+        // What the hosts a change may concern wanted before it, to find who starts or
+        // stops wanting a network.
         let mut before: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut remember = |m: &Mirror, hosts: Vec<String>| {
+            for h in hosts {
+                if let std::collections::btree_map::Entry::Vacant(slot) = before.entry(h) {
+                    let wanted = m.wanted_by(slot.key());
+                    slot.insert(wanted);
+                }
+            }
+        };
+        let everyone = || Scope { everyone: true, ..Scope::default() };
         let mut changes = Vec::with_capacity(applied.changes.len());
         for change in &applied.changes {
+            let mut names = None;
             let scope = match change {
                 Change::PutHost(h) => {
                     edit_hosts(&mut self.hosts).hosts.insert(h.name.clone(), h.clone());
-                    Scope { everyone: true, ..Scope::default() }
+                    everyone()
                 }
                 Change::DeleteHost(name) => {
                     edit_hosts(&mut self.hosts).hosts.remove(name);
-                    Scope { everyone: true, ..Scope::default() }
+                    everyone()
                 }
                 Change::PutNetwork(n) => {
+                    remember(self, self.route_carriers());
                     match self.networks.get_mut(&n.name) {
                         Some(c) => edit_net(c).network = n.clone(),
                         None => {
@@ -234,11 +356,12 @@ impl Mirror {
                                 .insert(n.name.clone(), Arc::new(NetContent::new(n.clone())));
                         }
                     }
-                    Scope { networks: vec![n.name.clone()], ..Scope::default() }
+                    everyone()
                 }
                 Change::DeleteNetwork(name) => {
+                    remember(self, self.route_carriers());
                     self.networks.remove(name);
-                    Scope { networks: vec![name.clone()], ..Scope::default() }
+                    everyone()
                 }
                 Change::PutEndpoint(e) => {
                     let e = Arc::new(e.clone());
@@ -247,15 +370,23 @@ impl Mirror {
                     for ep in old.iter().chain(std::iter::once(&e)) {
                         if !scope.hosts.contains(&ep.host) {
                             scope.hosts.push(ep.host.clone());
-                            before
-                                .entry(ep.host.clone())
-                                .or_insert_with(|| self.carried_by(&ep.host));
                         }
-                        for a in &ep.attachments {
-                            if !scope.networks.contains(&a.network) {
-                                scope.networks.push(a.network.clone());
-                            }
-                        }
+                    }
+                    remember(self, scope.hosts.clone());
+                    scope.networks = e.attachments.iter().map(|a| a.network.clone()).collect();
+                    if let Some(old) = &old {
+                        scope.was_in = old
+                            .attachments
+                            .iter()
+                            .map(|a| &a.network)
+                            .filter(|n| !scope.networks.contains(n))
+                            .cloned()
+                            .collect();
+                    }
+                    let entry = NameEntry::of(&e);
+                    scope.renamed = old.as_deref().map(NameEntry::of).as_ref() != Some(&entry);
+                    if scope.renamed || !scope.was_in.is_empty() {
+                        names = Some(record(&Change::PutNames(vec![entry])));
                     }
                     if let Some(old) = &old {
                         self.unlink(old);
@@ -263,41 +394,38 @@ impl Mirror {
                     self.link(&e);
                     scope
                 }
-                Change::DeleteEndpoint(name) => match self.endpoints.remove(name) {
-                    Some(old) => {
-                        before
-                            .entry(old.host.clone())
-                            .or_insert_with(|| self.carried_by(&old.host));
+                Change::DeleteEndpoint(name) => {
+                    if let Some(old) = self.endpoints.remove(name) {
+                        remember(self, vec![old.host.clone()]);
                         self.unlink(&old);
-                        Scope {
-                            everyone: false,
-                            hosts: vec![old.host.clone()],
-                            networks: old.attachments.iter().map(|a| a.network.clone()).collect(),
-                        }
                     }
-                    // Unknown here: whoever might have it gets the deletion.
-                    None => Scope { everyone: true, ..Scope::default() },
-                },
+                    // Everyone knows every endpoint, whole or by name.
+                    everyone()
+                }
                 Change::PutRoute(r) => {
+                    remember(self, self.carriers_of(&r.network));
                     if let Some(n) = self.networks.get_mut(&r.network) {
                         edit_net(n).routes.insert(r.key(), r.clone());
                     }
                     Scope { networks: vec![r.network.clone()], ..Scope::default() }
                 }
                 Change::DeleteRoute(key) => {
+                    remember(self, self.carriers_of(&key.0));
                     if let Some(n) = self.networks.get_mut(&key.0) {
                         edit_net(n).routes.remove(key);
                     }
                     Scope { networks: vec![key.0.clone()], ..Scope::default() }
                 }
+                // Never applied by the state machine: only streams make these.
+                Change::PutNames(_) => Scope::default(),
             };
-            changes.push(EventChange { scope, record: record(change) });
+            changes.push(EventChange { scope, record: record(change), names });
         }
         self.revision = applied.revision;
         let mut joins = Vec::new();
         let mut leaves = Vec::new();
         for (host, was) in before {
-            let now = self.carried_by(&host);
+            let now = self.wanted_by(&host);
             joins.extend(now.difference(&was).map(|n| (host.clone(), n.clone())));
             leaves.extend(was.difference(&now).map(|n| (host.clone(), n.clone())));
         }
@@ -305,34 +433,43 @@ impl Mirror {
     }
 
     fn snapshot(&self, host: Option<&str>) -> (HostView, SnapshotParts) {
-        let (carried, bare): (BTreeSet<String>, Vec<Arc<Endpoint>>) = match host {
-            Some(h) => (
-                self.carried_by(h),
-                self.bare
-                    .get(h)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|n| self.endpoints.get(n).cloned())
-                    .collect(),
-            ),
-            None => (
-                self.networks.keys().cloned().collect(),
-                self.bare
+        let Some(me) = host else {
+            let parts = SnapshotParts {
+                hosts: self.hosts.clone(),
+                named: Vec::new(),
+                networks: self.networks.values().cloned().collect(),
+                bare: self
+                    .bare
                     .values()
                     .flatten()
                     .filter_map(|n| self.endpoints.get(n).cloned())
                     .collect(),
-            ),
+                bare_names: Vec::new(),
+            };
+            return (HostView::new(None, BTreeSet::new()), parts);
         };
-        let networks = carried.iter().filter_map(|n| self.networks.get(n).cloned()).collect();
-        let view = HostView::new(
-            host.map(str::to_string),
-            match host {
-                Some(_) => carried,
-                None => BTreeSet::new(),
-            },
-        );
-        (view, SnapshotParts { hosts: self.hosts.clone(), networks, bare })
+        let wanted = self.wanted_by(me);
+        let (networks, named) =
+            self.networks.iter().partition::<Vec<_>, _>(|(name, _)| wanted.contains(*name));
+        let mut bare = Vec::new();
+        let mut bare_names = Vec::new();
+        for (host, names) in &self.bare {
+            for e in names.iter().filter_map(|n| self.endpoints.get(n)) {
+                if host == me {
+                    bare.push(e.clone());
+                } else {
+                    bare_names.push(NameEntry::of(e));
+                }
+            }
+        }
+        let parts = SnapshotParts {
+            hosts: self.hosts.clone(),
+            named: named.into_iter().map(|(_, n)| n.clone()).collect(),
+            networks: networks.into_iter().map(|(_, n)| n.clone()).collect(),
+            bare,
+            bare_names,
+        };
+        (HostView::new(Some(me.to_string()), wanted), parts)
     }
 }
 
@@ -515,8 +652,9 @@ mod tests {
         let start = hub.subscribe(Some("h1"), 0).0;
         let c = catalog_of(&start);
         assert_eq!(c.hosts.len(), 2);
-        assert_eq!(c.networks.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(c.networks.keys().collect::<Vec<_>>(), ["a", "b"], "every network");
         assert_eq!(c.endpoints.keys().collect::<Vec<_>>(), ["bare", "x1", "y1"]);
+        assert_eq!(c.names.keys().collect::<Vec<_>>(), ["y2"], "the rest by name");
         // Without a host: the whole catalog.
         assert_eq!(catalog_of(&hub.subscribe(None, 0).0), base());
     }
@@ -537,13 +675,81 @@ mod tests {
 
         // A watcher resuming from 5 starts with h1's view as of 5 (a only).
         let Start::Replay { view, events } = hub.subscribe(Some("h1"), 5).0 else { panic!() };
-        assert_eq!(view.carried().iter().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(view.wanted().iter().collect::<Vec<_>>(), ["a"]);
         assert_eq!(events.len(), 2);
-        // A fresh snapshot now: b only, and x1 as a bare endpoint.
+        // A fresh snapshot now: b whole, x1 as a bare endpoint, y1 (in a) by name.
         let c = catalog_of(&hub.subscribe(Some("h1"), 0).0);
-        assert_eq!(c.networks.keys().collect::<Vec<_>>(), ["b"]);
         assert_eq!(c.endpoints.keys().collect::<Vec<_>>(), ["bare", "x1", "x2", "y2"]);
+        assert_eq!(c.names.keys().collect::<Vec<_>>(), ["y1"]);
         assert_eq!(c.revision, 7);
+    }
+
+    /// What a per-host stream sends for the events after `from`, applied to `start`
+    /// (as `api::watch` does: joins whole, leaves released).
+    fn follow(hub: &WatchHub, host: &str, mut c: Catalog, from: u64) -> Catalog {
+        let Start::Replay { mut view, events } = hub.subscribe(Some(host), from).0 else {
+            panic!("kept")
+        };
+        for event in events {
+            let mut bodies = Vec::new();
+            for piece in view.filter(&event) {
+                match piece {
+                    Piece::Record(b) => bodies.push(b.clone()),
+                    Piece::Network(n) => bodies.extend(hub.network(n).unwrap().chunks().to_vec()),
+                    Piece::Dropped(n) => {
+                        bodies.extend(hub.network(n).unwrap().release(host, view.wanted()))
+                    }
+                }
+            }
+            for f in frames(event.revision, &Arc::from(""), bodies, false) {
+                for ch in f.to_message().unwrap().changes {
+                    c.apply_change(&Change::try_from(&ch).unwrap());
+                }
+            }
+            c.revision = event.revision;
+        }
+        c
+    }
+
+    #[test]
+    fn a_followed_stream_ends_where_a_fresh_snapshot_starts() {
+        let hub = WatchHub::new(&base(), 100);
+        let start = catalog_of(&hub.subscribe(Some("h1"), 0).0);
+        let route = Route {
+            network: "a".into(),
+            destination: "10.0.2.0/24".parse().unwrap(),
+            via: "x1".into(),
+        };
+        let steps = vec![
+            // a new endpoint in b (h1 does not want b): by name
+            Change::PutEndpoint(ep("y3", "h2", &[("b", 2, 30)])),
+            // a route from a into b: h1 now wants b, whole
+            Change::PutRoute(route.clone()),
+            Change::PutEndpoint(ep("y4", "h2", &[("b", 2, 40)])),
+            // the route goes: b's endpoints by name again
+            Change::DeleteRoute(route.key()),
+            // y1 leaves a for b: h1 gets it by name
+            Change::PutEndpoint(ep("y1", "h2", &[("b", 2, 21)])),
+            Change::DeleteEndpoint("y2".into()),
+        ];
+        let mut fresh = Vec::new();
+        for (i, change) in steps.into_iter().enumerate() {
+            let rev = 6 + i as u64;
+            hub.publish(&applied(rev, vec![change]));
+            fresh.push(catalog_of(&hub.subscribe(Some("h1"), 0).0));
+        }
+        let followed = follow(&hub, "h1", start, 5);
+        assert_eq!(followed, *fresh.last().unwrap());
+        assert_eq!(followed.endpoints.keys().collect::<Vec<_>>(), ["bare", "x1"]);
+        assert_eq!(followed.names.keys().collect::<Vec<_>>(), ["y1", "y3", "y4"]);
+        // While the route was there, b was wanted: its endpoints whole, its route too.
+        let with_route = &fresh[2];
+        assert_eq!(
+            with_route.endpoints.keys().collect::<Vec<_>>(),
+            ["bare", "x1", "y1", "y2", "y3", "y4"]
+        );
+        assert!(with_route.names.is_empty());
+        assert_eq!(with_route.routes.len(), 1);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! keep a member's peak memory (VmHWM) under a fixed bound. When every stream held its
 //! own copy, issue 14 measured about 2.5 MiB per watcher at this catalog size, which
 //! for 200 streams is about 500 MiB on top of the catalog.
-//! Also checks what each stream received: a host's stream too carries the whole
-//! catalog (its DNS answers for every overlay name).
+//! Also checks what each stream received: a host's per-host stream carries whole only
+//! what its host wants and every other endpoint by name (its DNS answers for every
+//! overlay name); a stream without a host carries the whole catalog.
 
 mod common;
 
@@ -26,24 +27,32 @@ fn vm_hwm_mib(pid: u32) -> u64 {
     kib / 1024
 }
 
-/// Endpoint names of a stream's snapshot (it must start with one).
-async fn snapshot_endpoints(stream: &mut tonic::Streaming<pb::WatchResponse>) -> usize {
-    let mut count = 0;
+/// (Whole endpoints, endpoints by name) of a stream's snapshot (it must start with one).
+async fn snapshot_counts(stream: &mut tonic::Streaming<pb::WatchResponse>) -> (usize, usize) {
+    let (mut whole, mut named) = (0, 0);
     loop {
         let m = tokio::time::timeout(Duration::from_secs(60), stream.message())
             .await
             .expect("a snapshot message within 60 s")
             .expect("stream ok")
             .expect("stream open");
-        count += m
-            .changes
-            .iter()
-            .filter(|c| matches!(c.kind, Some(pb::change::Kind::PutEndpoint(_))))
-            .count();
+        for c in &m.changes {
+            match &c.kind {
+                Some(pb::change::Kind::PutEndpoint(_)) => whole += 1,
+                Some(pb::change::Kind::PutNames(n)) => {
+                    named += overlay_proto::convert::unpack_names(n).expect("names").len()
+                }
+                _ => {}
+            }
+        }
         if m.snapshot_done {
-            return count;
+            return (whole, named);
         }
     }
+}
+
+async fn snapshot_endpoints(stream: &mut tonic::Streaming<pb::WatchResponse>) -> usize {
+    snapshot_counts(stream).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,14 +83,18 @@ async fn many_watchers_share_one_catalog() {
     let req = create_endpoint_request("lone", "h2", "small");
     timed(c.create_endpoint(req)).await.expect("create endpoint");
 
-    // h2 carries only "small", and still receives every endpoint (DNS needs every name).
+    // h2 carries only "small": it receives its endpoint whole and every other by name
+    // (DNS needs every name); an older agent's request (no per_host) gets everything.
     let mut c = client.clone();
-    let mut h2 = c
+    let per_host = pb::WatchRequest { host: "h2".into(), per_host: true, ..Default::default() };
+    let mut h2 = c.watch(per_host).await.expect("watch").into_inner();
+    assert_eq!(snapshot_counts(&mut h2).await, (1, ENDPOINTS), "h2: its own whole, names");
+    let mut old = c
         .watch(pb::WatchRequest { host: "h2".into(), ..Default::default() })
         .await
         .expect("watch")
         .into_inner();
-    assert_eq!(snapshot_endpoints(&mut h2).await, ENDPOINTS + 1, "h2 receives every endpoint");
+    assert_eq!(snapshot_endpoints(&mut old).await, ENDPOINTS + 1, "without per_host: all");
 
     // 200 streams of everything, read to the end of their snapshots (all at once: they
     // share one connection's flow-control window) and held open.

@@ -130,6 +130,13 @@ impl DnsView {
             asker.routes.dedup();
             view.askers.insert(key(&ep.name), asker);
         }
+        // Endpoints known by name only (on networks this host does not carry): ours, so
+        // NXDOMAIN rather than forwarded, and no asker reaches them.
+        for (name, aliases) in &catalog.names {
+            for label in std::iter::once(name).chain(aliases) {
+                view.holders.entry(key(label)).or_default();
+            }
+        }
         for holders in view.holders.values_mut() {
             holders.sort_unstable();
             holders.dedup();

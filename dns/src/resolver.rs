@@ -426,6 +426,23 @@ mod tests {
     }
 
     #[test]
+    fn names_known_only_by_name_give_nxdomain_never_forwarded() {
+        // What a host that does not carry `far` knows of its endpoint: name and aliases.
+        let mut cat = catalog(
+            &[("front", "10.0.1.0/24", false), ("far", "10.0.9.0/24", false)],
+            &[("web", &[("front", "10.0.1.2", &["www"])])],
+            &[],
+        );
+        cat.names.insert("remote".into(), vec!["cache".into(), "www".into()]);
+        let v = DnsView::build(&cat);
+        for name in ["remote", "cache", "remote.far", "remote.front"] {
+            assert_eq!(rcode(&ask(&v, "web", name, TYPE_A)), Some(Rcode::NxDomain), "{name}");
+        }
+        assert_eq!(addrs(&ask(&v, "web", "www", TYPE_A)), [ip("10.0.1.2")], "own holder kept");
+        assert_eq!(ask(&v, "web", "elsewhere", TYPE_A), Answer::Forward);
+    }
+
+    #[test]
     fn qualified_name_in_attached_network() {
         let v = view();
         assert_eq!(addrs(&ask(&v, "multi", "db.back", TYPE_A)), vec![ip("10.0.2.2")]);

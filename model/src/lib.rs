@@ -27,6 +27,8 @@ pub mod validate;
 pub use command::{Command, NetworkSpec};
 pub use error::ModelError;
 pub use ipam::{Ipam, IpamError};
-pub use state::{Applied, Catalog, Change, ClusterMeta, JoinTokenRecord, SnapshotError, State};
+pub use state::{
+    Applied, Catalog, Change, ClusterMeta, JoinTokenRecord, NameEntry, SnapshotError, State,
+};
 pub use status::{EndpointState, EndpointStatus, ReportedStatus};
 pub use types::{Attachment, Encap, Endpoint, Host, HostStatus, Mac, Network, Route, RouteKey};

@@ -58,6 +58,13 @@ pub struct Catalog {
     pub endpoints: BTreeMap<String, Endpoint>,
     pub routes: BTreeMap<RouteKey, Route>,
     pub hosts: BTreeMap<String, Host>,
+    /// Endpoints known by name only, with their aliases: an agent's catalog holds every
+    /// endpoint of the networks its host wants in `endpoints`, and every other one here
+    /// (DNS answers NXDOMAIN for them instead of forwarding; see `Change::PutNames`).
+    /// Never set on the controller. Not serialized with the catalog: the controller's
+    /// snapshot format does not have it, the agent persists it itself.
+    #[serde(skip)]
+    pub names: BTreeMap<String, Vec<String>>,
 }
 
 /// One object-level change. `Put*` carries the whole new object, so applying a change
@@ -72,6 +79,26 @@ pub enum Change {
     DeleteRoute(RouteKey),
     PutHost(Host),
     DeleteHost(String),
+    /// Endpoints the watcher knows by name only from now on (each replaces a whole
+    /// object the watcher may have had). Only watch streams narrowed to one host send
+    /// this; the state machine never makes it.
+    PutNames(Vec<NameEntry>),
+}
+
+/// An endpoint known by name only: its name and aliases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameEntry {
+    pub name: String,
+    pub aliases: Vec<String>,
+}
+
+impl NameEntry {
+    /// `endpoint`'s name and its aliases in every network, each once, sorted.
+    pub fn of(endpoint: &Endpoint) -> NameEntry {
+        let aliases: BTreeSet<&String> =
+            endpoint.attachments.iter().flat_map(|a| &a.aliases).collect();
+        NameEntry { name: endpoint.name.clone(), aliases: aliases.into_iter().cloned().collect() }
+    }
 }
 
 /// The result of one command: the revision the catalog is at afterwards and what
@@ -94,9 +121,11 @@ impl Catalog {
                 self.networks.remove(name);
             }
             Change::PutEndpoint(e) => {
+                self.names.remove(&e.name);
                 self.endpoints.insert(e.name.clone(), e.clone());
             }
             Change::DeleteEndpoint(name) => {
+                self.names.remove(name);
                 self.endpoints.remove(name);
             }
             Change::PutRoute(r) => {
@@ -110,6 +139,12 @@ impl Catalog {
             }
             Change::DeleteHost(name) => {
                 self.hosts.remove(name);
+            }
+            Change::PutNames(entries) => {
+                for e in entries {
+                    self.endpoints.remove(&e.name);
+                    self.names.insert(e.name.clone(), e.aliases.clone());
+                }
             }
         }
     }
@@ -1055,6 +1090,7 @@ mod legacy {
                 endpoints: c.endpoints,
                 routes: c.routes,
                 hosts,
+                names: BTreeMap::new(),
             }
         }
     }

@@ -3,7 +3,10 @@
 //! Model → wire is total. Wire → model (used by watchers such as the agent) validates and
 //! returns `ModelError` naming the bad value, because the bytes come from the network.
 
-use overlay_model::{parse, Attachment, Change, Endpoint, Host, ModelError, Network, Route};
+use overlay_model::names::is_dns_label;
+use overlay_model::{
+    parse, Attachment, Change, Endpoint, Host, ModelError, NameEntry, Network, Route,
+};
 
 use crate::pb;
 
@@ -109,6 +112,7 @@ impl From<&Change> for pb::Change {
             }),
             Change::PutHost(h) => Kind::PutHost(host(h, 0, 0)),
             Change::DeleteHost(name) => Kind::DeleteHost(name.clone()),
+            Change::PutNames(entries) => Kind::PutNames(pack_names(entries)),
         };
         pb::Change { kind: Some(kind) }
     }
@@ -224,8 +228,41 @@ impl TryFrom<&pb::Change> for Change {
             }
             Kind::PutHost(h) => Change::PutHost(h.try_into()?),
             Kind::DeleteHost(name) => Change::DeleteHost(name.clone()),
+            Kind::PutNames(names) => Change::PutNames(unpack_names(names)?),
         })
     }
+}
+
+/// `entries` in the wire's packed form (see `EndpointNames` in the proto).
+pub fn pack_names<'a>(entries: impl IntoIterator<Item = &'a NameEntry>) -> pb::EndpointNames {
+    let mut packed = Vec::new();
+    for e in entries {
+        packed.extend_from_slice(e.name.as_bytes());
+        for alias in &e.aliases {
+            packed.push(b' ');
+            packed.extend_from_slice(alias.as_bytes());
+        }
+        packed.push(b'\n');
+    }
+    pb::EndpointNames { entries: packed }
+}
+
+/// The entries of a packed `EndpointNames`; every name and alias must be a DNS label.
+pub fn unpack_names(names: &pb::EndpointNames) -> Result<Vec<NameEntry>, ModelError> {
+    let mut out = Vec::new();
+    for line in names.entries.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let mut words = line.split(|&b| b == b' ').map(|w| {
+            std::str::from_utf8(w)
+                .ok()
+                .filter(|w| is_dns_label(w))
+                .map(str::to_string)
+                .ok_or_else(|| ModelError::InvalidName(String::from_utf8_lossy(w).into_owned()))
+        });
+        let name = words.next().unwrap_or_else(|| Err(ModelError::InvalidName(String::new())))?;
+        let aliases = words.collect::<Result<Vec<_>, _>>()?;
+        out.push(NameEntry { name, aliases });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -279,11 +316,28 @@ mod tests {
             Change::DeleteEndpoint("s1".into()),
             Change::DeleteNetwork("backend".into()),
             Change::DeleteHost("h1".into()),
+            Change::PutNames(vec![
+                NameEntry { name: "web-1".into(), aliases: vec!["web".into(), "www".into()] },
+                NameEntry { name: "db".into(), aliases: vec![] },
+            ]),
         ];
         for change in changes {
             let wire = pb::Change::from(&change);
             assert_eq!(Change::try_from(&wire).unwrap(), change);
         }
+    }
+
+    #[test]
+    fn packed_names_are_checked_word_by_word() {
+        let packed = |s: &str| pb::EndpointNames { entries: s.as_bytes().to_vec() };
+        assert_eq!(pack_names(&[]).entries, b"");
+        assert_eq!(unpack_names(&packed("a b\n\nc\n")).unwrap().len(), 2, "empty lines skipped");
+        assert_eq!(
+            unpack_names(&packed("ok Bad\n")),
+            Err(ModelError::InvalidName("Bad".into())),
+            "the bad word is named"
+        );
+        assert!(unpack_names(&packed("a  b\n")).is_err(), "an empty word is not a label");
     }
 
     #[test]

@@ -70,10 +70,15 @@ pub fn plan_add(req: &Request, registry: &Registry, catalog: &Catalog) -> Result
         Some(pod) => format!("the container name {pod:?}"),
         None => format!("the container ID {}", req.container_id),
     };
-    if let Some(existing) = catalog.endpoints.get(&name) {
+    // Endpoints on networks this host does not carry are known by name only.
+    let on = match catalog.endpoints.get(&name) {
+        Some(existing) => Some(format!("on host {}", existing.host)),
+        None => catalog.names.contains_key(&name).then(|| "on another host".to_string()),
+    };
+    if let Some(on) = on {
         return Err(Failure::new(
             FailureKind::NameClash,
-            format!("endpoint {name} already exists (on host {})", existing.host),
+            format!("endpoint {name} already exists ({on})"),
         )
         .with_details(format!(
             "the name comes from {from}; endpoint names are unique in the cluster: run the container under another name, or remove the other endpoint"
@@ -311,6 +316,11 @@ mod tests {
         assert_eq!(e.kind, FailureKind::NameClash);
         assert_eq!(e.message, "endpoint bare already exists (on host h2)");
         assert!(e.details.contains("\"bare\""), "{}", e.details);
+        let mut by_name = c.clone();
+        by_name.names.insert("far".into(), vec![]);
+        let e = plan_add(&req("abc", Some("far"), "eth0", "web"), &registry(&[]), &by_name)
+            .unwrap_err();
+        assert_eq!(e.message, "endpoint far already exists (on another host)");
         let mut other = new_record(&req("other", Some("web1"), "eth0", "web"), "web1");
         other.phase = Phase::Attaching;
         let e = plan_add(&req("abc", Some("web1"), "eth0", "web"), &registry(&[other]), &c)

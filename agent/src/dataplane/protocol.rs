@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use std::net::SocketAddr;
 
-use overlay_model::{Catalog, Endpoint, Mac, Network, Route};
+use overlay_model::{Catalog, Endpoint, Mac, NameEntry, Network, Route};
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{HostDesired, Uplink, ZERO_MAC};
@@ -71,6 +71,9 @@ pub struct DnsRecords {
     pub networks: Vec<Network>,
     pub endpoints: Vec<Endpoint>,
     pub routes: Vec<Route>,
+    /// Endpoints known by name only (NXDOMAIN, never forwarded).
+    #[serde(default)]
+    pub names: Vec<NameEntry>,
 }
 
 impl DnsRecords {
@@ -80,6 +83,11 @@ impl DnsRecords {
             networks: c.networks.values().cloned().collect(),
             endpoints: c.endpoints.values().cloned().collect(),
             routes: c.routes.values().cloned().collect(),
+            names: c
+                .names
+                .iter()
+                .map(|(name, aliases)| NameEntry { name: name.clone(), aliases: aliases.clone() })
+                .collect(),
         }
     }
 
@@ -90,6 +98,7 @@ impl DnsRecords {
             endpoints: self.endpoints.iter().map(|e| (e.name.clone(), e.clone())).collect(),
             routes: self.routes.iter().map(|r| (r.key(), r.clone())).collect(),
             hosts: Default::default(),
+            names: self.names.iter().map(|e| (e.name.clone(), e.aliases.clone())).collect(),
         }
     }
 }

@@ -10,9 +10,10 @@
 //! generated server. The trait method (`OverlayApi::watch`) serves the same frames
 //! decoded, for callers that build the generated server alone.
 //!
-//! Contract: every watcher receives the whole catalog (see [`open`] for why agents do
-//! too; `watch::view` can narrow a stream to one host's needs, unused for now). Every
-//! message carries the revision; objects may already reflect later revisions than the
+//! Contract: a watcher that asks for a per-host stream (`per_host`, an agent) receives
+//! what its host needs (`watch::view`: whole objects for the networks it wants, every
+//! other endpoint by name); any other watcher the whole catalog. Every message carries
+//! the revision; objects may already reflect later revisions than the
 //! message's, never earlier ones. When nothing relevant happened for a watcher, it gets
 //! a progress message (no changes, the newest revision) at most every
 //! [`PROGRESS_INTERVAL`], so its applied revision keeps up with the cluster's.
@@ -64,12 +65,9 @@ pub fn open(api: &OverlayApi, req: Request<pb::WatchRequest>) -> Result<FrameStr
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let cluster = api.cluster.clone();
     let open = cluster.shared.metrics.watch_opened();
-    // Every watcher receives the whole catalog, agents included: SPEC's DNS answers
-    // NXDOMAIN (never forwards) for every overlay name, and CNI checks networks by name,
-    // so every host needs every network and endpoint, not only those it carries. The
-    // per-host filter (`watch::view`, a named host) stays unused until names travel
-    // apart from the objects.
-    let host: Option<String> = None;
+    // Narrowed to the host only for a watcher that understands names apart from
+    // objects (`put_names`): an older agent gets the whole catalog, as it expects.
+    let host: Option<String> = (r.per_host && !r.host.is_empty()).then(|| r.host.clone());
     tokio::spawn(async move {
         let _open = open;
         debug!(host = %r.host, from = r.from_revision, "watch started");
@@ -117,9 +115,12 @@ impl Sender {
                         bodies.extend(content.chunks().iter().cloned());
                     }
                 }
-                Piece::Dropped(n) => bodies.push(crate::watch::record(
-                    &overlay_model::Change::DeleteNetwork(n.to_string()),
-                )),
+                Piece::Dropped(n) => {
+                    if let (Some(content), Some(me)) = (cluster.shared.hub.network(n), view.host())
+                    {
+                        bodies.extend(content.release(me, view.wanted()));
+                    }
+                }
             }
         }
         bodies

@@ -15,7 +15,7 @@
 //! * setup: hosts, networks, endpoints created (admin, 64 concurrent calls), and rate;
 //! * each member's RSS after setup, peak RSS (VmHWM) over the run, and CPU;
 //! * sync from scratch: from starting every agent until each has its whole snapshot
-//!   (every endpoint: each stream carries the whole catalog);
+//!   (every endpoint, whole if it is on a network the host wants, else by name);
 //! * steady state for `--steady-secs` (heartbeats every second, keepalives): each
 //!   member's CPU as a share of one core;
 //! * `--changes` endpoint creates, one at a time: from the call until every agent has
@@ -97,8 +97,8 @@ impl Topology {
         (k, (self.first_host(k) + i % self.opts.span) % self.opts.agents)
     }
 
-    /// The endpoints each host should receive: every one (every watch stream carries
-    /// the whole catalog: DNS answers for every overlay name).
+    /// The endpoints each host should know, whole or by name: every one (DNS answers
+    /// for every overlay name).
     fn expected(&self) -> Vec<usize> {
         vec![self.opts.endpoints; self.opts.agents]
     }
@@ -116,6 +116,8 @@ struct AgentState {
     endpoints: AtomicUsize,
     snapshots: AtomicUsize,
     synced: AtomicBool,
+    /// Endpoints of the last snapshot received whole (the others came by name).
+    whole: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -148,9 +150,16 @@ impl SimSink {
             Some(Kind::DeleteEndpoint(name)) => {
                 map.remove(&hash(name));
             }
-            Some(Kind::DeleteNetwork(name)) => {
-                let n = hash(name);
-                map.retain(|_, net| *net != n);
+            Some(Kind::PutNames(names)) => {
+                // Known by name only: network 0 (no network hashes to it in practice).
+                for line in names.entries.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    let name = line.split(|&b| b == b' ').next().unwrap_or_default();
+                    let name = String::from_utf8_lossy(name);
+                    map.insert(hash(&name), 0);
+                    if name.starts_with("probe-") || name.starts_with("marker-") {
+                        probe.push(name.into_owned());
+                    }
+                }
             }
             _ => {}
         }
@@ -175,6 +184,8 @@ impl WatchSink for SimSink {
                     msg.changes.iter().for_each(|c| Self::apply_change(staging, c, &mut probes));
                     if msg.snapshot_done {
                         self.endpoints = self.staging.take().unwrap_or_default();
+                        let whole = self.endpoints.values().filter(|n| **n != 0).count();
+                        state.whole.store(whole, Ordering::Relaxed);
                         self.revision = msg.revision;
                         state.synced.store(true, Ordering::Relaxed);
                     }
@@ -600,6 +611,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     let cpu1 = cpu_of(&cluster.members);
     let sim1 = self_cpu();
     let received: usize = expected.iter().sum();
+    let whole: usize = shared.agents.iter().map(|a| a.whole.load(Ordering::Relaxed)).sum();
     eprintln!("all agents synced in {sync_secs:.1} s; steady state for {} s…", o.steady_secs);
 
     // Steady state: heartbeats and keepalives only.
@@ -632,7 +644,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             async move { cc.create_endpoint(req).await }
         })
         .await?;
-        // Who must see it: every agent (every stream carries the whole catalog).
+        // Who must see it: every agent (whole or by name).
         let who: Vec<usize> = (0..o.agents).collect();
         let until = Instant::now() + Duration::from_secs(30);
         loop {
@@ -742,9 +754,10 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
         rss_after_setup.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / ")
     );
     println!(
-        "| all agents synced from scratch ({} endpoint records in total, {:.0} per agent) | **{sync_secs:.1} s** |",
+        "| all agents synced from scratch ({} endpoints known in total, {:.0} per agent, {:.0} of them whole) | **{sync_secs:.1} s** |",
         received,
-        received as f64 / o.agents as f64
+        received as f64 / o.agents as f64,
+        whole as f64 / o.agents as f64
     );
     println!(
         "| members' CPU during the sync, share of a core | {} (simulator {:.0} %) |",
