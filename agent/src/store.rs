@@ -58,7 +58,9 @@ impl Persisted {
             endpoints: self.endpoints.into_iter().map(|e| (e.name.clone(), e)).collect(),
             routes: self.routes.into_iter().map(|r| (r.key(), r)).collect(),
             hosts: self.hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
-            names: self.names.into_iter().map(|e| (e.name, e.aliases)).collect(),
+            names: std::sync::Arc::new(
+                self.names.into_iter().map(|e| (e.name, e.aliases)).collect(),
+            ),
         }
     }
 }

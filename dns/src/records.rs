@@ -132,7 +132,7 @@ impl DnsView {
         }
         // Endpoints known by name only (on networks this host does not carry): ours, so
         // NXDOMAIN rather than forwarded, and no asker reaches them.
-        for (name, aliases) in &catalog.names {
+        for (name, aliases) in catalog.names.iter() {
             for label in std::iter::once(name).chain(aliases) {
                 view.holders.entry(key(label)).or_default();
             }

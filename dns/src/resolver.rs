@@ -433,7 +433,8 @@ mod tests {
             &[("web", &[("front", "10.0.1.2", &["www"])])],
             &[],
         );
-        cat.names.insert("remote".into(), vec!["cache".into(), "www".into()]);
+        std::sync::Arc::make_mut(&mut cat.names)
+            .insert("remote".into(), vec!["cache".into(), "www".into()]);
         let v = DnsView::build(&cat);
         for name in ["remote", "cache", "remote.far", "remote.front"] {
             assert_eq!(rcode(&ask(&v, "web", name, TYPE_A)), Some(Rcode::NxDomain), "{name}");

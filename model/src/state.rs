@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -63,8 +64,10 @@ pub struct Catalog {
     /// (DNS answers NXDOMAIN for them instead of forwarding; see `Change::PutNames`).
     /// Never set on the controller. Not serialized with the catalog: the controller's
     /// snapshot format does not have it, the agent persists it itself.
+    /// Shared: the agent publishes a copy of its catalog on every change, and 100,000
+    /// names need not be copied with it.
     #[serde(skip)]
-    pub names: BTreeMap<String, Vec<String>>,
+    pub names: Arc<BTreeMap<String, Vec<String>>>,
 }
 
 /// One object-level change. `Put*` carries the whole new object, so applying a change
@@ -121,11 +124,11 @@ impl Catalog {
                 self.networks.remove(name);
             }
             Change::PutEndpoint(e) => {
-                self.names.remove(&e.name);
+                self.forget_name(&e.name);
                 self.endpoints.insert(e.name.clone(), e.clone());
             }
             Change::DeleteEndpoint(name) => {
-                self.names.remove(name);
+                self.forget_name(name);
                 self.endpoints.remove(name);
             }
             Change::PutRoute(r) => {
@@ -141,11 +144,20 @@ impl Catalog {
                 self.hosts.remove(name);
             }
             Change::PutNames(entries) => {
+                let names = Arc::make_mut(&mut self.names);
                 for e in entries {
                     self.endpoints.remove(&e.name);
-                    self.names.insert(e.name.clone(), e.aliases.clone());
+                    names.insert(e.name.clone(), e.aliases.clone());
                 }
             }
+        }
+    }
+
+    /// Drops `name` from the names known alone, copying the shared map only when it
+    /// holds the name.
+    fn forget_name(&mut self, name: &str) {
+        if self.names.contains_key(name) {
+            Arc::make_mut(&mut self.names).remove(name);
         }
     }
 
@@ -1090,7 +1102,7 @@ mod legacy {
                 endpoints: c.endpoints,
                 routes: c.routes,
                 hosts,
-                names: BTreeMap::new(),
+                names: Default::default(),
             }
         }
     }

@@ -168,6 +168,9 @@ fn isolation(lab: &mut Lab) -> Result<()> {
         (c1.clone(), format!("{a2}.dna")),
         // b1 is reachable from dna only by NAME.NETWORK (through the route), not bare.
         (a1.clone(), lab.ep("b1")),
+        // a2's host carries no endpoint of dnc, so it knows c1 by name only (issue 14).
+        (a2.clone(), c1.clone()),
+        (a2.clone(), format!("{c1}.dnc")),
     ] {
         let out = dig(lab, &from, &[&name]);
         ensure!(status(&out).as_deref() == Some("NXDOMAIN"), "{from} asking {name}: {out}");
@@ -508,6 +511,12 @@ fn local_not_forwarded(lab: &mut Lab) -> Result<()> {
         let out = dig(lab, &a1, &[&name, qtype]);
         ensure!(status(&out).as_deref() == Some(want), "{qtype} {name}: {out}");
         ensure!(flags(&out).contains(&"aa".to_string()), "{name} answered by us: {out}");
+    }
+    // Asked on a host that knows c1 by name only (it carries no endpoint of dnc).
+    for name in [c1.clone(), format!("{c1}.dnc")] {
+        let out = dig(lab, &a2, &[&name]);
+        ensure!(status(&out).as_deref() == Some("NXDOMAIN"), "{name} from a2: {out}");
+        ensure!(flags(&out).contains(&"aa".to_string()), "{name} from a2 answered by us: {out}");
     }
     ensure!(short(lab, &a1, &["-x", &a2_ip]) == [format!("{a2}.dna.")], "PTR a2");
     let out = dig(lab, &a1, &["-x", "10.0.11.250"]);

@@ -317,7 +317,7 @@ mod tests {
         assert_eq!(e.message, "endpoint bare already exists (on host h2)");
         assert!(e.details.contains("\"bare\""), "{}", e.details);
         let mut by_name = c.clone();
-        by_name.names.insert("far".into(), vec![]);
+        std::sync::Arc::make_mut(&mut by_name.names).insert("far".into(), vec![]);
         let e = plan_add(&req("abc", Some("far"), "eth0", "web"), &registry(&[]), &by_name)
             .unwrap_err();
         assert_eq!(e.message, "endpoint far already exists (on another host)");

@@ -98,7 +98,9 @@ impl DnsRecords {
             endpoints: self.endpoints.iter().map(|e| (e.name.clone(), e.clone())).collect(),
             routes: self.routes.iter().map(|r| (r.key(), r.clone())).collect(),
             hosts: Default::default(),
-            names: self.names.iter().map(|e| (e.name.clone(), e.aliases.clone())).collect(),
+            names: std::sync::Arc::new(
+                self.names.iter().map(|e| (e.name.clone(), e.aliases.clone())).collect(),
+            ),
         }
     }
 }
