@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use overlay_model::status::{EndpointState, EndpointStatus};
-use overlay_model::{Catalog, Endpoint, HostStatus};
+use overlay_model::{Catalog, Endpoint, HostStatus, State};
 
 /// An endpoint's status as shown to users.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,18 @@ impl<'a> Carriers<'a> {
                 by_network.entry(a.network.as_str()).or_default().insert(e.host.as_str());
             }
         }
+        Carriers { by_network }
+    }
+
+    /// Only what `endpoint`'s status needs, from the state's index: O(its networks'
+    /// carriers), not O(catalog) — every endpoint write answers with one.
+    pub fn around(state: &'a State, endpoint: &Endpoint) -> Carriers<'a> {
+        let by_network = endpoint
+            .attachments
+            .iter()
+            .filter_map(|a| state.catalog.networks.get_key_value(&a.network))
+            .map(|(name, _)| (name.as_str(), state.carriers_of(name).collect()))
+            .collect();
         Carriers { by_network }
     }
 
@@ -196,6 +208,61 @@ mod tests {
         // Alone in its network: its own host is enough.
         let s = shown(&c.endpoints["d"], Some(&ready), &c, &carriers, &HashMap::new());
         assert_eq!(s.state, EndpointState::Ready);
+    }
+
+    #[test]
+    fn carriers_around_one_endpoint_agree_with_the_whole_catalogs() {
+        use overlay_model::{Command, Encap, NetworkSpec};
+        let mut state = State::new();
+        for (i, host) in ["h1", "h2", "h3"].into_iter().enumerate() {
+            let register = Command::RegisterHost {
+                name: host.into(),
+                underlay_ip: std::net::Ipv4Addr::new(192, 0, 2, i as u8 + 1),
+                underlay_prefix: 24,
+                underlay_mtu: 1500,
+                now_ms: 0,
+            };
+            state.apply(&register).unwrap();
+        }
+        for (name, subnet) in [("front", "10.1.0.0/24"), ("back", "10.2.0.0/24")] {
+            let spec = NetworkSpec {
+                name: name.into(),
+                subnet: subnet.parse().unwrap(),
+                gateway: None,
+                vni: None,
+                mtu: None,
+                encap: Encap::Vxlan,
+                encrypted: false,
+                internal: false,
+            };
+            state.apply(&Command::CreateNetwork(spec)).unwrap();
+        }
+        for (name, host, network) in
+            [("a", "h1", "front"), ("b", "h2", "front"), ("c", "h3", "back"), ("d", "h2", "back")]
+        {
+            let create = Command::CreateEndpoint {
+                name: name.into(),
+                host: host.into(),
+                network: network.into(),
+                ip: None,
+                aliases: vec![],
+            };
+            state.apply(&create).unwrap();
+        }
+        let connect = Command::Connect {
+            network: "back".into(),
+            endpoint: "a".into(),
+            ip: None,
+            aliases: vec![],
+        };
+        state.apply(&connect).unwrap();
+        state.apply(&Command::RemoveEndpoint { name: "d".into() }).unwrap();
+        let all = Carriers::of(&state.catalog);
+        for e in state.catalog.endpoints.values() {
+            assert_eq!(Carriers::around(&state, e).peers_of(e), all.peers_of(e), "{}", e.name);
+        }
+        let a = &state.catalog.endpoints["a"];
+        assert_eq!(Carriers::around(&state, a).peers_of(a), BTreeSet::from(["h2", "h3"]));
     }
 
     #[test]

@@ -342,6 +342,8 @@ impl<'de> Deserialize<'de> for State {
 struct Index {
     /// Network name -> names of the endpoints attached to it.
     members: BTreeMap<String, BTreeSet<String>>,
+    /// Network name -> host -> how many of the host's endpoints are attached to it.
+    carriers: BTreeMap<String, BTreeMap<String, usize>>,
     /// Host name -> names of the endpoints on it.
     on_host: BTreeMap<String, BTreeSet<String>>,
     /// Endpoint name -> keys of the routes that go via it.
@@ -364,7 +366,7 @@ impl Index {
         for e in catalog.endpoints.values() {
             index.on_host.entry(e.host.clone()).or_default().insert(e.name.clone());
             for a in &e.attachments {
-                index.attach(&a.network, &e.name);
+                index.attach(&a.network, &e.name, &e.host);
             }
         }
         for (key, r) in &catalog.routes {
@@ -382,15 +384,32 @@ impl Index {
         self.vnis.insert(n.vni, n.name.clone());
     }
 
-    fn attach(&mut self, network: &str, endpoint: &str) {
+    fn attach(&mut self, network: &str, endpoint: &str, host: &str) {
         self.members.entry(network.to_string()).or_default().insert(endpoint.to_string());
+        *self
+            .carriers
+            .entry(network.to_string())
+            .or_default()
+            .entry(host.to_string())
+            .or_default() += 1;
     }
 
-    fn detach(&mut self, network: &str, endpoint: &str) {
+    fn detach(&mut self, network: &str, endpoint: &str, host: &str) {
         if let Some(set) = self.members.get_mut(network) {
             set.remove(endpoint);
             if set.is_empty() {
                 self.members.remove(network);
+            }
+        }
+        if let Some(hosts) = self.carriers.get_mut(network) {
+            if let Some(count) = hosts.get_mut(host) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    hosts.remove(host);
+                }
+            }
+            if hosts.is_empty() {
+                self.carriers.remove(network);
             }
         }
     }
@@ -594,6 +613,11 @@ impl State {
     /// Endpoints attached to `network`, from the index (O(log n)).
     pub fn attached_count(&self, network: &str) -> usize {
         self.index.members.get(network).map_or(0, BTreeSet::len)
+    }
+
+    /// The hosts with an endpoint attached to `network`, from the index.
+    pub fn carriers_of<'a>(&'a self, network: &str) -> impl Iterator<Item = &'a str> + 'a {
+        self.index.carriers.get(network).into_iter().flat_map(|h| h.keys().map(String::as_str))
     }
 
     fn network(&self, name: &str) -> Result<&Network, ModelError> {
@@ -840,7 +864,7 @@ impl State {
             host: host.to_string(),
             attachments: vec![attachment],
         };
-        self.index.attach(network, name);
+        self.index.attach(network, name, host);
         self.index.on_host.entry(host.to_string()).or_default().insert(name.to_string());
         self.catalog.endpoints.insert(name.to_string(), endpoint.clone());
         Ok(vec![Change::PutEndpoint(endpoint)])
@@ -852,7 +876,7 @@ impl State {
         if let Some(endpoint) = self.catalog.endpoints.remove(name) {
             for a in &endpoint.attachments {
                 self.release_ip(&a.network, a.ip);
-                self.index.detach(&a.network, name);
+                self.index.detach(&a.network, name, &endpoint.host);
             }
             if let Some(set) = self.index.on_host.get_mut(&endpoint.host) {
                 set.remove(name);
@@ -902,10 +926,10 @@ impl State {
             mac: Mac::from_ip(ip),
             aliases: aliases.to_vec(),
         };
-        self.index.attach(network, endpoint);
         let Some(ep) = self.catalog.endpoints.get_mut(endpoint) else {
             return Err(ModelError::EndpointNotFound(endpoint.to_string()));
         };
+        self.index.attach(network, endpoint, &ep.host);
         ep.attachments.insert(position, attachment);
         Ok(vec![Change::PutEndpoint(ep.clone())])
     }
@@ -927,8 +951,9 @@ impl State {
         };
         let attachment = ep.attachments.remove(position);
         let put = Change::PutEndpoint(ep.clone());
+        let host = ep.host.clone();
         self.release_ip(network, attachment.ip);
-        self.index.detach(network, endpoint);
+        self.index.detach(network, endpoint, &host);
         changes.push(put);
         Ok(changes)
     }

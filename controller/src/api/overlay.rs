@@ -92,7 +92,7 @@ impl OverlayApi {
             })
             .ok_or_else(|| Status::internal("the write applied but returned no endpoint"))?;
         let state = self.cluster.read_state();
-        Ok(with_status(e, &state, &Carriers::of(&state.catalog), &HashMap::new()))
+        Ok(with_status(e, &state, &Carriers::around(&state, e), &HashMap::new()))
     }
 
     fn network_pb(&self, name: &str) -> Result<pb::Network, Status> {
@@ -375,7 +375,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 return Err(bad(overlay_model::ModelError::EndpointNotFound(name)));
             }
         }
-        let carriers = Carriers::of(&state.catalog);
+        let carriers = Carriers::around(&state, e);
         Ok(Response::new(with_status(e, &state, &carriers, &view.applied)))
     }
 

@@ -612,6 +612,9 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     let sim1 = self_cpu();
     let received: usize = expected.iter().sum();
     let whole: usize = shared.agents.iter().map(|a| a.whole.load(Ordering::Relaxed)).sum();
+    // More than one per agent: streams that broke (or lagged) mid-sync and started over.
+    let sync_snapshots: usize =
+        shared.agents.iter().map(|a| a.snapshots.load(Ordering::Relaxed)).sum();
     eprintln!("all agents synced in {sync_secs:.1} s; steady state for {} s…", o.steady_secs);
 
     // Steady state: heartbeats and keepalives only.
@@ -754,7 +757,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
         rss_after_setup.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / ")
     );
     println!(
-        "| all agents synced from scratch ({} endpoints known in total, {:.0} per agent, {:.0} of them whole) | **{sync_secs:.1} s** |",
+        "| all agents synced from scratch ({} endpoints known in total, {:.0} per agent, {:.0} of them whole; {sync_snapshots} snapshots started) | **{sync_secs:.1} s** |",
         received,
         received as f64 / o.agents as f64,
         whole as f64 / o.agents as f64
