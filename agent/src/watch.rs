@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use overlay_model::{Catalog, Change};
+use overlay_ops::blocking::off_the_runtime;
 use overlay_proto::pb;
 use overlay_proto::pb::overlay_client::OverlayClient;
 use tokio::sync::watch;
@@ -35,6 +36,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long opening a watch stream or registering (a write) may take. Longer than a
+/// heartbeat's: a controller that answers slowly under load (1,000 agents starting at
+/// once) is better waited for than left, because leaving starts the same work over on
+/// a new connection (a TLS handshake, a fresh snapshot, another write) and feeds the
+/// load. An unreachable controller fails at connect, which has its own 3 s timeout.
+const SLOW_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeats that time out in a row before the agent moves to the next controller; one
+/// slow answer is no reason to drop the connection and register again.
+const HEARTBEAT_TIMEOUTS: u32 = 3;
 /// Most watch messages applied before one save and publish.
 const MAX_BATCH: usize = 10_000;
 
@@ -212,7 +222,7 @@ impl WatchSink for AgentSink {
         let changed = replaced || !changes.is_empty();
         if changed {
             let persisted = (!replaced).then_some(changes.as_slice());
-            if let Err(e) = self.store.persist_catalog(catalog, persisted) {
+            if let Err(e) = off_the_runtime(|| self.store.persist_catalog(catalog, persisted)) {
                 warn!("cannot persist desired state: {e}");
             }
         }
@@ -285,7 +295,7 @@ async fn watch_once(
         cluster_id,
         per_host: true,
     };
-    let mut stream = tokio::time::timeout(RPC_TIMEOUT, client.watch(req))
+    let mut stream = tokio::time::timeout(SLOW_CALL_TIMEOUT, client.watch(req))
         .await
         .map_err(|_| format!("{url}: watch call timed out"))?
         .map_err(|s| format!("{url}: {}", s.message()))?
@@ -344,7 +354,8 @@ fn adopt_cluster_id(store: &Store, theirs: &str) -> Result<(), String> {
         )),
         None => {
             info!(cluster_id = theirs, "this agent belongs to cluster {theirs}");
-            store.save_cluster_id(theirs).map_err(|e| format!("saving the cluster id: {e}"))
+            off_the_runtime(|| store.save_cluster_id(theirs))
+                .map_err(|e| format!("saving the cluster id: {e}"))
         }
     }
 }
@@ -383,7 +394,7 @@ async fn register(
         cluster_id: store.cluster_id().unwrap_or_default(),
         underlay_prefix: u32::from(me.underlay_prefix),
     };
-    tokio::time::timeout(RPC_TIMEOUT, client.register_host(req))
+    tokio::time::timeout(SLOW_CALL_TIMEOUT, client.register_host(req))
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("register timed out"))??;
     Ok(())
@@ -402,6 +413,7 @@ async fn heartbeat_once(
     info!(controller = %url, underlay_ip = %me.underlay_ip, underlay_mtu = me.underlay_mtu, "registered");
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut timeouts = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -413,9 +425,15 @@ async fn heartbeat_once(
             cluster_id: store.cluster_id().unwrap_or_default(),
             problem: problem.borrow_and_update().clone().unwrap_or_default(),
         };
-        let r = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req))
-            .await
-            .map_err(|_| "heartbeat timed out".to_string())?;
+        let Ok(r) = tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(req)).await else {
+            timeouts += 1;
+            if timeouts >= HEARTBEAT_TIMEOUTS {
+                return Err(format!("{timeouts} heartbeats in a row timed out"));
+            }
+            debug!(controller = %url, "heartbeat timed out; trying again on the same connection");
+            continue;
+        };
+        timeouts = 0;
         match r {
             Ok(answer) => {
                 adopt_cluster_id(store, &answer.get_ref().cluster_id)?;

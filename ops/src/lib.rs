@@ -4,11 +4,13 @@
 //! * [`notify`]: systemd's `sd_notify` (`READY=1`, `WATCHDOG=1`, `STATUS=…`);
 //! * [`metrics`]: Prometheus metrics: the registry helpers both daemons use, values
 //!   computed at scrape time ([`metrics::Scraped`]), and the text encoding;
-//! * [`http`]: the minimal HTTP/1.1 server of `GET /metrics` behind `--metrics-listen`.
+//! * [`http`]: the minimal HTTP/1.1 server of `GET /metrics` behind `--metrics-listen`;
+//! * [`blocking`]: disk writes from async code without stalling the runtime.
 //!
 //! It never decides anything about the overlay itself and never panics on what a
 //! scraper sends.
 
+pub mod blocking;
 pub mod http;
 pub mod metrics;
 pub mod notify;

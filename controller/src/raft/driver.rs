@@ -170,11 +170,11 @@ impl Driver {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         // Applies what the log holds beyond the snapshot (conf changes included) before
         // the first tick can start an election in an outdated configuration.
-        self.process()?;
+        overlay_ops::blocking::off_the_runtime(|| self.process())?;
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.tick(),
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = housekeeping.tick() => overlay_ops::blocking::off_the_runtime(|| self.housekeeping()),
                 msg = inbox.recv() => {
                     let Some(msg) = msg else { break };
                     self.handle(msg);
@@ -187,7 +187,7 @@ impl Driver {
                 }
                 _ = shutdown.changed() => break,
             }
-            self.process()?;
+            overlay_ops::blocking::off_the_runtime(|| self.process())?;
         }
         // Everything persisted was fsynced in on_ready; nothing is buffered here.
         info!(id = self.config.id, applied = self.applied, "raft driver stopped");
