@@ -252,7 +252,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     tokio::pin!(shutdown);
     let mut last_revision = None;
     let mut applied_revision = 0u64;
-    let mut reconciler = Reconciler::new();
+    // Subscribed before the first pass dumps the entries, so none is missed after it.
+    let mut reconciler = match crate::entries::EntryWatch::open() {
+        Ok(watch) => Reconciler::with_entries(watch),
+        Err(e) => {
+            warn!("cannot subscribe to netlink notifications ({e}): forwarding entries are dumped on every pass");
+            Reconciler::new()
+        }
+    };
     let mut arp_table = ArpTableWatch::default();
     let mut last_content: Option<Arc<Catalog>> = None;
     loop {

@@ -32,6 +32,7 @@ pub mod cni;
 pub mod dataplane;
 pub mod desired;
 pub mod dns;
+pub mod entries;
 pub mod firewall;
 pub mod garp;
 pub mod identity;

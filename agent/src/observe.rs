@@ -8,23 +8,21 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
+use crate::entries::EntryWatch;
 use crate::nl::{Nl, RawLink};
 use crate::observed::{LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
 use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
 
-/// Links of one namespace with their addresses, keyed by name. `host`: the host
-/// namespace, where only devices with our alias are ours and the FDB and permanent
-/// neighbours of the uplinks are read too; in an endpoint namespace everything is ours
-/// and those entries are not needed (and the kernel's ARP table is one for the whole
-/// machine: dumping it walks every namespace's entries, 10,000s with many remote
-/// endpoints, once per endpoint per pass).
+/// Links of one namespace with their addresses, by index, with their names. `host`: the
+/// host namespace, where only devices with our alias are ours; in an endpoint namespace
+/// everything is ours.
 async fn dump(
     nl: &Nl,
     keep: impl Fn(&str) -> bool,
     host: bool,
-) -> Result<BTreeMap<String, LinkObs>> {
+) -> Result<(BTreeMap<u32, LinkObs>, BTreeMap<u32, String>)> {
     let all_owned = !host;
     let raw: Vec<RawLink> = nl.links().await?;
     let names: BTreeMap<u32, String> = raw.iter().map(|l| (l.index, l.name.clone())).collect();
@@ -43,19 +41,15 @@ async fn dump(
             l.addrs.insert(addr);
         }
     }
-    if host {
-        for (index, entry) in nl.fdb().await? {
-            if let Some(l) = by_index.get_mut(&index) {
-                l.fdb.insert(entry);
-            }
-        }
-        for (index, ip, mac) in nl.neighs().await? {
-            if let Some(l) = by_index.get_mut(&index) {
-                l.neigh.insert(ip, mac);
-            }
-        }
-    }
-    Ok(by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect())
+    Ok((by_index, names))
+}
+
+/// Keyed by name.
+fn by_name(
+    by_index: BTreeMap<u32, LinkObs>,
+    names: &BTreeMap<u32, String>,
+) -> BTreeMap<String, LinkObs> {
+    by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect()
 }
 
 /// One endpoint namespace.
@@ -63,7 +57,8 @@ pub async fn observe_netns(name: &str) -> Result<NsObs> {
     let (nl, (ip_forward, sysctls)) =
         Nl::in_netns_with(name, || (netns::forwarding(), read_sysctls()))
             .with_context(|| format!("opening netlink in namespace {name}"))?;
-    let links = dump(&nl, |_| true, false).await?;
+    let (links, names) = dump(&nl, |_| true, false).await?;
+    let links = by_name(links, &names);
     let routes = nl.gateway_routes().await?.into_iter().collect();
     Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
 }
@@ -92,13 +87,46 @@ fn read_sysctls() -> BTreeMap<String, String> {
 /// than as missing, so the plan never recreates something merely unreadable, and the
 /// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
-    let links = observe_host_links(host).await?;
+    let links = observe_host_links(host, None).await?;
     observe_with_links(store, links).await
 }
 
-/// The host namespace's devices that may be ours, with their addresses and entries.
-pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> {
-    dump(host, owned, true).await
+/// The host namespace's devices that may be ours, with their addresses, and the FDB
+/// entries and permanent neighbours of the uplinks: from `entries` when given (kept
+/// current by notifications), else dumped. An endpoint namespace needs none of those
+/// (and the kernel's ARP table is one for the whole machine: dumping it walks every
+/// namespace's entries, 10,000s with many remote endpoints).
+pub async fn observe_host_links(
+    host: &Nl,
+    entries: Option<&mut EntryWatch>,
+) -> Result<BTreeMap<String, LinkObs>> {
+    let (mut by_index, names) = dump(host, owned, true).await?;
+    match entries {
+        Some(watch) => {
+            let entries = watch.entries(host).await?;
+            for (index, l) in by_index.iter_mut() {
+                if let Some(fdb) = entries.fdb(*index) {
+                    l.fdb = fdb.clone();
+                }
+                if let Some(neigh) = entries.neigh(*index) {
+                    l.neigh = neigh.clone();
+                }
+            }
+        }
+        None => {
+            for (index, entry) in host.fdb().await? {
+                if let Some(l) = by_index.get_mut(&index) {
+                    l.fdb.insert(entry);
+                }
+            }
+            for (index, ip, mac) in host.neighs().await? {
+                if let Some(l) = by_index.get_mut(&index) {
+                    l.neigh.insert(ip, mac);
+                }
+            }
+        }
+    }
+    Ok(by_name(by_index, &names))
 }
 
 /// The rest of [`observe`], given the host's devices as [`observe_host_links`] found
