@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::entries::EntryWatch;
 use crate::nl::{Nl, RawLink};
-use crate::observed::{LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
+use crate::observed::{FirewallObs, LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
 use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
@@ -88,7 +88,30 @@ fn read_sysctls() -> BTreeMap<String, String> {
 /// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
     let links = observe_host_links(host, None).await?;
-    observe_with_links(store, links).await
+    observe_with_links(store, links, &mut FirewallCache::default()).await
+}
+
+/// The host firewall as last read (two `nft` runs), with the ruleset generation (see
+/// [`firewall::generation`]) it was read at: read again only when that changed, i.e.
+/// when anyone committed anything to nftables since.
+#[derive(Debug, Default)]
+pub struct FirewallCache {
+    seen: Option<(u32, Option<FirewallObs>)>,
+}
+
+impl FirewallCache {
+    pub async fn observe(&mut self) -> Option<FirewallObs> {
+        // Asked before reading: a commit in between makes the next pass read again.
+        let generation = firewall::generation();
+        if let (Some(g), Some((seen, obs))) = (generation, &self.seen) {
+            if g == *seen {
+                return obs.clone();
+            }
+        }
+        let obs = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
+        self.seen = generation.map(|g| (g, obs.clone()));
+        obs
+    }
 }
 
 /// The host namespace's devices that may be ours, with their addresses, and the FDB
@@ -134,6 +157,7 @@ pub async fn observe_host_links(
 pub async fn observe_with_links(
     store: &Store,
     links: BTreeMap<String, LinkObs>,
+    firewall: &mut FirewallCache,
 ) -> Result<ObservedHost> {
     let recorded = store.owned_namespaces().context("reading the namespace record")?;
     let existing = netns::list();
@@ -154,7 +178,7 @@ pub async fn observe_with_links(
         }
     }
     let foreign = existing.difference(&recorded).cloned().collect();
-    let firewall = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
+    let firewall = firewall.observe().await;
     Ok(ObservedHost {
         links,
         namespaces,

@@ -31,7 +31,7 @@ use crate::desired::{HostDesired, Uplink};
 use crate::entries::EntryWatch;
 use crate::firewall;
 use crate::nl::Nl;
-use crate::observe::{observe_host_links, observe_with_links};
+use crate::observe::{observe_host_links, observe_with_links, FirewallCache};
 use crate::plan::{fold, in_the_way, plan, plan_forwarding, Action, Ns};
 use crate::store::Store;
 
@@ -109,6 +109,8 @@ pub struct Reconciler {
     /// The host's forwarding entries kept current by notifications; `None`: dumped on
     /// every pass.
     entries: Option<EntryWatch>,
+    /// The host firewall, read again only when nftables changed.
+    firewall: FirewallCache,
 }
 
 /// The network an action's device belongs to, for logging.
@@ -328,7 +330,7 @@ impl Reconciler {
             for a in tried.iter().filter(|a| !failed.contains(&a.to_string())) {
                 fold(&mut links, a);
             }
-            let mut observed = observe_with_links(store, links).await?;
+            let mut observed = observe_with_links(store, links, &mut self.firewall).await?;
             // What stage 1 announced need not be announced again.
             observed.tap_neigh = desired
                 .networks
