@@ -21,7 +21,6 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use futures::channel::mpsc::UnboundedReceiver;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::RouteNetlinkMessage;
@@ -141,98 +140,126 @@ pub fn change_of(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Option<Change> {
     }
 }
 
-type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, netlink_sys::SocketAddr)>;
+/// `RTNLGRP_LINK` and `RTNLGRP_NEIGH`, as a bind mask.
+const GROUPS: u32 = (1 << (1 - 1)) | (1 << (3 - 1));
 
 /// The notification socket and what it told so far (see the module documentation).
+///
+/// The socket is read when a pass asks ([`EntryWatch::entries`]), not by a task of its
+/// own: the kernel sends the notification of a change before it acknowledges the
+/// change, so whatever the previous pass applied (or anyone did before this pass asked)
+/// is already queued and is seen.
 pub struct EntryWatch {
-    messages: Option<Messages>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// `None` once it failed: dumps on every pass from then on.
+    socket: Option<netlink_sys::Socket>,
+    buf: Vec<u8>,
     entries: Entries,
     /// When the entries were last dumped; `None`: they must be.
     synced: Option<Instant>,
     resync_interval: Duration,
+    /// How many times the entries were dumped.
+    dumps: u64,
 }
 
 impl std::fmt::Debug for EntryWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EntryWatch")
-            .field("subscribed", &self.messages.is_some())
+            .field("subscribed", &self.socket.is_some())
             .field("synced", &self.synced)
             .finish_non_exhaustive()
     }
 }
 
-impl Drop for EntryWatch {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
 impl EntryWatch {
-    /// Subscribes to the agent's namespace's link and neighbour notifications. Must be
-    /// called inside a tokio runtime.
+    /// Subscribes to the link and neighbour notifications of the calling thread's
+    /// network namespace.
     pub fn open() -> std::io::Result<EntryWatch> {
-        use netlink_sys::AsyncSocket;
-        use rtnetlink::MulticastGroup;
-        let (mut conn, _handle, messages) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
-        let socket = conn.socket_mut().socket_mut();
-        if let Err(e) = force_rcvbuf(socket, RCVBUF) {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+        socket.bind(&netlink_sys::SocketAddr::new(0, GROUPS))?;
+        socket.set_non_blocking(true)?;
+        if let Err(e) = force_rcvbuf(&socket, RCVBUF) {
             debug!("notification socket keeps its default buffer ({e}): bursts may overflow it");
         }
-        let task = tokio::spawn(conn);
         Ok(EntryWatch {
-            messages: Some(messages),
-            task: Some(task),
+            socket: Some(socket),
+            buf: vec![0; 1 << 16],
             entries: Entries::default(),
             synced: None,
             resync_interval: RESYNC_INTERVAL,
+            dumps: 0,
         })
     }
 
-    /// The entries as they are now: the notifications received since the last call
+    /// Reads every queued notification: applied to the entries unless a resync is due
+    /// anyway (then only read, to empty the queue); returns why one is due, if it is.
+    fn drain(&mut self, mut why: Option<&'static str>) -> Option<&'static str> {
+        let Some(socket) = &self.socket else { return Some("no notifications") };
+        loop {
+            let mut slice = &mut self.buf[..];
+            let n = match socket.recv(&mut slice, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return why,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    why = Some("notifications were lost (socket buffer full)");
+                    continue;
+                }
+                Err(e) => {
+                    warn!("the netlink notification socket failed ({e}): forwarding entries are dumped on every pass from now on");
+                    self.socket = None;
+                    return Some("no notifications");
+                }
+            };
+            let mut at = 0;
+            while let Some(rest) = self.buf.get(at..n).filter(|r| r.len() >= 16) {
+                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                let Some(bytes) = rest.get(..len).filter(|_| len >= 16) else {
+                    why = Some("a notification could not be read");
+                    break;
+                };
+                match NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) {
+                    Ok(msg) => {
+                        if let Some(change) = change_of(&msg) {
+                            if why.is_none() && !self.entries.apply(&change) {
+                                if let Change::Resync(reason) = change {
+                                    why = Some(reason);
+                                }
+                            }
+                        }
+                    }
+                    // One the parser does not know (a newer kernel's) may have been
+                    // about an entry.
+                    Err(e) => {
+                        debug!("unreadable rtnetlink notification: {e}");
+                        why = Some("a notification could not be read");
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// The entries as they are now: the notifications queued since the last call
     /// applied, or a fresh dump through `nl` when they cannot be trusted.
     pub async fn entries(&mut self, nl: &Nl) -> Result<&Entries> {
-        let mut why = match self.synced {
+        let due = match self.synced {
             None => Some("start"),
             Some(t) if t.elapsed() >= self.resync_interval => Some("safety net"),
             Some(_) => None,
         };
-        if let Some(messages) = &mut self.messages {
-            loop {
-                match messages.try_recv() {
-                    Ok((msg, _)) => {
-                        let Some(change) = change_of(&msg) else { continue };
-                        if why.is_none() && !self.entries.apply(&change) {
-                            if let Change::Resync(reason) = change {
-                                why = Some(reason);
-                            }
-                        }
-                    }
-                    // Nothing more for now.
-                    Err(e) if e.is_empty() => break,
-                    // The socket's task ended: dump on every pass from now on.
-                    Err(_) => {
-                        warn!("the netlink notification socket closed: forwarding entries are dumped on every pass from now on");
-                        self.messages = None;
-                        why = Some("no notifications");
-                        break;
-                    }
-                }
-            }
-        } else {
-            why = Some("no notifications");
-        }
-        if let Some(why) = why {
+        if let Some(why) = self.drain(due) {
             let fdb = nl.fdb().await?;
             let neigh = nl.neighs().await?;
             debug!(why, fdb = fdb.len(), neigh = neigh.len(), "dumped forwarding entries");
             self.entries = Entries::from_dump(fdb, neigh);
             self.synced = Some(Instant::now());
+            self.dumps += 1;
         }
         Ok(&self.entries)
+    }
+
+    /// How many times the entries were dumped so far.
+    pub fn dumps(&self) -> u64 {
+        self.dumps
     }
 }
 

@@ -275,6 +275,11 @@ impl Reconciler {
         Reconciler { entries: Some(entries), ..Reconciler::default() }
     }
 
+    /// How many times the forwarding entries were dumped (`None`: on every pass).
+    pub fn entry_dumps(&self) -> Option<u64> {
+        self.entries.as_ref().map(EntryWatch::dumps)
+    }
+
     /// Actions that failed and are not yet fixed.
     pub fn failing(&self) -> usize {
         self.failures.len()
