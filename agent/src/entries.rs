@@ -140,8 +140,8 @@ pub fn change_of(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Option<Change> {
     }
 }
 
-/// `RTNLGRP_LINK` and `RTNLGRP_NEIGH`, as a bind mask.
-const GROUPS: u32 = (1 << (1 - 1)) | (1 << (3 - 1));
+/// `RTNLGRP_LINK` (1) and `RTNLGRP_NEIGH` (3), as a bind mask (bit N-1 for group N).
+const GROUPS: u32 = 0b101;
 
 /// The notification socket and what it told so far (see the module documentation).
 ///
