@@ -456,7 +456,7 @@ fn plan_vxlan(nd: &NetDesired, local: Ipv4Addr, observed: &ObservedHost, out: &m
             plan_entries(nd, &link.fdb, &link.neigh, out);
         }
         // Not ours and not what we want: never touched (see `in_the_way`).
-        Some(link) if !link.owned => return,
+        Some(link) if !link.owned => {}
         other => {
             if other.is_some() {
                 out.make_room.push(Action::DeleteLink { ns: Ns::Host, name: nd.uplink.clone() });
