@@ -504,7 +504,7 @@ struct PassState<'a> {
 /// get that far).
 async fn pass(
     ctx: &PassCtx<'_>,
-    catalog: &Catalog,
+    catalog: &Arc<Catalog>,
     st: PassState<'_>,
     metrics: &Metrics,
 ) -> Option<Result<(), String>> {
@@ -561,8 +561,15 @@ async fn pass(
     dns.refresh_upstream();
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
-    let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
-    let dns_outcome = dns.answered(answer, &ours);
+    let tables = dns.serve(catalog, &ours);
+    let answer = dataplane.dns(&tables).await;
+    let mut dns_outcome = dns.answered(answer, &ours);
+    if tables.changes.is_some() && !dns.current(catalog.revision) {
+        // The daemon held other records than we thought (it was restarted, say): all
+        // of them, now.
+        let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
+        dns_outcome = dns.answered(answer, &ours);
+    }
     if let Ok(p) = &result {
         ctx.cni.rebuild(&p.marks, &desired);
         // Remote endpoints are reachable from here once their forwarding entries,

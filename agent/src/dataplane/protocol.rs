@@ -94,11 +94,97 @@ impl DnsRecords {
     }
 }
 
+/// What changed in the records from revision `base` (the daemon's) to `revision`: the
+/// networks and routes whole (a few), the endpoints added or changed, and the names of
+/// those removed. One endpoint created costs one endpoint on the socket, not the
+/// catalog's 10,000 (1.4 MB of JSON, 45 ms to write and read).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsChanges {
+    pub base: u64,
+    pub revision: u64,
+    pub networks: Vec<Network>,
+    pub routes: Vec<Route>,
+    pub endpoints: Vec<Endpoint>,
+    pub removed: Vec<String>,
+}
+
+impl DnsChanges {
+    /// From the records of `old` to those of `new` (pure; one walk of both).
+    pub fn between(old: &Catalog, new: &Catalog) -> DnsChanges {
+        let mut changes = DnsChanges {
+            base: old.revision,
+            revision: new.revision,
+            networks: new.networks.values().cloned().collect(),
+            routes: new.routes.values().cloned().collect(),
+            ..DnsChanges::default()
+        };
+        let (mut was, mut is) = (old.endpoints.iter().peekable(), new.endpoints.iter().peekable());
+        loop {
+            let order = match (was.peek(), is.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    if let Some((name, _)) = was.next() {
+                        changes.removed.push(name.clone());
+                    }
+                }
+                std::cmp::Ordering::Greater => {
+                    if let Some((_, e)) = is.next() {
+                        changes.endpoints.push(e.clone());
+                    }
+                }
+                std::cmp::Ordering::Equal => {
+                    if let (Some((_, a)), Some((_, b))) = (was.next(), is.next()) {
+                        if a != b {
+                            changes.endpoints.push(b.clone());
+                        }
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// Whether only the revision moves.
+    pub fn only_revision(&self, records: &Catalog) -> bool {
+        self.endpoints.is_empty()
+            && self.removed.is_empty()
+            && records.networks.values().eq(self.networks.iter())
+            && records.routes.values().eq(self.routes.iter())
+    }
+
+    /// Applies them to `records` (the records of the catalog at `base`); `false`, and
+    /// `records` untouched, when those are at another revision.
+    pub fn apply_to(&self, records: &mut Catalog) -> bool {
+        if records.revision != self.base {
+            return false;
+        }
+        records.revision = self.revision;
+        records.networks = self.networks.iter().map(|n| (n.name.clone(), n.clone())).collect();
+        records.routes = self.routes.iter().map(|r| (r.key(), r.clone())).collect();
+        for name in &self.removed {
+            records.endpoints.remove(name);
+        }
+        for e in &self.endpoints {
+            records.endpoints.insert(e.name.clone(), e.clone());
+        }
+        true
+    }
+}
+
 /// The DNS the daemon serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsTables {
     /// New records, when the catalog changed since the daemon's (`None`: keep them).
     pub records: Option<DnsRecords>,
+    /// Or only what changed since the daemon's records (ignored by a daemon whose
+    /// records are at another revision; it says which it holds).
+    #[serde(default)]
+    pub changes: Option<DnsChanges>,
     /// Where names that are not the overlay's are forwarded.
     pub upstream: Vec<SocketAddr>,
     /// The endpoints to serve (127.0.0.11:53 in the namespace of the same name); the
@@ -212,6 +298,37 @@ mod tests {
         // A VXLAN-only host has no tables at all.
         let t = tables_for(&desired_for_host(&catalog(), &local), &names());
         assert_eq!(t, Tables::default());
+    }
+
+    #[test]
+    fn dns_changes_take_the_records_from_one_catalog_to_the_next() {
+        let old = catalog();
+        let mut new = old.clone();
+        new.revision = old.revision + 3;
+        new.endpoints.remove("db");
+        new.endpoints.get_mut("web").unwrap().attachments[0].aliases = vec!["www".into()];
+        let added = crate::desired::tests::ep("new", "h1", &[("front", "10.1.0.20", 50)]);
+        new.endpoints.insert(added.name.clone(), added.clone());
+        let changes = DnsChanges::between(&old, &new);
+        let names: Vec<&str> = changes.endpoints.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["new", "web"]);
+        assert_eq!(changes.removed, ["db"]);
+        assert!(!changes.only_revision(&old));
+
+        let records = |c: &Catalog| DnsRecords::from_catalog(c).to_catalog();
+        let mut held = records(&old);
+        assert!(changes.apply_to(&mut held));
+        assert_eq!(held, records(&new));
+        // Records at another revision are left alone (the agent then sends them all).
+        let mut other = records(&old);
+        other.revision += 1;
+        let before = other.clone();
+        assert!(!changes.apply_to(&mut other));
+        assert_eq!(other, before);
+        // Nothing but the revision.
+        let mut later = new.clone();
+        later.revision += 1;
+        assert!(DnsChanges::between(&new, &later).only_revision(&held));
     }
 
     #[test]
