@@ -509,10 +509,16 @@ async fn pass(
     metrics: &Metrics,
 ) -> Option<Result<(), String>> {
     let started = std::time::Instant::now();
-    let PassState { desired, dns, dataplane, reconciler, last_revision, applied_revision, report } =
-        st;
+    let PassState {
+        mut desired,
+        dns,
+        dataplane,
+        reconciler,
+        last_revision,
+        applied_revision,
+        report,
+    } = st;
     let (host, store) = (ctx.host, ctx.store);
-    let mut desired = desired;
     desired.firewall.guard = ctx.guard.clone();
     // Marks say which cluster's host made a namespace (hosts may share /run/netns).
     desired.owner.cluster = store.cluster_id();
