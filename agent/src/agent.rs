@@ -252,9 +252,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     tokio::pin!(shutdown);
     let mut last_revision = None;
     let mut applied_revision = 0u64;
-    let mut reconciler = Reconciler::new();
+    // Subscribed before the first pass dumps the entries, so none is missed after it.
+    let mut reconciler = match crate::entries::EntryWatch::open() {
+        Ok(watch) => Reconciler::with_entries(watch),
+        Err(e) => {
+            warn!("cannot subscribe to netlink notifications ({e}): forwarding entries are dumped on every pass");
+            Reconciler::new()
+        }
+    };
     let mut arp_table = ArpTableWatch::default();
     let mut last_content: Option<Arc<Catalog>> = None;
+    // Counts the catalog's changes of content: the desired state is built again (all
+    // of the catalog's endpoints) only when it moves.
+    let mut content = 0u64;
+    let mut desired_cache = DesiredCache::default();
     loop {
         let mut woken_by_catalog = false;
         tokio::select! {
@@ -281,15 +292,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             _ = cni.pass_wanted() => {}
         }
         let Some(catalog) = rx.borrow_and_update().clone() else { continue };
+        let unchanged = last_content
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &catalog) || same_content(c, &catalog));
         // A progress message moves only the revision: nothing to reconcile until the
         // next tick (issue 14: idle hosts hear of every revision).
-        if woken_by_catalog && last_content.as_ref().is_some_and(|c| same_content(c, &catalog)) {
+        if woken_by_catalog && unchanged {
             last_content = Some(catalog);
             continue;
+        }
+        if !unchanged {
+            content += 1;
         }
         last_content = Some(catalog.clone());
         let ctx = PassCtx { host: &host, store: &store, local: &local, guard: &guard, cni: &cni };
         let state = PassState {
+            desired: desired_cache.get(content, &catalog, &local),
             dns: &mut dns,
             dataplane: &mut dataplane,
             reconciler: &mut reconciler,
@@ -447,8 +465,31 @@ struct PassCtx<'a> {
     cni: &'a Cni,
 }
 
+/// The desired state built from the catalog's content `content` (see the main loop),
+/// before the pass's own adjustments.
+#[derive(Default)]
+struct DesiredCache {
+    built: Option<(u64, HostDesired)>,
+}
+
+impl DesiredCache {
+    /// The desired state of content `content`, built from `catalog` if it was not yet.
+    fn get(&mut self, content: u64, catalog: &Catalog, local: &LocalHost) -> HostDesired {
+        match &self.built {
+            Some((c, d)) if *c == content => d.clone(),
+            _ => {
+                let d = desired_for_host(catalog, local);
+                self.built = Some((content, d.clone()));
+                d
+            }
+        }
+    }
+}
+
 /// What the main loop keeps from one pass to the next.
 struct PassState<'a> {
+    /// This pass's desired state as the catalog says (see [`DesiredCache`]).
+    desired: HostDesired,
     /// What the data-plane daemon, which serves the endpoints' DNS, is told.
     dns: &'a mut DnsFeed,
     dataplane: &'a mut DataplaneClient,
@@ -464,14 +505,21 @@ struct PassState<'a> {
 /// get that far).
 async fn pass(
     ctx: &PassCtx<'_>,
-    catalog: &Catalog,
+    catalog: &Arc<Catalog>,
     st: PassState<'_>,
     metrics: &Metrics,
 ) -> Option<Result<(), String>> {
     let started = std::time::Instant::now();
-    let PassState { dns, dataplane, reconciler, last_revision, applied_revision, report } = st;
+    let PassState {
+        mut desired,
+        dns,
+        dataplane,
+        reconciler,
+        last_revision,
+        applied_revision,
+        report,
+    } = st;
     let (host, store) = (ctx.host, ctx.store);
-    let mut desired = desired_for_host(catalog, ctx.local);
     desired.firewall.guard = ctx.guard.clone();
     // Marks say which cluster's host made a namespace (hosts may share /run/netns).
     desired.owner.cluster = store.cluster_id();
@@ -520,8 +568,15 @@ async fn pass(
     dns.refresh_upstream();
     let owned = store.owned_namespaces().unwrap_or_default();
     let ours: BTreeSet<String> = wanted.intersection(&owned).cloned().collect();
-    let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
-    let dns_outcome = dns.answered(answer, &ours);
+    let tables = dns.serve(catalog, &ours);
+    let answer = dataplane.dns(&tables).await;
+    let mut dns_outcome = dns.answered(answer, &ours);
+    if tables.changes.is_some() && !dns.current(catalog.revision) {
+        // The daemon held other records than we thought (it was restarted, say): all
+        // of them, now.
+        let answer = dataplane.dns(&dns.serve(catalog, &ours)).await;
+        dns_outcome = dns.answered(answer, &ours);
+    }
     if let Ok(p) = &result {
         ctx.cni.rebuild(&p.marks, &desired);
         // Remote endpoints are reachable from here once their forwarding entries,
@@ -608,6 +663,23 @@ mod tests {
         assert_eq!(addrs, ["192.0.2.9", "192.0.2.10"]);
         assert_eq!(g.control_ports, [7400, 7500, 9100].into());
         assert_eq!(g.data_ports, [4789, 7470, 7471].into());
+    }
+
+    #[test]
+    fn the_desired_state_is_built_again_only_when_the_content_moves() {
+        let local = LocalHost {
+            name: "h2".into(),
+            underlay_ip: "192.0.2.2".parse().unwrap(),
+            can_encrypt: false,
+        };
+        let mut cache = DesiredCache::default();
+        let first = crate::desired::tests::catalog();
+        assert_eq!(cache.get(1, &first, &local), desired_for_host(&first, &local));
+        // Same content (a tick, a progress message): the built one, whatever is passed.
+        let mut other = first.clone();
+        other.endpoints.clear();
+        assert_eq!(cache.get(1, &other, &local), desired_for_host(&first, &local));
+        assert_eq!(cache.get(2, &other, &local), desired_for_host(&other, &local));
     }
 
     #[test]

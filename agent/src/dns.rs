@@ -20,7 +20,7 @@ use std::sync::Arc;
 use overlay_dns::{DnsView, Upstream};
 
 use crate::dataplane::client::DnsAnswer;
-use crate::dataplane::protocol::{DnsRecords, DnsTables};
+use crate::dataplane::protocol::{DnsChanges, DnsRecords, DnsTables};
 use overlay_model::Catalog;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -114,6 +114,9 @@ pub struct DnsServers {
     addr: SocketAddr,
     view: watch::Sender<Arc<DnsView>>,
     revision: Option<u64>,
+    /// In the data-plane daemon: the records the view was built from, which
+    /// [`DnsChanges`] apply to.
+    records: Option<Catalog>,
     upstream: Arc<Upstream>,
     source: Option<UpstreamSource>,
     servers: BTreeMap<String, Server>,
@@ -135,6 +138,7 @@ impl DnsServers {
             addr: SocketAddr::from(([127, 0, 0, 11], 53)),
             view,
             revision: None,
+            records: None,
             upstream: Arc::new(upstream),
             source: None,
             servers: BTreeMap::new(),
@@ -258,10 +262,26 @@ impl DnsServers {
         self.revision
     }
 
-    /// Serves exactly `dns.serve` from `dns.records` (if given) and `dns.upstream`.
+    /// Serves exactly `dns.serve` from `dns.records` or the records held with
+    /// `dns.changes` applied (if given, and if they apply to them), and `dns.upstream`.
     pub fn set(&mut self, dns: &DnsTables) -> crate::status::DnsOutcome {
         if let Some(records) = &dns.records {
-            self.publish(&records.to_catalog());
+            let records = records.to_catalog();
+            self.publish(&records);
+            self.records = Some(records);
+        } else if let Some(changes) = &dns.changes {
+            if let Some(records) = self.records.as_mut() {
+                let same = changes.only_revision(records);
+                if changes.apply_to(records) {
+                    if same {
+                        // The view stays as it is: building it walks every endpoint.
+                        self.revision = Some(records.revision);
+                    } else {
+                        let records = records.clone();
+                        self.publish(&records);
+                    }
+                }
+            }
         }
         self.set_upstream(dns.upstream.clone());
         let wanted: BTreeSet<String> = dns.serve.iter().cloned().collect();
@@ -280,13 +300,25 @@ pub struct DnsFeed {
     served: BTreeSet<String>,
     /// The revision of the records the daemon holds, as it last said.
     daemon_revision: Option<u64>,
+    /// The catalog whose records the daemon holds (it said so), which changes are
+    /// computed from.
+    held: Option<Arc<Catalog>>,
+    /// The catalog of the last [`DnsFeed::serve`].
+    asked: Option<Arc<Catalog>>,
 }
 
 impl DnsFeed {
     pub fn from_resolv_conf(resolv_conf: Option<&Path>) -> DnsFeed {
         let source = UpstreamSource::new(resolv_conf);
         let servers = upstream(resolv_conf).servers().to_vec();
-        DnsFeed { source, servers, served: BTreeSet::new(), daemon_revision: None }
+        DnsFeed {
+            source,
+            servers,
+            served: BTreeSet::new(),
+            daemon_revision: None,
+            held: None,
+            asked: None,
+        }
     }
 
     /// Reads the resolvers again if their file changed.
@@ -307,15 +339,29 @@ impl DnsFeed {
             return None;
         }
         let serve = self.served.intersection(wanted).cloned().collect();
-        Some(DnsTables { records: None, upstream: self.servers.clone(), serve })
+        Some(DnsTables { records: None, changes: None, upstream: self.servers.clone(), serve })
     }
 
-    /// After a pass: serve `ours` from `catalog` (whose records go along only when the
-    /// daemon has another revision).
-    pub fn serve(&self, catalog: &Catalog, ours: &BTreeSet<String>) -> DnsTables {
-        let records = (self.daemon_revision != Some(catalog.revision))
-            .then(|| DnsRecords::from_catalog(catalog));
-        DnsTables { records, upstream: self.servers.clone(), serve: ours.iter().cloned().collect() }
+    /// After a pass: serve `ours` from `catalog`. When the daemon has another revision,
+    /// what changed since the catalog it holds goes along, or all the records when
+    /// that catalog is not known (the agent or the daemon just started).
+    pub fn serve(&mut self, catalog: &Arc<Catalog>, ours: &BTreeSet<String>) -> DnsTables {
+        let mut tables = DnsTables {
+            records: None,
+            changes: None,
+            upstream: self.servers.clone(),
+            serve: ours.iter().cloned().collect(),
+        };
+        if self.daemon_revision != Some(catalog.revision) {
+            match &self.held {
+                Some(held) if self.daemon_revision == Some(held.revision) => {
+                    tables.changes = Some(DnsChanges::between(held, catalog));
+                }
+                _ => tables.records = Some(DnsRecords::from_catalog(catalog)),
+            }
+        }
+        self.asked = Some(catalog.clone());
+        tables
     }
 
     /// What the daemon answered (or why it could not be asked), as the pass's outcome.
@@ -327,6 +373,8 @@ impl DnsFeed {
         match answer {
             Ok(a) => {
                 self.daemon_revision = a.revision;
+                let sent = self.asked.take();
+                self.held = sent.filter(|c| a.revision == Some(c.revision));
                 self.served = a.served.iter().cloned().collect();
                 crate::status::DnsOutcome {
                     served: self.served.intersection(asked).cloned().collect(),
@@ -337,6 +385,7 @@ impl DnsFeed {
             Err(e) => {
                 // Unknown: asked again in full next time.
                 self.daemon_revision = None;
+                self.held = None;
                 crate::status::DnsOutcome {
                     unavailable: Some(format!("the data-plane daemon that serves it: {e:#}")),
                     ..Default::default()
@@ -354,6 +403,69 @@ impl DnsFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(revision: u64) -> anyhow::Result<DnsAnswer> {
+        Ok(DnsAnswer { revision: Some(revision), served: vec![], failed: vec![] })
+    }
+
+    #[test]
+    fn the_daemon_gets_all_records_once_then_what_changed() {
+        let mut feed = DnsFeed::from_resolv_conf(Some(Path::new("/nonexistent")));
+        let ours = BTreeSet::new();
+        let first = Arc::new(crate::desired::tests::catalog());
+        let t = feed.serve(&first, &ours);
+        assert!(t.records.is_some() && t.changes.is_none());
+        feed.answered(answer(first.revision), &ours);
+        // Nothing new: neither.
+        let t = feed.serve(&first, &ours);
+        assert!(t.records.is_none() && t.changes.is_none());
+        feed.answered(answer(first.revision), &ours);
+        // A new endpoint: only it.
+        let mut next = (*first).clone();
+        next.revision += 1;
+        let e = crate::desired::tests::ep("new", "h1", &[("front", "10.1.0.20", 50)]);
+        next.endpoints.insert(e.name.clone(), e);
+        let next = Arc::new(next);
+        let t = feed.serve(&next, &ours);
+        let changes = t.changes.as_ref().expect("changes");
+        assert!(t.records.is_none());
+        assert_eq!((changes.base, changes.revision), (first.revision, next.revision));
+        assert_eq!(changes.endpoints.len(), 1);
+        // The daemon did not take them (it holds something else): all records again.
+        feed.answered(answer(3), &ours);
+        assert!(!feed.current(next.revision));
+        let t = feed.serve(&next, &ours);
+        assert!(t.records.is_some() && t.changes.is_none());
+    }
+
+    #[test]
+    fn the_daemon_applies_changes_to_the_records_it_holds_only() {
+        let mut servers = DnsServers::new(Upstream::new(Vec::new()));
+        let old = crate::desired::tests::catalog();
+        let mut new = old.clone();
+        new.revision += 1;
+        new.endpoints.remove("db");
+        let changes = DnsChanges::between(&old, &new);
+        let tables =
+            |records, changes| DnsTables { records, changes, upstream: vec![], serve: vec![] };
+        // Nothing held yet: changes cannot apply.
+        servers.set(&tables(None, Some(changes.clone())));
+        assert_eq!(servers.revision(), None);
+        servers.set(&tables(Some(DnsRecords::from_catalog(&old)), None));
+        assert_eq!(servers.revision(), Some(old.revision));
+        servers.set(&tables(None, Some(changes.clone())));
+        assert_eq!(servers.revision(), Some(new.revision));
+        assert!(servers.view.borrow().revision() == new.revision);
+        // Changes from another base are ignored.
+        servers.set(&tables(None, Some(changes)));
+        assert_eq!(servers.revision(), Some(new.revision));
+        // Only the revision moves: the view is kept.
+        let mut later = new.clone();
+        later.revision += 5;
+        servers.set(&tables(None, Some(DnsChanges::between(&new, &later))));
+        assert_eq!(servers.revision(), Some(later.revision));
+        assert!(servers.view.borrow().revision() == new.revision);
+    }
 
     #[test]
     fn upstream_reads_the_configured_file() {

@@ -272,6 +272,77 @@ pub fn observe() -> Option<FirewallObs> {
     Some(FirewallObs { digest, rules })
 }
 
+/// The ruleset's generation in the calling thread's network namespace: a number the
+/// kernel changes with every nftables commit, by anyone (`NFT_MSG_GETGEN` over
+/// netfilter netlink, one round trip, no process). `None` when it cannot be asked (no
+/// nf_tables): then the table is observed every time.
+pub fn generation() -> Option<u32> {
+    let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).ok()?;
+    socket.bind_auto().ok()?;
+    socket.connect(&netlink_sys::SocketAddr::new(0, 0)).ok()?;
+    socket.send(&generation_request(1), 0).ok()?;
+    let mut buf = vec![0u8; 8192];
+    // Bounded: a reply that never comes must not stall a pass.
+    let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live timeval and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let n = socket.recv(&mut &mut buf[..], 0).ok()?;
+    parse_generation(buf.get(..n)?)
+}
+
+/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN` and the reply's `… | NFT_MSG_NEWGEN`.
+const GETGEN: u16 = (10 << 8) | 16;
+const NEWGEN: u16 = (10 << 8) | 15;
+/// `NFTA_GEN_ID`.
+const GEN_ID: u16 = 1;
+
+/// The request: a netlink header and an empty `nfgenmsg` (AF_UNSPEC, version 0).
+fn generation_request(seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20);
+    m.extend_from_slice(&20u32.to_ne_bytes());
+    m.extend_from_slice(&GETGEN.to_ne_bytes());
+    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m
+}
+
+/// `NFTA_GEN_ID` (big-endian) of a `NEWGEN` reply; `None` for anything else (an error
+/// reply, a short or malformed message).
+fn parse_generation(msg: &[u8]) -> Option<u32> {
+    let u16_at = |i: usize| Some(u16::from_ne_bytes(msg.get(i..i + 2)?.try_into().ok()?));
+    let len = u32::from_ne_bytes(msg.get(0..4)?.try_into().ok()?) as usize;
+    if u16_at(4)? != NEWGEN || len > msg.len() {
+        return None;
+    }
+    // Attributes after the 16-byte header and the 4-byte nfgenmsg, 4-byte aligned.
+    let mut at = 20;
+    while at + 4 <= len {
+        let alen = usize::from(u16_at(at)?);
+        let kind = u16_at(at + 2)? & 0x3fff;
+        if alen < 4 || at + alen > len {
+            return None;
+        }
+        if kind == GEN_ID && alen == 8 {
+            return Some(u32::from_be_bytes(msg.get(at + 4..at + 8)?.try_into().ok()?));
+        }
+        at += (alen + 3) & !3;
+    }
+    None
+}
+
 fn count_rules(json: &[u8]) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_slice(json).ok()?;
     let items = v.get("nftables")?.as_array()?;
@@ -295,6 +366,34 @@ fn table_comment(text: &str) -> Option<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_generation_comes_from_a_newgen_reply_only() {
+        let req = generation_request(7);
+        assert_eq!(req.len(), 20);
+        assert_eq!(u16::from_ne_bytes([req[4], req[5]]), GETGEN);
+        // A NEWGEN reply: header, nfgenmsg, NFTA_GEN_ID 0x01020304, NFTA_GEN_PROC_PID.
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&36u32.to_ne_bytes());
+        reply.extend_from_slice(&NEWGEN.to_ne_bytes());
+        reply.extend_from_slice(&[0; 10]);
+        reply.extend_from_slice(&[0; 4]);
+        reply.extend_from_slice(&8u16.to_ne_bytes());
+        reply.extend_from_slice(&GEN_ID.to_ne_bytes());
+        reply.extend_from_slice(&[1, 2, 3, 4]);
+        reply.extend_from_slice(&8u16.to_ne_bytes());
+        reply.extend_from_slice(&2u16.to_ne_bytes());
+        reply.extend_from_slice(&[0, 0, 0, 9]);
+        assert_eq!(parse_generation(&reply), Some(0x0102_0304));
+        // Anything else: unknown.
+        assert_eq!(parse_generation(&reply[..10]), None);
+        let mut error = reply.clone();
+        error[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        assert_eq!(parse_generation(&error), None);
+        let mut bad = reply.clone();
+        bad[20..22].copy_from_slice(&200u16.to_ne_bytes());
+        assert_eq!(parse_generation(&bad), None);
+    }
 
     fn sample() -> FirewallDesired {
         FirewallDesired {

@@ -3,7 +3,8 @@
 //! nftables table and one DNS server per endpoint) to the controller's desired state.
 //!
 //! * [`desired`] (pure): catalog -> what this host should have.
-//! * [`observed`] + [`observe`]: what the kernel has, only objects we own.
+//! * [`observed`] + [`observe`]: what the kernel has, only objects we own; [`entries`]:
+//!   the host's FDB and neighbour entries kept current from netlink notifications.
 //! * [`plan`] (pure): desired vs observed -> a printable list of actions.
 //! * [`apply`] (+ [`nl`], [`netns`], [`garp`]): actions -> netlink, setns, gratuitous
 //!   ARP, nft.
@@ -32,6 +33,7 @@ pub mod cni;
 pub mod dataplane;
 pub mod desired;
 pub mod dns;
+pub mod entries;
 pub mod firewall;
 pub mod garp;
 pub mod identity;

@@ -190,52 +190,19 @@ impl Nl {
     /// Permanent `self` FDB entries that have a remote (what `bridge fdb append … dst`
     /// makes), by link index.
     pub async fn fdb(&self) -> Result<Vec<(u32, Fdb)>> {
-        let mut out = Vec::new();
-        for m in self.neighbours(AddressFamily::Bridge).await? {
-            if !m.header.flags.contains(NeighbourFlags::Own) || !permanent(m.header.state) {
-                continue;
-            }
-            let mut mac = None;
-            let mut dst = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::LinkLocalAddress(b) => mac = mac_of(b),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
-                    // Bridge-family entries carry the remote as raw bytes.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                        dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                    }
-                    _ => {}
-                }
-            }
-            if let (Some(mac), Some(dst)) = (mac, dst) {
-                out.push((m.header.ifindex, Fdb { mac, dst }));
-            }
-        }
-        Ok(out)
+        let msgs = self.neighbours(AddressFamily::Bridge).await?;
+        Ok(msgs.iter().filter(|m| kept_fdb(m)).filter_map(fdb_of).collect())
     }
 
     /// Permanent IPv4 neighbours, by link index.
     pub async fn neighs(&self) -> Result<Vec<(u32, Ipv4Addr, Mac)>> {
-        let mut out = Vec::new();
-        for m in self.neighbours(AddressFamily::Inet).await? {
-            if !permanent(m.header.state) {
-                continue;
-            }
-            let mut mac = None;
-            let mut ip = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::LinkLocalAddress(b) => mac = mac_of(b),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
-                    _ => {}
-                }
-            }
-            if let (Some(mac), Some(ip)) = (mac, ip) {
-                out.push((m.header.ifindex, ip, mac));
-            }
-        }
-        Ok(out)
+        let msgs = self.neighbours(AddressFamily::Inet).await?;
+        Ok(msgs
+            .iter()
+            .filter(|m| kept_neigh(m))
+            .filter_map(neigh_of)
+            .filter_map(|(index, ip, mac)| Some((index, ip, mac?)))
+            .collect())
     }
 
     /// Main-table IPv4 routes that have a gateway.
@@ -505,6 +472,55 @@ impl Nl {
         ok_if(r, &[libc::ESRCH])
             .with_context(|| format!("deleting route {} via {}", route.dest, route.via))
     }
+}
+
+/// The device index and entry of a bridge-family neighbour message that has a MAC and
+/// an IPv4 remote (a vxlan FDB entry), whatever its flags.
+pub fn fdb_of(m: &NeighbourMessage) -> Option<(u32, Fdb)> {
+    if m.header.family != AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut dst = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::LinkLocalAddress(b) => mac = mac_of(b),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+            // Bridge-family entries carry the remote as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+            }
+            _ => {}
+        }
+    }
+    Some((m.header.ifindex, Fdb { mac: mac?, dst: dst? }))
+}
+
+/// An FDB entry the agent keeps: the device's own (`self`) and permanent.
+pub fn kept_fdb(m: &NeighbourMessage) -> bool {
+    m.header.flags.contains(NeighbourFlags::Own) && permanent(m.header.state)
+}
+
+/// The device index, IPv4 address and MAC (if it has one) of an IPv4 neighbour message.
+pub fn neigh_of(m: &NeighbourMessage) -> Option<(u32, Ipv4Addr, Option<Mac>)> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut mac = None;
+    let mut ip = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::LinkLocalAddress(b) => mac = mac_of(b),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            _ => {}
+        }
+    }
+    Some((m.header.ifindex, ip?, mac))
+}
+
+/// A neighbour the agent keeps: permanent.
+pub fn kept_neigh(m: &NeighbourMessage) -> bool {
+    permanent(m.header.state)
 }
 
 fn raw_link(m: LinkMessage) -> RawLink {

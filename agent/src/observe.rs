@@ -7,24 +7,26 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
+use futures::StreamExt;
 
+use crate::entries::EntryWatch;
 use crate::nl::{Nl, RawLink};
-use crate::observed::{LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
+use crate::observed::{FirewallObs, LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
 use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
 use crate::{firewall, netns};
 
-/// Links of one namespace with their addresses, keyed by name. `host`: the host
-/// namespace, where only devices with our alias are ours and the FDB and permanent
-/// neighbours of the uplinks are read too; in an endpoint namespace everything is ours
-/// and those entries are not needed (and the kernel's ARP table is one for the whole
-/// machine: dumping it walks every namespace's entries, 10,000s with many remote
-/// endpoints, once per endpoint per pass).
+/// How many endpoint namespaces are observed at once.
+const NAMESPACES_AT_ONCE: usize = 4;
+
+/// Links of one namespace with their addresses, by index, with their names. `host`: the
+/// host namespace, where only devices with our alias are ours; in an endpoint namespace
+/// everything is ours.
 async fn dump(
     nl: &Nl,
     keep: impl Fn(&str) -> bool,
     host: bool,
-) -> Result<BTreeMap<String, LinkObs>> {
+) -> Result<(BTreeMap<u32, LinkObs>, BTreeMap<u32, String>)> {
     let all_owned = !host;
     let raw: Vec<RawLink> = nl.links().await?;
     let names: BTreeMap<u32, String> = raw.iter().map(|l| (l.index, l.name.clone())).collect();
@@ -43,19 +45,15 @@ async fn dump(
             l.addrs.insert(addr);
         }
     }
-    if host {
-        for (index, entry) in nl.fdb().await? {
-            if let Some(l) = by_index.get_mut(&index) {
-                l.fdb.insert(entry);
-            }
-        }
-        for (index, ip, mac) in nl.neighs().await? {
-            if let Some(l) = by_index.get_mut(&index) {
-                l.neigh.insert(ip, mac);
-            }
-        }
-    }
-    Ok(by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect())
+    Ok((by_index, names))
+}
+
+/// Keyed by name.
+fn by_name(
+    by_index: BTreeMap<u32, LinkObs>,
+    names: &BTreeMap<u32, String>,
+) -> BTreeMap<String, LinkObs> {
+    by_index.into_iter().filter_map(|(i, l)| Some((names.get(&i)?.clone(), l))).collect()
 }
 
 /// One endpoint namespace.
@@ -63,7 +61,8 @@ pub async fn observe_netns(name: &str) -> Result<NsObs> {
     let (nl, (ip_forward, sysctls)) =
         Nl::in_netns_with(name, || (netns::forwarding(), read_sysctls()))
             .with_context(|| format!("opening netlink in namespace {name}"))?;
-    let links = dump(&nl, |_| true, false).await?;
+    let (links, names) = dump(&nl, |_| true, false).await?;
+    let links = by_name(links, &names);
     let routes = nl.gateway_routes().await?.into_iter().collect();
     Ok(NsObs { links, routes, ip_forward, sysctls, resolv_conf: netns::read_resolv_conf(name) })
 }
@@ -92,13 +91,69 @@ fn read_sysctls() -> BTreeMap<String, String> {
 /// than as missing, so the plan never recreates something merely unreadable, and the
 /// other namespaces are observed all the same.
 pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
-    let links = observe_host_links(host).await?;
-    observe_with_links(store, links).await
+    let links = observe_host_links(host, None).await?;
+    observe_with_links(store, links, &mut FirewallCache::default()).await
 }
 
-/// The host namespace's devices that may be ours, with their addresses and entries.
-pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> {
-    dump(host, owned, true).await
+/// The host firewall as last read (two `nft` runs), with the ruleset generation (see
+/// [`firewall::generation`]) it was read at: read again only when that changed, i.e.
+/// when anyone committed anything to nftables since.
+#[derive(Debug, Default)]
+pub struct FirewallCache {
+    seen: Option<(u32, Option<FirewallObs>)>,
+}
+
+impl FirewallCache {
+    pub async fn observe(&mut self) -> Option<FirewallObs> {
+        // Asked before reading: a commit in between makes the next pass read again.
+        let generation = firewall::generation();
+        if let (Some(g), Some((seen, obs))) = (generation, &self.seen) {
+            if g == *seen {
+                return obs.clone();
+            }
+        }
+        let obs = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
+        self.seen = generation.map(|g| (g, obs.clone()));
+        obs
+    }
+}
+
+/// The host namespace's devices that may be ours, with their addresses, and the FDB
+/// entries and permanent neighbours of the uplinks: from `entries` when given (kept
+/// current by notifications), else dumped. An endpoint namespace needs none of those
+/// (and the kernel's ARP table is one for the whole machine: dumping it walks every
+/// namespace's entries, 10,000s with many remote endpoints).
+pub async fn observe_host_links(
+    host: &Nl,
+    entries: Option<&mut EntryWatch>,
+) -> Result<BTreeMap<String, LinkObs>> {
+    let (mut by_index, names) = dump(host, owned, true).await?;
+    match entries {
+        Some(watch) => {
+            let entries = watch.entries(host).await?;
+            for (index, l) in by_index.iter_mut() {
+                if let Some(fdb) = entries.fdb(*index) {
+                    l.fdb = fdb.clone();
+                }
+                if let Some(neigh) = entries.neigh(*index) {
+                    l.neigh = neigh.clone();
+                }
+            }
+        }
+        None => {
+            for (index, entry) in host.fdb().await? {
+                if let Some(l) = by_index.get_mut(&index) {
+                    l.fdb.insert(entry);
+                }
+            }
+            for (index, ip, mac) in host.neighs().await? {
+                if let Some(l) = by_index.get_mut(&index) {
+                    l.neigh.insert(ip, mac);
+                }
+            }
+        }
+    }
+    Ok(by_name(by_index, &names))
 }
 
 /// The rest of [`observe`], given the host's devices as [`observe_host_links`] found
@@ -106,17 +161,24 @@ pub async fn observe_host_links(host: &Nl) -> Result<BTreeMap<String, LinkObs>> 
 pub async fn observe_with_links(
     store: &Store,
     links: BTreeMap<String, LinkObs>,
+    firewall: &mut FirewallCache,
 ) -> Result<ObservedHost> {
     let recorded = store.owned_namespaces().context("reading the namespace record")?;
     let existing = netns::list();
     let mut namespaces = BTreeMap::new();
     let mut unreadable = BTreeMap::new();
-    for name in &recorded {
-        if !existing.contains(name) {
-            namespaces.insert(name.clone(), None);
-            continue;
-        }
-        match observe_netns(name).await {
+    for name in recorded.iter().filter(|n| !existing.contains(*n)) {
+        namespaces.insert(name.clone(), None);
+    }
+    // A few at a time: each is a thread entering the namespace and a few netlink round
+    // trips, mostly waiting; one after another they held up a new endpoint's creation
+    // by ~3 ms per local endpoint.
+    let present = recorded.iter().filter(|n| existing.contains(*n));
+    let mut observations = futures::stream::iter(present)
+        .map(|name| async move { (name, observe_netns(name).await) })
+        .buffer_unordered(NAMESPACES_AT_ONCE);
+    while let Some((name, observation)) = observations.next().await {
+        match observation {
             Ok(obs) => {
                 namespaces.insert(name.clone(), Some(obs));
             }
@@ -126,7 +188,7 @@ pub async fn observe_with_links(
         }
     }
     let foreign = existing.difference(&recorded).cloned().collect();
-    let firewall = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
+    let firewall = firewall.observe().await;
     Ok(ObservedHost {
         links,
         namespaces,

@@ -28,9 +28,10 @@ use tracing::{debug, info, warn};
 
 use crate::apply::{apply, ApplyError};
 use crate::desired::{HostDesired, Uplink};
+use crate::entries::EntryWatch;
 use crate::firewall;
 use crate::nl::Nl;
-use crate::observe::{observe_host_links, observe_with_links};
+use crate::observe::{observe_host_links, observe_with_links, FirewallCache};
 use crate::plan::{fold, in_the_way, plan, plan_forwarding, Action, Ns};
 use crate::store::Store;
 
@@ -105,6 +106,11 @@ pub struct Reconciler {
     announce_error: Option<String>,
     /// Takes back the namespaces marked as this host's that the record lost.
     claimer: crate::marks::Claimer,
+    /// The host's forwarding entries kept current by notifications; `None`: dumped on
+    /// every pass.
+    entries: Option<EntryWatch>,
+    /// The host firewall, read again only when nftables changed.
+    firewall: FirewallCache,
 }
 
 /// The network an action's device belongs to, for logging.
@@ -263,6 +269,17 @@ impl Reconciler {
         Reconciler::default()
     }
 
+    /// Passes take the host's forwarding entries from `entries` instead of dumping
+    /// them every time (see [`crate::entries`]).
+    pub fn with_entries(entries: EntryWatch) -> Reconciler {
+        Reconciler { entries: Some(entries), ..Reconciler::default() }
+    }
+
+    /// How many times the forwarding entries were dumped (`None`: on every pass).
+    pub fn entry_dumps(&self) -> Option<u64> {
+        self.entries.as_ref().map(EntryWatch::dumps)
+    }
+
     /// Actions that failed and are not yet fixed.
     pub fn failing(&self) -> usize {
         self.failures.len()
@@ -310,7 +327,7 @@ impl Reconciler {
         let endpoints = desired.endpoints.keys().map(String::as_str).collect();
         self.claimer.claim(store, &desired.owner, &endpoints).await;
         let observed = async {
-            let mut links = observe_host_links(host).await?;
+            let mut links = observe_host_links(host, self.entries.as_mut()).await?;
             // Stage 1: peers' forwarding and announcements, from the host's devices.
             let fast = plan_forwarding(desired, &links, &self.tap_neigh);
             let (tried, errors, deferred) = self.apply_tracked(host, store, desired, fast).await;
@@ -318,7 +335,7 @@ impl Reconciler {
             for a in tried.iter().filter(|a| !failed.contains(&a.to_string())) {
                 fold(&mut links, a);
             }
-            let mut observed = observe_with_links(store, links).await?;
+            let mut observed = observe_with_links(store, links, &mut self.firewall).await?;
             // What stage 1 announced need not be announced again.
             observed.tap_neigh = desired
                 .networks

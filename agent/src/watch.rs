@@ -218,18 +218,25 @@ impl WatchSink for AgentSink {
         }
         // A progress message only moves the revision: published (the applied revision
         // is reported), not persisted (resuming from an older one costs nothing).
-        let catalog = &self.replica.catalog;
         let changed = replaced || !changes.is_empty();
+        let revision = self.replica.catalog.revision;
+        if changed || revision > self.published {
+            debug!(revision, messages = batch.len(), "catalog updated");
+            self.published = revision;
+            // Published first, then copied back for the next batch and persisted:
+            // neither the copy of the whole catalog (8 ms with 10,000 endpoints) nor the
+            // fsync stands between a change and the pass that programs it. (An agent
+            // that dies in between resumes from the older persisted revision.)
+            let catalog = Arc::new(std::mem::take(&mut self.replica.catalog));
+            self.tx.send_replace(Some(catalog.clone()));
+            self.replica.catalog = (*catalog).clone();
+        }
         if changed {
             let persisted = (!replaced).then_some(changes.as_slice());
+            let catalog = &self.replica.catalog;
             if let Err(e) = off_the_runtime(|| self.store.persist_catalog(catalog, persisted)) {
                 warn!("cannot persist desired state: {e}");
             }
-        }
-        if changed || catalog.revision > self.published {
-            debug!(revision = catalog.revision, messages = batch.len(), "catalog updated");
-            self.published = catalog.revision;
-            self.tx.send_replace(Some(Arc::new(catalog.clone())));
         }
         Ok(())
     }

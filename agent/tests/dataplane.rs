@@ -449,3 +449,110 @@ fn one_broken_namespace_or_route_does_not_hold_up_the_rest() {
     assert_eq!(pass.actions[0].netns(), Some(b.as_str()));
     let _ = Command::new("umount").arg(format!("/var/run/netns/{a}")).status();
 }
+
+/// `f` on a thread in namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: the fd is valid; only this thread changes namespace.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A [`Reconciler`] whose forwarding entries come from notifications of namespace `ns`
+/// (as the agent's do), not from a dump every pass.
+fn watching_reconciler(ns: &str) -> Reconciler {
+    in_ns(ns, || Reconciler::with_entries(overlay_agent::entries::EntryWatch::open().unwrap()))
+}
+
+#[test]
+fn entries_kept_from_notifications_see_drift_and_their_own_changes() {
+    if !is_root() || !std::path::Path::new("/proc/self/ns/net").exists() {
+        eprintln!("skipped: needs root and network namespaces");
+        return;
+    }
+    let pid = std::process::id();
+    let (h1, h2) = (format!("ovt{pid}wh1"), format!("ovt{pid}wh2"));
+    let (a, b) = (format!("ovt{pid}wa"), format!("ovt{pid}wb"));
+    let tmp = std::env::temp_dir();
+    let (d1, d2) = (tmp.join(format!("ovt{pid}wd1")), tmp.join(format!("ovt{pid}wd2")));
+    let _lab = Lab {
+        endpoints: vec![a.clone(), b.clone()],
+        namespaces: vec![h1.clone(), h2.clone()],
+        dirs: vec![d1.clone(), d2.clone()],
+    };
+    underlay(&h1, &h2, &format!("ovt{pid}wu"));
+    let ip1: Ipv4Addr = "192.168.213.1".parse().unwrap();
+    let ip2: Ipv4Addr = "192.168.213.2".parse().unwrap();
+    let cat = catalog_of(&[
+        (a.clone(), "h1", "10.213.0.2", Mac::from_counter(1)),
+        (b.clone(), "h2", "10.213.0.3", Mac::from_counter(2)),
+    ]);
+    let pass = pass_as(&h2, &cat, "h2", ip2, &d2);
+    assert!(pass.errors.is_empty(), "h2: {:?}", pass.errors);
+    let r = watching_reconciler(&h1);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+    // Its own changes, learnt from their notifications: nothing left to do.
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert_eq!((pass.actions, pass.applied), (vec![], 0));
+    let dumps = r.entry_dumps();
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+
+    // Drift: b's FDB entry and neighbour removed by hand come back on the next pass.
+    let dev = "ovx-4213";
+    let b_mac = "02:00:00:00:00:02";
+    ok(&["bridge", "-n", &h1, "fdb", "del", b_mac, "dev", dev, "dst", "192.168.213.2"]);
+    ok(&["ip", "-n", &h1, "neigh", "del", "10.213.0.3", "dev", dev]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+    let fdb = overlay_agent::desired::Fdb { mac: Mac::from_counter(2), dst: ip2 };
+    let neigh = overlay_agent::plan::Action::AddNeigh {
+        dev: dev.into(),
+        ip: "10.213.0.3".parse().unwrap(),
+        mac: Mac::from_counter(2),
+    };
+    let add_fdb = overlay_agent::plan::Action::AddFdb { dev: dev.into(), entry: fdb };
+    assert!(pass.actions.contains(&add_fdb) && pass.actions.contains(&neigh), "{:?}", pass.actions);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert_eq!(pass.actions, vec![]);
+    // All from notifications: not dumped again.
+    assert_eq!(r.entry_dumps(), dumps);
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+
+    // The ruleset's generation moves with any commit.
+    let generation = || in_ns(&h1, overlay_agent::firewall::generation);
+    let before = generation();
+    assert!(before.is_some());
+    assert_eq!(generation(), before);
+    ok(&["ip", "netns", "exec", &h1, "nft", "add", "table", "inet", &format!("ovt{pid}")]);
+    assert_ne!(generation(), before);
+
+    // The firewall table deleted by hand: installed again (its generation changed),
+    // and then left alone.
+    ok(&["ip", "netns", "exec", &h1, "nft", "delete", "table", "inet", "overlay"]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert_eq!(pass.applied, 1, "{:?}", pass.actions);
+    assert!(pass.firewall.is_ok(), "{:?}", pass.firewall);
+    ok(&["ip", "netns", "exec", &h1, "nft", "list", "table", "inet", "overlay"]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert_eq!(pass.applied, 0, "{:?}", pass.actions);
+
+    // The vxlan device deleted (its entries go with it): recreated with every entry.
+    ok(&["ip", "-n", &h1, "link", "del", dev]);
+    let (pass, r) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+    assert!(pass.actions.contains(&add_fdb) && pass.actions.contains(&neigh), "{:?}", pass.actions);
+    let (pass, _) = pass_with(&h1, &cat, "h1", ip1, &d1, r);
+    assert_eq!(pass.actions, vec![]);
+    // A plain pass (every entry dumped) agrees.
+    assert_eq!(pass_as(&h1, &cat, "h1", ip1, &d1).actions, vec![]);
+    ok(&["ip", "netns", "exec", &a, "ping", "-c", "1", "-W", "2", "10.213.0.3"]);
+}

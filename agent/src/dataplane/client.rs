@@ -165,7 +165,7 @@ impl DataplaneClient {
     /// when some endpoint is to be served. Returns the records' revision it holds, the
     /// endpoints it serves and those it could not, with why.
     pub async fn dns(&mut self, dns: &DnsTables) -> Result<DnsAnswer> {
-        let req = Request::SetDns { dns: dns.clone() };
+        let req = Request::SetDns { dns: Box::new(dns.clone()) };
         match self.request(!dns.serve.is_empty(), &req).await? {
             None => Ok(DnsAnswer::default()),
             Some(Response::Dns { revision, served, failed }) => {
