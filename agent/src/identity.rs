@@ -58,8 +58,11 @@ impl Controllers {
             .endpoint(url)
             .map_err(|e| e.to_string())?
             .connect_timeout(RPC_TIMEOUT)
+            // A ping every 2 s finds a silent controller; 10 s to answer, because a
+            // loaded one answers late, and cutting a stream mid-snapshot starts the
+            // snapshot over (1,000 agents syncing at once broke ~1,700 streams with 3 s).
             .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let channel = self.dialer.connect(endpoint).await.map_err(|e| {
             overlay_grpc::client::tls_failure(&e)
