@@ -32,6 +32,7 @@ pub mod backoff;
 pub mod cni;
 pub mod dataplane;
 pub mod desired;
+pub mod diff;
 pub mod dns;
 pub mod entries;
 pub mod firewall;

@@ -488,41 +488,12 @@ fn plan_entries(
     }
     // One walk of both maps in address order (not a lookup per entry: 10,000s of them
     // with many remote endpoints, every pass).
-    let (mut have, mut want) = (neigh.iter().peekable(), nd.neigh.iter().peekable());
-    loop {
-        let order = match (have.peek(), want.peek()) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((h, _)), Some((w, _))) => h.cmp(w),
-        };
-        match order {
-            std::cmp::Ordering::Less => {
-                if let Some((ip, mac)) = have.next() {
-                    out.make_room.push(Action::DelNeigh {
-                        dev: nd.uplink.clone(),
-                        ip: *ip,
-                        mac: *mac,
-                    });
-                }
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some((ip, mac)) = want.next() {
-                    out.state.push(Action::AddNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                if let (Some((_, old)), Some((ip, mac))) = (have.next(), want.next()) {
-                    if old != mac {
-                        out.state.push(Action::AddNeigh {
-                            dev: nd.uplink.clone(),
-                            ip: *ip,
-                            mac: *mac,
-                        });
-                    }
-                }
-            }
-        }
+    let diff = crate::diff::map_diff(neigh, &nd.neigh);
+    for (ip, mac) in diff.removed {
+        out.make_room.push(Action::DelNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
+    }
+    for (ip, mac) in diff.changed {
+        out.state.push(Action::AddNeigh { dev: nd.uplink.clone(), ip: *ip, mac: *mac });
     }
 }
 

@@ -14,6 +14,7 @@ use overlay_model::{Catalog, Endpoint, Mac, NameEntry, Network, Route};
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{HostDesired, Uplink, ZERO_MAC};
+use crate::diff::map_diff;
 
 /// How the daemon runs. The agent replaces a daemon whose settings (or build) differ.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,44 +125,6 @@ pub struct DnsChanges {
     pub removed_names: Vec<String>,
 }
 
-/// What differs from `old` to `new`: entries added or changed, keys removed (one walk of
-/// both, in key order).
-fn map_diff<K: Ord + Clone, V: PartialEq + Clone>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<K>) {
-    let (mut changed, mut removed) = (Vec::new(), Vec::new());
-    let (mut was, mut is) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        let order = match (was.peek(), is.peek()) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((a, _)), Some((b, _))) => a.cmp(b),
-        };
-        match order {
-            std::cmp::Ordering::Less => {
-                if let Some((k, _)) = was.next() {
-                    removed.push(k.clone());
-                }
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some((k, v)) = is.next() {
-                    changed.push((k.clone(), v.clone()));
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                if let (Some((_, a)), Some((k, b))) = (was.next(), is.next()) {
-                    if a != b {
-                        changed.push((k.clone(), b.clone()));
-                    }
-                }
-            }
-        }
-    }
-    (changed, removed)
-}
-
 impl DnsChanges {
     /// From the records of `old` to those of `new` (pure; one walk of both).
     pub fn between(old: &Catalog, new: &Catalog) -> DnsChanges {
@@ -172,16 +135,20 @@ impl DnsChanges {
             routes: new.routes.values().cloned().collect(),
             ..DnsChanges::default()
         };
-        let (endpoints, removed) = map_diff(&old.endpoints, &new.endpoints);
-        changes.endpoints = endpoints.into_iter().map(|(_, e)| e).collect();
-        changes.removed = removed;
+        let endpoints = map_diff(&old.endpoints, &new.endpoints);
+        changes.endpoints = endpoints.changed.into_iter().map(|(_, e)| e.clone()).collect();
+        changes.removed = endpoints.removed.into_iter().map(|(name, _)| name.clone()).collect();
         // Names are shared between catalogs until a change copies them: most revisions
         // need no walk of 100,000 names.
         if !std::sync::Arc::ptr_eq(&old.names, &new.names) {
-            let (names, removed) = map_diff(&old.names, &new.names);
-            changes.names =
-                names.into_iter().map(|(name, aliases)| NameEntry { name, aliases }).collect();
-            changes.removed_names = removed;
+            let names = map_diff(&old.names, &new.names);
+            changes.names = names
+                .changed
+                .into_iter()
+                .map(|(name, aliases)| NameEntry { name: name.clone(), aliases: aliases.clone() })
+                .collect();
+            changes.removed_names =
+                names.removed.into_iter().map(|(name, _)| name.clone()).collect();
         }
         changes
     }
