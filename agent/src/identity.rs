@@ -72,7 +72,7 @@ impl Controllers {
     }
 }
 
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut e = err;
     while let Some(next) = e.source() {
         e = next;

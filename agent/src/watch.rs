@@ -309,8 +309,7 @@ async fn watch_once(
         .into_inner();
     info!(controller = %url, from_revision = from, "watching desired state");
     loop {
-        let Some(first) = stream.message().await.map_err(|s| format!("{url}: {}", s.message()))?
-        else {
+        let Some(first) = stream.message().await.map_err(|s| broken(url, &s))? else {
             return Ok(());
         };
         backoff.reset();
@@ -329,7 +328,7 @@ async fn watch_once(
                     break;
                 }
                 Some(Err(s)) => {
-                    end = Some(Err(format!("{url}: {}", s.message())));
+                    end = Some(Err(broken(url, &s)));
                     break;
                 }
             }
@@ -343,6 +342,18 @@ async fn watch_once(
         if let Some(end) = end {
             return end;
         }
+    }
+}
+
+/// Why a stream from `url` broke: the status, and what lies under it when that says
+/// more (a transport error's own message is only "error reading a body").
+fn broken(url: &str, status: &tonic::Status) -> String {
+    use std::error::Error;
+    let cause = status.source().map(crate::identity::root_cause).unwrap_or_default();
+    if cause.is_empty() || status.message().contains(&cause) {
+        format!("{url}: {}", status.message())
+    } else {
+        format!("{url}: {} ({cause})", status.message())
     }
 }
 

@@ -88,6 +88,10 @@ pub struct Liveness {
 
 /// How often a follower passes queued heartbeats on to the leader.
 pub const FORWARD_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the leader has to take a batch before it is tried again with the next.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The oldest heartbeats a follower tries to pass on again.
+const MAX_REQUEUED_AGE: Duration = Duration::from_secs(3);
 
 /// Heartbeats and applied revisions heard by a follower, not yet passed on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -96,6 +100,8 @@ pub struct Queued {
     pub heartbeats: HashMap<String, String>,
     /// Host -> the highest applied revision it reported.
     pub applied: HashMap<String, u64>,
+    /// When the oldest heartbeat here was heard.
+    pub since: Option<Instant>,
 }
 
 impl Queued {
@@ -172,6 +178,7 @@ impl Liveness {
         match heard {
             Heard::Heartbeat { host, problem } => {
                 q.heartbeats.insert(host.to_string(), problem.unwrap_or_default().to_string());
+                q.since.get_or_insert_with(Instant::now);
             }
             Heard::Applied { host, revision } => {
                 let entry = q.applied.entry(host.to_string()).or_insert(0);
@@ -183,6 +190,28 @@ impl Liveness {
     /// Takes everything queued.
     pub fn take_queued(&self) -> Queued {
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts back a batch the leader did not take, under what queued since (a newer
+    /// heartbeat of a host wins, the highest revision wins): dropping it would let a
+    /// leader that answers slowly (under load) see live hosts as silent and mark them
+    /// down, which is a write every watcher hears about, and more load.
+    /// Heartbeats older than [`MAX_REQUEUED_AGE`] are dropped: the leader records a
+    /// heartbeat as heard when it takes it, so an old one would keep a host that died
+    /// meanwhile shown alive.
+    pub fn requeue(&self, batch: Queued) {
+        let mut q = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = batch.since.is_some_and(|t| t.elapsed() <= MAX_REQUEUED_AGE);
+        if fresh {
+            for (host, problem) in batch.heartbeats {
+                q.heartbeats.entry(host).or_insert(problem);
+            }
+            q.since = q.since.min(batch.since).or(batch.since);
+        }
+        for (host, revision) in batch.applied {
+            let entry = q.applied.entry(host).or_insert(0);
+            *entry = (*entry).max(revision);
+        }
     }
 }
 
@@ -199,7 +228,7 @@ pub fn heard(cluster: &Cluster, liveness: &Liveness, what: Heard<'_>) {
 
 /// Runs forever: every [`FORWARD_INTERVAL`], passes what queued up to the leader in one
 /// batch (or records it here, if this member leads by now). A batch the leader does not
-/// take is dropped: the agents heartbeat again within a second.
+/// take goes back in the queue for the next try.
 pub async fn forward(cluster: Cluster, liveness: std::sync::Arc<Liveness>) {
     let mut tick = tokio::time::interval(FORWARD_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,7 +248,10 @@ pub async fn forward(cluster: Cluster, liveness: std::sync::Arc<Liveness>) {
             }
             continue;
         }
-        let Some(mut client) = cluster.peers.client(status.leader) else { continue };
+        let Some(mut client) = cluster.peers.client(status.leader) else {
+            liveness.requeue(queued);
+            continue;
+        };
         let hosts = queued.heartbeats.len();
         let mut request = tonic::Request::new(overlay_proto::pb::HeartbeatBatch {
             problems: queued
@@ -228,10 +260,10 @@ pub async fn forward(cluster: Cluster, liveness: std::sync::Arc<Liveness>) {
                 .filter(|(_, p)| !p.is_empty())
                 .map(|(h, p)| (h.clone(), p.clone()))
                 .collect(),
-            hosts: queued.heartbeats.into_keys().collect(),
-            applied: queued.applied,
+            hosts: queued.heartbeats.keys().cloned().collect(),
+            applied: queued.applied.clone(),
         });
-        request.set_timeout(Duration::from_secs(1));
+        request.set_timeout(FORWARD_TIMEOUT);
         if let Err(e) = client.forward_heartbeats(request).await {
             tracing::debug!(
                 hosts,
@@ -239,6 +271,7 @@ pub async fn forward(cluster: Cluster, liveness: std::sync::Arc<Liveness>) {
                 "could not pass heartbeats to the leader: {}",
                 e.message()
             );
+            liveness.requeue(queued);
         }
     }
 }
@@ -275,18 +308,28 @@ pub async fn monitor(cluster: Cluster, liveness: std::sync::Arc<Liveness>, timeo
                 timeout,
             )
         };
-        for (name, status) in changes {
-            let now_ms = unix_ms(SystemTime::now()) as u64;
-            info!(host = %name, status = %status, "host status changes");
-            // Only as the leader: a deposed leader's monitor must not write (and no other
-            // member accepts an internal command from it).
-            if let Err(e) = cluster
-                .propose_local(Command::SetHostStatus { name: name.clone(), status, now_ms })
-                .await
-            {
-                warn!(host = %name, error = %e, "could not record host status");
-            }
+        let Some(command) = status_command(changes, unix_ms(SystemTime::now()) as u64) else {
+            continue;
+        };
+        // Only as the leader: a deposed leader's monitor must not write (and no other
+        // member accepts an internal command from it).
+        if let Err(e) = cluster.propose_local(command).await {
+            warn!(error = %e, "could not record host status");
         }
+    }
+}
+
+/// One command for every transition of a pass (one revision, one message per watcher),
+/// logged per host. A single transition keeps the older one-host command, which every
+/// member version understands.
+fn status_command(changes: Vec<(String, HostStatus)>, now_ms: u64) -> Option<Command> {
+    for (name, status) in &changes {
+        info!(host = %name, status = %status, "host status changes");
+    }
+    match <[_; 1]>::try_from(changes) {
+        Ok([(name, status)]) => Some(Command::SetHostStatus { name, status, now_ms }),
+        Err(changes) if changes.is_empty() => None,
+        Err(statuses) => Some(Command::SetHostStatuses { statuses, now_ms }),
     }
 }
 
@@ -308,6 +351,24 @@ mod tests {
         assert_eq!(q.heartbeats.get("h2").map(String::as_str), Some("disk full"));
         assert_eq!(q.applied.get("h1"), Some(&7));
         assert!(l.take_queued().is_empty(), "taken once");
+        // A batch the leader did not take goes back under what queued since.
+        l.queue(Heard::Heartbeat { host: "h1", problem: Some("newer") });
+        l.queue(Heard::Applied { host: "h1", revision: 6 });
+        l.requeue(q);
+        let again = l.take_queued();
+        assert_eq!(again.heartbeats.get("h1").map(String::as_str), Some("newer"));
+        assert_eq!(again.heartbeats.get("h2").map(String::as_str), Some("disk full"));
+        assert_eq!(again.applied.get("h1"), Some(&7));
+        // Too old to pass on: the heartbeats go, the applied revisions (facts) stay.
+        let stale = Queued {
+            heartbeats: HashMap::from([("h4".to_string(), String::new())]),
+            applied: HashMap::from([("h4".to_string(), 3)]),
+            since: Instant::now().checked_sub(MAX_REQUEUED_AGE * 2),
+        };
+        l.requeue(stale);
+        let left = l.take_queued();
+        assert!(left.heartbeats.is_empty() && left.since.is_none());
+        assert_eq!(left.applied.get("h4"), Some(&3));
         // Queued is not recorded: only the leader's record counts.
         assert!(l.last_seen_ms().is_empty());
         l.note(Heard::Heartbeat { host: "h3", problem: Some("x") });
@@ -323,6 +384,20 @@ mod tests {
             status_changed_ms: 0,
             underlay_prefix: 24,
         }
+    }
+
+    #[test]
+    fn one_command_per_pass() {
+        assert_eq!(status_command(vec![], 5), None);
+        assert_eq!(
+            status_command(vec![("h1".into(), HostStatus::Down)], 5),
+            Some(Command::SetHostStatus { name: "h1".into(), status: HostStatus::Down, now_ms: 5 })
+        );
+        let two = vec![("h1".into(), HostStatus::Down), ("h2".into(), HostStatus::Ready)];
+        assert_eq!(
+            status_command(two.clone(), 5),
+            Some(Command::SetHostStatuses { statuses: two, now_ms: 5 })
+        );
     }
 
     #[test]

@@ -147,13 +147,28 @@ pub enum Command {
         revision: u64,
         statuses: Vec<ReportedStatus>,
     },
+
+    // --- Scale (issue 14). Appended, as above.
+    /// [`Command::SetHostStatus`] for several hosts in one revision: what the leader's
+    /// liveness monitor found in one pass. Every watcher hears about every host, so a
+    /// rack going down (or a starved leader seeing many hosts at once) is one message
+    /// per watcher, not one per host. Hosts removed meanwhile are skipped.
+    SetHostStatuses {
+        statuses: Vec<(String, HostStatus)>,
+        now_ms: u64,
+    },
 }
 
 impl Command {
     /// True for commands only the leader's own tasks issue (never a client, never a
     /// forwarded proposal from another member).
     pub fn is_internal(&self) -> bool {
-        matches!(self, Command::SetHostStatus { .. } | Command::InitCluster { .. })
+        matches!(
+            self,
+            Command::SetHostStatus { .. }
+                | Command::SetHostStatuses { .. }
+                | Command::InitCluster { .. }
+        )
     }
 }
 
@@ -186,5 +201,7 @@ mod tests {
         let report =
             Command::SetEndpointStatuses { host: "h".into(), revision: 1, statuses: vec![] };
         assert_eq!(first_byte(&report), Some(18));
+        let statuses = Command::SetHostStatuses { statuses: vec![], now_ms: 0 };
+        assert_eq!(first_byte(&statuses), Some(19));
     }
 }

@@ -203,12 +203,6 @@ impl Catalog {
         self.endpoints.get(&route.via)?.attachment(&route.network).map(|a| a.ip)
     }
 
-    /// How many endpoints live on `host`. Scans; use
-    /// [`endpoint_counts_by_host`](Self::endpoint_counts_by_host) for a whole listing.
-    pub fn endpoints_on_host(&self, host: &str) -> usize {
-        self.endpoints.values().filter(|e| e.host == host).count()
-    }
-
     /// Endpoint count per host name in one pass, for `host ls`. Hosts without endpoints
     /// are absent.
     pub fn endpoint_counts_by_host(&self) -> BTreeMap<&str, usize> {
@@ -523,6 +517,16 @@ impl State {
             Command::RemoveHost { name } => self.remove_host(name)?,
             Command::SetHostStatus { name, status, now_ms } => {
                 self.set_host_status(name, *status, *now_ms)?
+            }
+            Command::SetHostStatuses { statuses, now_ms } => {
+                let mut changes = Vec::new();
+                for (name, status) in statuses {
+                    // A host removed since the monitor looked is no longer its business.
+                    if self.catalog.hosts.contains_key(name) {
+                        changes.extend(self.set_host_status(name, *status, *now_ms)?);
+                    }
+                }
+                changes
             }
             Command::InitCluster { cluster_id } => self.init_cluster(cluster_id)?,
             Command::SetJoinToken { nonce, hash } => {
@@ -2168,6 +2172,48 @@ mod tests {
     }
 
     #[test]
+    fn host_statuses_change_together_in_one_revision() {
+        let mut state = setup();
+        ok(&mut state, register("h2", "192.168.0.2", 1500));
+        ok(&mut state, register("h3", "192.168.0.3", 1500));
+        let rev = state.catalog.revision;
+        let applied = ok(
+            &mut state,
+            Command::SetHostStatuses {
+                statuses: vec![
+                    ("h1".into(), HostStatus::Down),
+                    // Already ready: no change.
+                    ("h2".into(), HostStatus::Ready),
+                    // Removed meanwhile: skipped, the others still apply.
+                    ("h9".into(), HostStatus::Down),
+                    ("h3".into(), HostStatus::Down),
+                ],
+                now_ms: 7000,
+            },
+        );
+        assert_eq!(applied.revision, rev + 1, "one revision for the whole pass");
+        let changed: Vec<_> = applied
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::PutHost(h) => (h.name.as_str(), h.status, h.status_changed_ms),
+                other => panic!("unexpected change {other:?}"),
+            })
+            .collect();
+        assert_eq!(changed, vec![("h1", HostStatus::Down, 7000), ("h3", HostStatus::Down, 7000)]);
+        assert_eq!(state.catalog.hosts["h2"].status, HostStatus::Ready);
+        // Nothing to change: no revision.
+        let again = ok(
+            &mut state,
+            Command::SetHostStatuses {
+                statuses: vec![("h1".into(), HostStatus::Down)],
+                now_ms: 8000,
+            },
+        );
+        assert_eq!(again, Applied { revision: rev + 1, changes: vec![] });
+    }
+
+    #[test]
     fn snapshot_round_trips_and_rejects_garbage() {
         let mut state = setup();
         ok(&mut state, create_network("backend", "10.0.2.0/24"));
@@ -2209,8 +2255,8 @@ mod tests {
         let names: Vec<_> =
             state.catalog.endpoints_in("frontend").map(|(e, a)| (e.name.as_str(), a.ip)).collect();
         assert_eq!(names, vec![("a", ip("10.0.1.2")), ("c", ip("10.0.1.3"))]);
-        assert_eq!(state.catalog.endpoints_on_host("h2"), 2);
-        assert_eq!(state.catalog.endpoints_on_host("h3"), 0);
+        assert_eq!(state.endpoints_on_host("h2"), 2);
+        assert_eq!(state.endpoints_on_host("h3"), 0);
         assert_eq!(state.catalog.endpoint_counts_by_host(), BTreeMap::from([("h1", 1), ("h2", 2)]));
         ok(&mut state, add_route("backend", "10.0.1.0/24", "b"));
         let mut rebuilt = Catalog::default();

@@ -492,15 +492,15 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 )))
             })?;
         // An agent registers at every start and reconnect: when it is already registered
-        // as it says and ready, that is only a sign of life, not a write every watcher
-        // would hear about (1,000 agents restarting at once would be 1,000 revisions
-        // sent to 1,000 watchers).
+        // as it says, that is only a sign of life, not a write every watcher would hear
+        // about (1,000 agents restarting at once would be 1,000 revisions sent to 1,000
+        // watchers). A host shown down comes back through the liveness monitor, which
+        // writes all the hosts it sees return in one pass as one revision.
         let unchanged = self.cluster.read_state().catalog.hosts.get(&r.name).is_some_and(|h| {
             h.underlay_ip == underlay_ip
                 && h.underlay_prefix == underlay_prefix
                 && h.underlay_mtu
                     == if r.underlay_mtu == 0 { DEFAULT_UNDERLAY_MTU } else { r.underlay_mtu }
-                && h.status == overlay_model::HostStatus::Ready
         });
         if unchanged {
             heartbeat(&self.cluster, &self.liveness, &r.name, None);
@@ -509,7 +509,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
                 debug!(host = %r.name, "host registered again, unchanged");
                 return Ok(Response::new(convert::host(
                     host,
-                    state.catalog.endpoints_on_host(&r.name) as u32,
+                    state.endpoints_on_host(&r.name) as u32,
                     0,
                 )));
             }
@@ -533,7 +533,7 @@ impl pb::overlay_server::Overlay for OverlayApi {
             .get(&r.name)
             .ok_or_else(|| Status::internal("host vanished after registration"))?;
         info!(host = %r.name, underlay_ip = %underlay_ip, "host registered");
-        Ok(Response::new(convert::host(host, state.catalog.endpoints_on_host(&r.name) as u32, 0)))
+        Ok(Response::new(convert::host(host, state.endpoints_on_host(&r.name) as u32, 0)))
     }
 
     async fn remove_host(

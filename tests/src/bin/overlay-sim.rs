@@ -317,6 +317,15 @@ where
     bail!("no member answered: {}", last.unwrap_or_default())
 }
 
+/// The cluster's revision (linearizable read) and how many hosts are not `ready`.
+async fn hosts_revision(clients: &[OverlayClient<Channel>]) -> Result<(u64, usize)> {
+    let list = any_member(clients, 0, |mut c| async move {
+        c.list_hosts(pb::ListHostsRequest { consistency: 0 }).await
+    })
+    .await?;
+    Ok((list.revision, list.hosts.iter().filter(|h| h.status != "ready").count()))
+}
+
 /// Runs `n` calls of `f(i)` with `concurrency` in flight.
 async fn concurrently<F, Fut>(n: usize, concurrency: usize, f: F) -> Result<()>
 where
@@ -546,6 +555,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     eprintln!("setup done in {setup_secs:.0} s; starting {} agents…", o.agents);
 
     // The agents.
+    let revision_before_sync = hosts_revision(&cl).await?.0;
     let expected = topo.expected();
     let shared = Arc::new(Shared {
         agents: (0..o.agents).map(|_| AgentState::default()).collect(),
@@ -615,6 +625,10 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     // More than one per agent: streams that broke (or lagged) mid-sync and started over.
     let sync_snapshots: usize =
         shared.agents.iter().map(|a| a.snapshots.load(Ordering::Relaxed)).sum();
+    // Writes while the agents synced: host status flaps (a starved heartbeat marks a
+    // host down, the next one up again) are sent to every watcher.
+    let (revision_after_sync, not_ready) = hosts_revision(&cl).await?;
+    let sync_writes = revision_after_sync.saturating_sub(revision_before_sync);
     eprintln!("all agents synced in {sync_secs:.1} s; steady state for {} s…", o.steady_secs);
 
     // Steady state: heartbeats and keepalives only.
@@ -761,6 +775,9 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
         received,
         received as f64 / o.agents as f64,
         whole as f64 / o.agents as f64
+    );
+    println!(
+        "| revisions written during the sync (host status changes); hosts not ready after it | {sync_writes}; {not_ready} |"
     );
     println!(
         "| members' CPU during the sync, share of a core | {} (simulator {:.0} %) |",
