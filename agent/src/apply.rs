@@ -12,7 +12,7 @@ use crate::nl::Nl;
 use crate::observed::OWNED_ALIAS;
 use crate::plan::{Action, Ns};
 use crate::store::Store;
-use crate::{firewall, garp, netns};
+use crate::{firewall, garp, netns, shortcut};
 
 /// One action that failed.
 #[derive(Debug)]
@@ -206,6 +206,13 @@ impl Ctx<'_> {
                 tokio::task::spawn_blocking(move || firewall::install(&ruleset))
                     .await
                     .context("firewall task")?
+                    .map_err(anyhow::Error::msg)
+            }
+            Action::ApplyShortcut { ruleset } => {
+                let ruleset = ruleset.clone();
+                tokio::task::spawn_blocking(move || shortcut::install(&ruleset))
+                    .await
+                    .context("shortcut task")?
                     .map_err(anyhow::Error::msg)
             }
         }

@@ -570,7 +570,7 @@ pub(crate) mod tests {
         c
     }
 
-    fn local(name: &str, ip: &str) -> LocalHost {
+    pub fn local(name: &str, ip: &str) -> LocalHost {
         LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap(), can_encrypt: false }
     }
 

@@ -55,20 +55,28 @@ pub struct Guard {
     pub data_ports: BTreeSet<u16>,
 }
 
-/// A rendered ruleset.
+/// A rendered ruleset: this host firewall (`inet overlay`) or the bridge shortcut
+/// (`netdev overlay`, see `shortcut`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    /// The body of `table inet overlay { … }` without the comment.
+    /// The table's family; its name is always [`TABLE`].
+    pub family: &'static str,
+    /// The body of `table FAMILY overlay { … }` without the comment.
     pub body: String,
     pub digest: String,
     pub rules: usize,
 }
 
 impl Ruleset {
+    pub fn new(family: &'static str, body: String, rules: usize) -> Ruleset {
+        Ruleset { family, digest: digest(&body), body, rules }
+    }
+
     /// The `nft -f` batch that replaces the table atomically.
     pub fn batch(&self) -> String {
+        let family = self.family;
         format!(
-            "table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{\n\tcomment \"{}\"\n{}}}\n",
+            "table {family} {TABLE}\ndelete table {family} {TABLE}\ntable {family} {TABLE} {{\n\tcomment \"{}\"\n{}}}\n",
             self.digest, self.body
         )
     }
@@ -102,6 +110,11 @@ struct Chain<'a> {
 impl Chain<'_> {
     fn open<'a>(body: &'a mut String, rules: &'a mut usize, name: &str, spec: &str) -> Chain<'a> {
         let _ = writeln!(body, "\tchain {name} {{\n\t\t{spec}; policy accept;");
+        Chain { body, rules }
+    }
+    /// A chain only jumped to (no hook, no policy).
+    fn regular<'a>(body: &'a mut String, rules: &'a mut usize, name: &str) -> Chain<'a> {
+        let _ = writeln!(body, "\tchain {name} {{");
         Chain { body, rules }
     }
     fn rule(&mut self, rule: impl AsRef<str>) {
@@ -162,14 +175,19 @@ pub fn render(fw: &FirewallDesired) -> Ruleset {
     c.rule("udp dport @data_ports notrack");
     c.close();
 
+    // Every encapsulated packet a host receives passes this chain (one by one: the
+    // underlay gives no GRO), so what only concerns endpoints is a chain of its own.
     let mut c =
         Chain::open(&mut body, &mut rules, "input", "type filter hook input priority filter");
-    c.rule(format!("iifname \"{b}*\" ct state established,related accept"));
-    c.rule("iifname . ip daddr @gateways icmp type echo-request accept");
-    c.rule(format!("iifname \"{b}*\" counter drop"));
+    c.rule(format!("iifname \"{b}*\" jump from_endpoints"));
     c.rule("udp dport @data_ports ip saddr != @hosts counter drop");
     // The underlay is IPv4: nothing legitimate reaches these ports over IPv6.
     c.rule("meta nfproto ipv6 udp dport @data_ports counter drop");
+    c.close();
+    let mut c = Chain::regular(&mut body, &mut rules, "from_endpoints");
+    c.rule("ct state established,related accept");
+    c.rule("iifname . ip daddr @gateways icmp type echo-request accept");
+    c.rule("counter drop");
     c.close();
 
     let mut c =
@@ -201,7 +219,7 @@ pub fn render(fw: &FirewallDesired) -> Ruleset {
         c.rule(format!("ip saddr {subnet} oifname != \"{b}*\" masquerade"));
     }
     c.close();
-    Ruleset { digest: digest(&body), body, rules }
+    Ruleset::new(FAMILY, body, rules)
 }
 
 /// True when the installed table is exactly `want`.
@@ -229,9 +247,9 @@ pub fn install(ruleset: &Ruleset) -> Result<(), String> {
     run_nft(&ruleset.batch())
 }
 
-/// Removes the table (no error if absent).
-pub fn remove() -> Result<(), String> {
-    run_nft(&format!("table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"))
+/// Removes the `family` table (no error if absent).
+pub fn remove(family: &str) -> Result<(), String> {
+    run_nft(&format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n"))
 }
 
 fn run_nft(batch: &str) -> Result<(), String> {
@@ -254,21 +272,22 @@ fn run_nft(batch: &str) -> Result<(), String> {
     written.map_err(|e| format!("writing to nft: {e}"))
 }
 
-fn nft_list(json: bool) -> Option<Vec<u8>> {
+fn nft_list(family: &str, json: bool) -> Option<Vec<u8>> {
     let mut cmd = Command::new("nft");
     if json {
         cmd.arg("-j");
     }
-    let out = cmd.args(["list", "table", FAMILY, TABLE]).stderr(Stdio::null()).output().ok()?;
+    let out = cmd.args(["list", "table", family, TABLE]).stderr(Stdio::null()).output().ok()?;
     out.status.success().then_some(out.stdout)
 }
 
 /// Reads the installed table, `None` if there is none (or nft is missing). The rules
 /// are counted from the JSON listing; the comment comes from the text listing because
 /// nft 1.0.6 leaves table comments out of its JSON.
-pub fn observe() -> Option<FirewallObs> {
-    let rules = count_rules(&nft_list(true)?)?;
-    let digest = table_comment(&String::from_utf8_lossy(&nft_list(false)?)).unwrap_or_default();
+pub fn observe(family: &str) -> Option<FirewallObs> {
+    let rules = count_rules(&nft_list(family, true)?)?;
+    let digest =
+        table_comment(&String::from_utf8_lossy(&nft_list(family, false)?)).unwrap_or_default();
     Some(FirewallObs { digest, rules })
 }
 
@@ -457,11 +476,14 @@ mod tests {
 	}
 	chain input {
 		type filter hook input priority filter; policy accept;
-		iifname "ovb-*" ct state established,related accept
-		iifname . ip daddr @gateways icmp type echo-request accept
-		iifname "ovb-*" counter drop
+		iifname "ovb-*" jump from_endpoints
 		udp dport @data_ports ip saddr != @hosts counter drop
 		meta nfproto ipv6 udp dport @data_ports counter drop
+	}
+	chain from_endpoints {
+		ct state established,related accept
+		iifname . ip daddr @gateways icmp type echo-request accept
+		counter drop
 	}
 	chain forward {
 		type filter hook forward priority filter; policy accept;
@@ -479,7 +501,7 @@ mod tests {
 	}
 "#;
         assert_eq!(r.body, want);
-        assert_eq!(r.rules, 16);
+        assert_eq!(r.rules, 17);
         assert!(r.batch().starts_with(
             "table inet overlay\ndelete table inet overlay\ntable inet overlay {\n\tcomment \"overlay-agent "
         ));
@@ -496,7 +518,7 @@ mod tests {
             .contains("\tset data_ports {\n\t\ttype inet_service\n\t\telements = { 4789 }\n\t}\n"));
         assert!(r.body.contains("\tset hosts {\n\t\ttype ipv4_addr\n\t}\n"));
         assert!(r.body.contains("udp dport @data_ports ip saddr != @hosts counter drop"));
-        assert_eq!(r.rules, 11);
+        assert_eq!(r.rules, 12);
         // Any change of hosts, ports or networks changes the digest (and so reinstalls).
         let base = render(&sample());
         let mut more = sample();

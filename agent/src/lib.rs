@@ -9,6 +9,8 @@
 //! * [`apply`] (+ [`nl`], [`netns`], [`garp`]): actions -> netlink, setns, gratuitous
 //!   ARP, nft.
 //! * [`firewall`]: the nftables ruleset (rendered purely, installed in one batch).
+//! * [`shortcut`]: known unicast frames of VXLAN networks skip the bridge (and
+//!   br_netfilter) through `netdev` ingress `fwd`.
 //! * [`reconcile`]: observe/plan/apply passes, with per-action backoff and reporting;
 //!   [`store`] (+ [`journal`]): what survives restarts.
 //! * [`identity`]: the agent's certificate (checked, or joined with a token and renewed).
@@ -48,6 +50,7 @@ pub mod observed;
 pub mod plan;
 pub mod reconcile;
 pub mod report;
+pub mod shortcut;
 pub mod status;
 pub mod store;
 pub mod watch;

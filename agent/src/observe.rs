@@ -14,7 +14,7 @@ use crate::nl::{Nl, RawLink};
 use crate::observed::{FirewallObs, LinkObs, NsObs, ObservedHost, OWNED_ALIAS};
 use crate::plan::{iface_sysctls, is_owned_host_link as owned, ENDPOINT_SYSCTLS};
 use crate::store::Store;
-use crate::{firewall, netns};
+use crate::{firewall, netns, shortcut};
 
 /// How many endpoint namespaces are observed at once.
 const NAMESPACES_AT_ONCE: usize = 4;
@@ -95,26 +95,34 @@ pub async fn observe(host: &Nl, store: &Store) -> Result<ObservedHost> {
     observe_with_links(store, links, &mut FirewallCache::default()).await
 }
 
-/// The host firewall as last read (two `nft` runs), with the ruleset generation (see
-/// [`firewall::generation`]) it was read at: read again only when that changed, i.e.
-/// when anyone committed anything to nftables since.
+/// The agent's tables as last read (the host firewall and the bridge shortcut, two
+/// `nft` runs each), with the ruleset generation (see [`firewall::generation`]) they
+/// were read at: read again only when that changed, i.e. when anyone committed anything
+/// to nftables since.
 #[derive(Debug, Default)]
 pub struct FirewallCache {
-    seen: Option<(u32, Option<FirewallObs>)>,
+    seen: Option<(u32, Tables)>,
 }
 
+/// (`inet overlay`, `netdev overlay`).
+type Tables = (Option<FirewallObs>, Option<FirewallObs>);
+
 impl FirewallCache {
-    pub async fn observe(&mut self) -> Option<FirewallObs> {
+    pub async fn observe(&mut self) -> Tables {
         // Asked before reading: a commit in between makes the next pass read again.
         let generation = firewall::generation();
-        if let (Some(g), Some((seen, obs))) = (generation, &self.seen) {
+        if let (Some(g), Some((seen, tables))) = (generation, &self.seen) {
             if g == *seen {
-                return obs.clone();
+                return tables.clone();
             }
         }
-        let obs = tokio::task::spawn_blocking(firewall::observe).await.unwrap_or(None);
-        self.seen = generation.map(|g| (g, obs.clone()));
-        obs
+        let tables = tokio::task::spawn_blocking(|| {
+            (firewall::observe(firewall::FAMILY), firewall::observe(shortcut::FAMILY))
+        })
+        .await
+        .unwrap_or_default();
+        self.seen = generation.map(|g| (g, tables.clone()));
+        tables
     }
 }
 
@@ -188,7 +196,7 @@ pub async fn observe_with_links(
         }
     }
     let foreign = existing.difference(&recorded).cloned().collect();
-    let firewall = firewall.observe().await;
+    let (firewall, shortcut) = firewall.observe().await;
     Ok(ObservedHost {
         links,
         namespaces,
@@ -197,5 +205,6 @@ pub async fn observe_with_links(
         tap_neigh: BTreeMap::new(),
         host_forwarding: netns::forwarding(),
         firewall,
+        shortcut,
     })
 }

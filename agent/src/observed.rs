@@ -94,7 +94,7 @@ pub struct NsObs {
     pub resolv_conf: Option<String>,
 }
 
-/// The installed `inet overlay` table, if any.
+/// An installed table of ours (`inet overlay`, `netdev overlay`), if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallObs {
     /// The table's comment: the digest of the ruleset that was installed.
@@ -120,4 +120,6 @@ pub struct ObservedHost {
     pub tap_neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
     pub host_forwarding: bool,
     pub firewall: Option<FirewallObs>,
+    /// The bridge shortcut's table (see `shortcut`).
+    pub shortcut: Option<FirewallObs>,
 }

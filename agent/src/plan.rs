@@ -209,6 +209,10 @@ pub enum Action {
     ApplyFirewall {
         ruleset: Ruleset,
     },
+    /// Installs the bridge shortcut (see [`crate::shortcut`]).
+    ApplyShortcut {
+        ruleset: Ruleset,
+    },
 }
 
 impl Action {
@@ -242,6 +246,9 @@ impl fmt::Display for Action {
             Action::ApplyFirewall { ruleset } => {
                 write!(f, "ApplyFirewall {{ {} rules, {} }}", ruleset.rules, ruleset.digest)
             }
+            Action::ApplyShortcut { ruleset } => {
+                write!(f, "ApplyShortcut {{ {} rules, {} }}", ruleset.rules, ruleset.digest)
+            }
             other => write!(f, "{other:?}"),
         }
     }
@@ -255,6 +262,7 @@ struct Out {
     attrs: Vec<Action>,
     state: Vec<Action>,
     firewall: Vec<Action>,
+    shortcut: Vec<Action>,
     announce: Vec<Action>,
     garbage: Vec<Action>,
 }
@@ -266,6 +274,7 @@ impl Out {
         let mut v = self.firewall;
         v.extend(self.make_room);
         v.extend(self.create);
+        v.extend(self.shortcut);
         v.extend(self.attrs);
         v.extend(self.state);
         v.extend(self.announce);
@@ -321,6 +330,8 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         out.firewall.push(Action::ApplyFirewall { ruleset });
     }
 
+    plan_shortcut(desired, observed, &mut out);
+
     plan_announcements(desired, observed, &mut out);
 
     // Garbage: owned devices nobody wants (veths first, then uplinks, then bridges).
@@ -352,6 +363,33 @@ pub fn plan(desired: &HostDesired, observed: &ObservedHost) -> Vec<Action> {
         }
     }
     out.finish()
+}
+
+/// The bridge shortcut for the devices that exist or are created now, installed after
+/// they are created and before anything gets an address (so no frame meets a table
+/// that does not know a new local endpoint yet). Installed again whenever this plan
+/// creates a device the table names: the kernel resolved the old one's index.
+fn plan_shortcut(desired: &HostDesired, observed: &ObservedHost, out: &mut Out) {
+    let created: BTreeSet<&str> = out
+        .create
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateVeth { host_name, .. } => Some(host_name.as_str()),
+            Action::CreateVxlan { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let named = crate::shortcut::devices(desired);
+    let present: BTreeSet<&str> = named
+        .iter()
+        .copied()
+        .filter(|d| observed.links.contains_key(*d) || created.contains(d))
+        .collect();
+    let ruleset = crate::shortcut::render(desired, &present);
+    let recreated = created.iter().any(|d| named.contains(d));
+    if recreated || !firewall::is_current(observed.shortcut.as_ref(), &ruleset) {
+        out.shortcut.push(Action::ApplyShortcut { ruleset });
+    }
 }
 
 /// Endpoints whose namespace is someone else's, or could not be read this pass.
@@ -812,13 +850,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::desired::tests::catalog;
-    use crate::desired::{desired_for_host, LocalHost, ZERO_MAC};
+    use crate::desired::tests::local;
+    use crate::desired::{desired_for_host, ZERO_MAC};
     use crate::observed::FirewallObs;
     use overlay_model::Catalog;
-
-    fn local(name: &str, ip: &str) -> LocalHost {
-        LocalHost { name: name.into(), underlay_ip: ip.parse().unwrap(), can_encrypt: false }
-    }
 
     /// What a perfect apply does to the kernel, as data.
     pub fn simulate(obs: &mut ObservedHost, actions: &[Action]) {
@@ -933,6 +968,10 @@ mod tests {
                     obs.firewall =
                         Some(FirewallObs { digest: ruleset.digest, rules: ruleset.rules });
                 }
+                Action::ApplyShortcut { ruleset } => {
+                    obs.shortcut =
+                        Some(FirewallObs { digest: ruleset.digest, rules: ruleset.rules });
+                }
             }
         }
     }
@@ -959,6 +998,9 @@ mod tests {
         let gw_mac = Mac::from_counter(5);
         let iface = &d.endpoints["web"].interfaces[0];
         let fw = firewall::render(&d.firewall);
+        // Every device the shortcut names is created by this plan.
+        let shortcut = crate::shortcut::render(&d, &crate::shortcut::devices(&d));
+        assert_eq!(shortcut.rules, 5, "{}", shortcut.body);
         let expected = vec![
             Action::ApplyFirewall { ruleset: fw },
             Action::CreateBridge {
@@ -991,6 +1033,8 @@ mod tests {
                 mtu: 1450,
                 bridge: "ovb-4096".into(),
             },
+            // Before anything has an address, so no frame meets an older table.
+            Action::ApplyShortcut { ruleset: shortcut },
             Action::AddAddress {
                 ns: Ns::Host,
                 dev: "ovb-4096".into(),
@@ -1081,9 +1125,13 @@ mod tests {
         let d = desired_for_host(&cat, &l);
         let actions = converge(&d, &mut obs);
         let db_veth = crate::desired::veth_name("db", "eth0");
+        let present = crate::shortcut::devices(&d);
+        assert!(!present.contains(db_veth.as_str()));
         assert_eq!(
             actions,
             vec![
+                // The shortcut forgets db's veth before it goes.
+                Action::ApplyShortcut { ruleset: crate::shortcut::render(&d, &present) },
                 Action::DeleteLink { ns: Ns::Host, name: db_veth },
                 Action::DeleteNamespace { name: "db".into() },
             ]
