@@ -290,6 +290,17 @@ fn drift_repair(lab: &mut Lab) -> Result<()> {
     run_ok(&["ip", "-n", &h1, "link", "del", &veth_name(&s1, "eth0")])?;
     lab.wait_endpoint(&s1)?;
     lab.ping_ok(&s1, &s2_ip, T)?;
+    // The bridge shortcut names the new veth; deleted by hand, it comes back.
+    let chain = format!("chain {} {{", veth_name(&s1, "eth0"));
+    let shortcut = || {
+        let table =
+            run_ok(&["ip", "netns", "exec", &h1, "nft", "list", "table", "netdev", "overlay"]);
+        table.ok().filter(|t| t.contains(&chain) && t.contains(&format!("fwd to \"{vxlan}\"")))
+    };
+    wait_for(T, "the bridge shortcut to name s1's veth", shortcut)?;
+    run_ok(&["ip", "netns", "exec", &h1, "nft", "delete", "table", "netdev", "overlay"])?;
+    wait_for(T, "the bridge shortcut to come back", shortcut)?;
+    lab.ping_ok(&s1, &s2_ip, T)?;
     Ok(())
 }
 
