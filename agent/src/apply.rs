@@ -8,11 +8,12 @@ use std::os::fd::AsRawFd;
 use anyhow::{Context, Result};
 use tracing::{debug, warn};
 
+use crate::firewall::{self, Ruleset};
 use crate::nl::Nl;
 use crate::observed::OWNED_ALIAS;
 use crate::plan::{Action, Ns};
 use crate::store::Store;
-use crate::{firewall, garp, netns, shortcut};
+use crate::{garp, netns, shortcut};
 
 /// One action that failed.
 #[derive(Debug)]
@@ -201,20 +202,8 @@ impl Ctx<'_> {
                 netns::write_resolv_conf(ns, crate::desired::RESOLV_CONF)
                     .context("writing resolv.conf")
             }
-            Action::ApplyFirewall { ruleset } => {
-                let ruleset = ruleset.clone();
-                tokio::task::spawn_blocking(move || firewall::install(&ruleset))
-                    .await
-                    .context("firewall task")?
-                    .map_err(anyhow::Error::msg)
-            }
-            Action::ApplyShortcut { ruleset } => {
-                let ruleset = ruleset.clone();
-                tokio::task::spawn_blocking(move || shortcut::install(&ruleset))
-                    .await
-                    .context("shortcut task")?
-                    .map_err(anyhow::Error::msg)
-            }
+            Action::ApplyFirewall { ruleset } => run_nft(firewall::install, ruleset).await,
+            Action::ApplyShortcut { ruleset } => run_nft(shortcut::install, ruleset).await,
         }
     }
 
@@ -245,6 +234,15 @@ impl Ctx<'_> {
         nl.set_name(peer_tmp, inside).await?;
         nl.set_up(inside).await
     }
+}
+
+/// Installs `ruleset` with `install` (an `nft` run) off the async threads.
+async fn run_nft(install: fn(&Ruleset) -> Result<(), String>, ruleset: &Ruleset) -> Result<()> {
+    let ruleset = ruleset.clone();
+    tokio::task::spawn_blocking(move || install(&ruleset))
+        .await
+        .context("nft task")?
+        .map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

@@ -216,6 +216,13 @@ pub enum Action {
 }
 
 impl Action {
+    /// Announcements are best effort: a lost one costs a client one ARP retry, so their
+    /// failures are neither retried, nor reported above debug level, nor make an
+    /// endpoint fail.
+    pub fn is_best_effort(&self) -> bool {
+        matches!(self, Action::Announce { .. })
+    }
+
     /// The endpoint namespace this action concerns, for logging.
     pub fn netns(&self) -> Option<&str> {
         match self {

@@ -223,12 +223,6 @@ async fn install(ruleset: &firewall::Ruleset) -> Result<(), String> {
         .map_err(|e| format!("firewall task: {e}"))?
 }
 
-/// Announcements are best effort: a lost one costs a client one ARP retry, so their
-/// failures are neither retried nor reported above debug level.
-fn best_effort(action: &Action) -> bool {
-    matches!(action, Action::Announce { .. })
-}
-
 /// Conditions worth a warning in this observation, keyed so that a change shows.
 fn conditions(
     desired: &HostDesired,
@@ -301,10 +295,10 @@ impl Reconciler {
     /// Announcements are not retried, but a cause that makes them all fail (no
     /// CAP_NET_RAW, say) must not go unnoticed: warned once per change of cause.
     fn report_announcements(&mut self, tried: &[Action], errors: &[ApplyError]) {
-        let failed = errors.iter().find(|e| best_effort(&e.action));
+        let failed = errors.iter().find(|e| e.action.is_best_effort());
         let cause = failed.map(|e| e.error.root_cause().to_string());
-        let any_ok = tried.iter().filter(|a| best_effort(a)).count()
-            > errors.iter().filter(|e| best_effort(&e.action)).count();
+        let any_ok = tried.iter().filter(|a| a.is_best_effort()).count()
+            > errors.iter().filter(|e| e.action.is_best_effort()).count();
         match cause {
             Some(cause) if self.announce_error.as_ref() != Some(&cause) => {
                 warn!("cannot send gratuitous ARP announcements ({cause}): peers of new endpoints wait for their own ARP retries");
@@ -438,7 +432,7 @@ impl Reconciler {
             .partition(|a| self.failures.get(&a.to_string()).is_none_or(|f| now >= f.retry_at));
         for a in &due {
             let network = network_of(desired, a).unwrap_or("");
-            if best_effort(a) {
+            if a.is_best_effort() {
                 debug!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
             } else {
                 info!(endpoint = a.netns().unwrap_or(""), network, "plan: {a}");
@@ -450,7 +444,7 @@ impl Reconciler {
         let errors = apply(host, store, &due).await;
         let failed: BTreeMap<String, &ApplyError> =
             errors.iter().map(|e| (e.action.to_string(), e)).collect();
-        for a in due.iter().filter(|a| !best_effort(a)) {
+        for a in due.iter().filter(|a| !a.is_best_effort()) {
             let key = a.to_string();
             let endpoint = a.netns().unwrap_or("");
             let network = network_of(desired, a).unwrap_or("");
@@ -479,7 +473,7 @@ impl Reconciler {
                 }
             }
         }
-        for e in errors.iter().filter(|e| best_effort(&e.action)) {
+        for e in errors.iter().filter(|e| e.action.is_best_effort()) {
             debug!("{}: {:#}", e.action, e.error);
         }
         self.report_announcements(&due, &errors);

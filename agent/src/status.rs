@@ -107,11 +107,12 @@ fn one(
         }));
     }
     let ours = |a: &Action| concerns(a, ed, desired);
-    if let Some(err) = pass.errors.iter().find(|err| ours(&err.action) && !best_effort(&err.action))
+    if let Some(err) =
+        pass.errors.iter().find(|err| ours(&err.action) && !err.action.is_best_effort())
     {
         return Status::failed(format!("{}: {:#}", describe(&err.action), err.error));
     }
-    if let Some(a) = pass.deferred.iter().find(|a| ours(a) && !best_effort(a)) {
+    if let Some(a) = pass.deferred.iter().find(|a| ours(a) && !a.is_best_effort()) {
         let why = pass.deferred_errors.get(&a.to_string()).map_or("it failed", String::as_str);
         return Status::failed(format!("{}: {why} (retried with backoff)", describe(a)));
     }
@@ -147,11 +148,6 @@ fn rejected(desired: &HostDesired, name: &str, network: Option<&str>) -> Option<
                 .cloned()
         }
     }
-}
-
-/// Announcements are best effort (see `reconcile`): they never make an endpoint fail.
-fn best_effort(a: &Action) -> bool {
-    matches!(a, Action::Announce { .. })
 }
 
 /// Whether action `a` works on endpoint `ed`: in its namespace, on the host side of one
