@@ -1,5 +1,5 @@
 //! `overlay-sim [--agents N] [--endpoints N] [--networks N] [--span N] [--changes N]
-//! [--steady-secs N] [--restart 0|1]`: the control plane at scale, simulated on this
+//! [--steady-secs N] [--silence N] [--restart 0|1]`: the control plane at scale, simulated on this
 //! machine (see `bench/sim.sh`). Not run in CI.
 //!
 //! Starts a real 3-member controller cluster on loopback (release binaries next to this
@@ -21,6 +21,10 @@
 //! * `--changes` endpoint creates, one at a time: from the call until every agent has
 //!   the endpoint, p50/p99/max over all (change, agent) pairs,
 //!   and the slowest agent per change;
+//! * `--silence N` (default 100): N agents spread over the hosts stop heartbeating (their
+//!   tasks are aborted, as if their hosts died); time until the cluster shows all of
+//!   them down, then, once they heartbeat again, until all are ready, and how many
+//!   revisions each took (a liveness pass writes its transitions as one);
 //! * `--restart 1`: the leader is stopped (SIGTERM) and started again; time until every
 //!   agent has applied a change made after it is back, and how many hosts were shown
 //!   down.
@@ -47,8 +51,16 @@ use overlay_proto::pb::overlay_client::OverlayClient;
 use overlay_tests::bench::{arg, check_flags, loadavg, pct};
 use tonic::transport::Channel;
 
-const FLAGS: [&str; 7] =
-    ["--agents", "--endpoints", "--networks", "--span", "--changes", "--steady-secs", "--restart"];
+const FLAGS: [&str; 8] = [
+    "--agents",
+    "--endpoints",
+    "--networks",
+    "--span",
+    "--changes",
+    "--steady-secs",
+    "--silence",
+    "--restart",
+];
 
 #[derive(Clone, Copy)]
 struct Opts {
@@ -58,6 +70,8 @@ struct Opts {
     span: usize,
     changes: usize,
     steady_secs: u64,
+    /// Agents that stop heartbeating for a while (0: none).
+    silence: usize,
     restart: bool,
 }
 
@@ -317,6 +331,42 @@ where
     bail!("no member answered: {}", last.unwrap_or_default())
 }
 
+/// Registers and heartbeats as agent `me` does, until aborted.
+fn spawn_heartbeat(
+    me: &AgentIdentity,
+    controllers: &Controllers,
+    store: &Store,
+) -> tokio::task::JoinHandle<()> {
+    let (me, controllers, store) = (me.clone(), controllers.clone(), store.clone());
+    tokio::spawn(async move {
+        // Never sends: the agent reports no problem.
+        let (_problem_tx, problem_rx) = tokio::sync::watch::channel(None);
+        run_heartbeat(me, controllers, store, problem_rx).await;
+    })
+}
+
+/// Waits until every host in `names` shows `status`; false when `within` passed first.
+async fn wait_hosts(
+    clients: &[OverlayClient<Channel>],
+    names: &std::collections::HashSet<String>,
+    status: &str,
+    within: Duration,
+) -> Result<bool> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let list = any_member(clients, 0, |mut c| async move {
+            c.list_hosts(pb::ListHostsRequest { consistency: 0 }).await
+        })
+        .await?;
+        let done = list.hosts.iter().filter(|h| names.contains(&h.name) && h.status == status);
+        if done.count() == names.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
 /// The cluster's revision (linearizable read) and how many hosts are not `ready`.
 async fn hosts_revision(clients: &[OverlayClient<Channel>]) -> Result<(u64, usize)> {
     let list = any_member(clients, 0, |mut c| async move {
@@ -386,6 +436,7 @@ async fn run(args: &[String]) -> Result<()> {
         span: arg(args, "--span", 20)?,
         changes: arg(args, "--changes", 50)?,
         steady_secs: arg(args, "--steady-secs", 20)?,
+        silence: arg(args, "--silence", 100)?,
         restart: arg::<u8>(args, "--restart", 1)? != 0,
     };
     let topo = Topology::new(opts)?;
@@ -565,6 +616,9 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     let sim0 = self_cpu();
     let sync_start = Instant::now();
     let mut tasks = Vec::new();
+    // Apart, so that `--silence` can stop and start them again.
+    let mut heartbeats = Vec::new();
+    let mut heartbeat_args = Vec::new();
     for (i, identity) in agent_ids.into_iter().enumerate() {
         let dialer = Dialer::tls(overlay_pki::tls::client_config(&identity.ca, Some(&identity))?);
         // Agents start on different members, as a spread-out configuration would.
@@ -578,12 +632,9 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
             underlay_prefix: 24,
             underlay_mtu: 1500,
         };
-        let (problem_tx, problem_rx) = tokio::sync::watch::channel(None);
-        let (c2, s2, name) = (controllers.clone(), store.clone(), me.name.clone());
-        tasks.push(tokio::spawn(async move {
-            let _keep = problem_tx;
-            run_heartbeat(me, c2, s2, problem_rx).await;
-        }));
+        let name = me.name.clone();
+        heartbeats.push(spawn_heartbeat(&me, &controllers, &store));
+        heartbeat_args.push((me, controllers.clone(), store.clone()));
         let mut sink = SimSink {
             idx: i,
             shared: shared.clone(),
@@ -685,6 +736,38 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     lat.sort_by(f64::total_cmp);
     slowest.sort_by(f64::total_cmp);
 
+    // Host-down detection at scale: some agents stop heartbeating (as if their hosts
+    // died), then start again.
+    let mut silence_row = None;
+    if o.silence > 0 {
+        let every = (o.agents / o.silence.min(o.agents)).max(1);
+        let silent: Vec<usize> = (0..o.agents).step_by(every).take(o.silence).collect();
+        let names: std::collections::HashSet<String> =
+            silent.iter().map(|i| format!("h{i}")).collect();
+        eprintln!("{} agents stop heartbeating…", silent.len());
+        let (rev0, _) = hosts_revision(&cl).await?;
+        let t = Instant::now();
+        for &i in &silent {
+            heartbeats[i].abort();
+        }
+        let down = wait_hosts(&cl, &names, "down", Duration::from_secs(60)).await?;
+        let (rev1, _) = hosts_revision(&cl).await?;
+        let t2 = Instant::now();
+        for &i in &silent {
+            let (me, c, s) = &heartbeat_args[i];
+            heartbeats[i] = spawn_heartbeat(me, c, s);
+        }
+        let up = wait_hosts(&cl, &names, "ready", Duration::from_secs(60)).await?;
+        let (rev2, _) = hosts_revision(&cl).await?;
+        silence_row = Some((
+            silent.len(),
+            down.then(|| (t2 - t).as_secs_f64()),
+            up.then(|| t2.elapsed().as_secs_f64()),
+            rev1.saturating_sub(rev0),
+            rev2.saturating_sub(rev1),
+        ));
+    }
+
     // A restart of the leader with every agent connected.
     let mut restart_row = None;
     if o.restart {
@@ -742,7 +825,7 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
         .iter()
         .map(|m| m.pid().and_then(proc_stats).map_or((0.0, 0.0), |s| (s.1, s.2)))
         .collect();
-    for t in tasks {
+    for t in tasks.into_iter().chain(heartbeats) {
         t.abort();
     }
     let load_end = loadavg().unwrap_or_default();
@@ -807,6 +890,15 @@ async fn simulate(topo: &Topology, bin: &Path, dir: &Path) -> Result<()> {
     }
     if missing > 0 {
         println!("| deliveries missing after 30 s | {missing} |");
+    }
+    if let Some((n, down, up, writes_down, writes_up)) = silence_row {
+        let secs =
+            |t: Option<f64>| t.map_or("not within 60 s".to_string(), |t| format!("{t:.1} s"));
+        println!(
+            "| {n} agents stop heartbeating → all shown down / start again → all ready | **{}** / **{}** (revisions written: {writes_down} / {writes_up}; `--host-down-after-ms` 5000) |",
+            secs(down),
+            secs(up)
+        );
     }
     if let Some((back, settled, caught, snapshots, down)) = restart_row {
         println!(
