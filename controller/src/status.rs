@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn carriers_around_one_endpoint_agree_with_the_whole_catalogs() {
-        use overlay_model::{Command, Encap, NetworkSpec};
+        use overlay_model::{Command, NetworkSpec};
         let mut state = State::new();
         for (i, host) in ["h1", "h2", "h3"].into_iter().enumerate() {
             let register = Command::RegisterHost {
@@ -225,16 +225,7 @@ mod tests {
             state.apply(&register).unwrap();
         }
         for (name, subnet) in [("front", "10.1.0.0/24"), ("back", "10.2.0.0/24")] {
-            let spec = NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().unwrap(),
-                gateway: None,
-                vni: None,
-                mtu: None,
-                encap: Encap::Vxlan,
-                encrypted: false,
-                internal: false,
-            };
+            let spec = NetworkSpec::with_defaults(name, subnet.parse().unwrap());
             state.apply(&Command::CreateNetwork(spec)).unwrap();
         }
         for (name, host, network) in

@@ -27,6 +27,22 @@ pub struct NetworkSpec {
     pub internal: bool,
 }
 
+impl NetworkSpec {
+    /// `network create NAME --subnet SUBNET` with every other setting left to `apply`.
+    pub fn with_defaults(name: &str, subnet: Ipv4Network) -> NetworkSpec {
+        NetworkSpec {
+            name: name.into(),
+            subnet,
+            gateway: None,
+            vni: None,
+            mtu: None,
+            encap: Encap::Vxlan,
+            encrypted: false,
+            internal: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     CreateNetwork(NetworkSpec),

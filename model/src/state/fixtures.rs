@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::State;
-use crate::{Command, Encap, NetworkSpec};
+use crate::{Command, NetworkSpec};
 
 /// A state with these hosts (name, underlay IP in a /24) registered and these networks
 /// (name, subnet) created with every default.
@@ -27,14 +27,5 @@ pub fn state_with(hosts: &[(&str, &str)], networks: &[(&str, &str)]) -> State {
 
 /// `network create NAME --subnet SUBNET` with every other setting left to `apply`.
 pub fn spec(name: &str, subnet: &str) -> NetworkSpec {
-    NetworkSpec {
-        name: name.into(),
-        subnet: subnet.parse().unwrap(),
-        gateway: None,
-        vni: None,
-        mtu: None,
-        encap: Encap::Vxlan,
-        encrypted: false,
-        internal: false,
-    }
+    NetworkSpec::with_defaults(name, subnet.parse().unwrap())
 }
