@@ -237,7 +237,7 @@ impl Ctx<'_> {
 }
 
 /// Installs `ruleset` with `install` (an `nft` run) off the async threads.
-async fn run_nft(install: fn(&Ruleset) -> Result<(), String>, ruleset: &Ruleset) -> Result<()> {
+pub async fn run_nft(install: fn(&Ruleset) -> Result<(), String>, ruleset: &Ruleset) -> Result<()> {
     let ruleset = ruleset.clone();
     tokio::task::spawn_blocking(move || install(&ruleset))
         .await

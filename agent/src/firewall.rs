@@ -175,8 +175,8 @@ pub fn render(fw: &FirewallDesired) -> Ruleset {
     c.rule("udp dport @data_ports notrack");
     c.close();
 
-    // Every encapsulated packet a host receives passes this chain (one by one: the
-    // underlay gives no GRO), so what only concerns endpoints is a chain of its own.
+    // Every encapsulated packet a host receives passes this chain, so what only
+    // concerns endpoints is a chain of its own.
     let mut c =
         Chain::open(&mut body, &mut rules, "input", "type filter hook input priority filter");
     c.rule(format!("iifname \"{b}*\" jump from_endpoints"));

@@ -26,7 +26,7 @@ use anyhow::Result;
 use overlay_model::Mac;
 use tracing::{debug, info, warn};
 
-use crate::apply::{apply, ApplyError};
+use crate::apply::{apply, run_nft, ApplyError};
 use crate::desired::{HostDesired, Uplink};
 use crate::entries::EntryWatch;
 use crate::firewall;
@@ -215,14 +215,6 @@ pub fn split(
     (ruleset, run, held)
 }
 
-/// Installs `ruleset` (the blocking `nft` run off the async threads).
-async fn install(ruleset: &firewall::Ruleset) -> Result<(), String> {
-    let ruleset = ruleset.clone();
-    tokio::task::spawn_blocking(move || firewall::install(&ruleset))
-        .await
-        .map_err(|e| format!("firewall task: {e}"))?
-}
-
 /// Conditions worth a warning in this observation, keyed so that a change shows.
 fn conditions(
     desired: &HostDesired,
@@ -354,7 +346,7 @@ impl Reconciler {
         let actions = plan(desired, &observed);
         let (ruleset, _, _) = split(&actions, false);
         let firewall = match ruleset {
-            Some(r) => install(r).await,
+            Some(r) => run_nft(firewall::install, r).await.map_err(|e| format!("{e:#}")),
             None => Ok(()),
         };
         let firewall_applied = ruleset.is_some() && firewall.is_ok();

@@ -7,7 +7,9 @@
 //! a bridge forwards also goes through the ip-family netfilter hooks — ~15 % of a
 //! stream's CPU, which the agent's `notrack` rules cannot take back, and which only the
 //! namespace-wide switch turns off (see `firewall`). Frames that skip the bridge skip
-//! that too: the overlay then runs at the kernel's bare VXLAN speed on any host.
+//! that too: the shortcut alone runs at the kernel's bare VXLAN speed on any host (what
+//! is left is the host firewall's hooks on the encapsulated packets: `bench/README.md`,
+//! "What the host firewall costs the data plane").
 //!
 //! What goes where, per network (rendered per device, from the desired state):
 //! * a frame from a local endpoint's veth to another local endpoint's MAC: to that veth;
